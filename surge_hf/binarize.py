@@ -1,0 +1,159 @@
+"""Turn any PyTorch / transformers model into a SURGE binary network and back.
+
+- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place.
+- `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor).
+- `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
+- `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
+from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
+
+
+def _model_type(model: nn.Module) -> str | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return MODEL_TYPE_ALIASES.get(model_type, model_type)
+
+
+def _matches(name: str, pattern: str | list[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in pattern)
+
+
+def _check_every_entry_matches(field: str, pattern: str | list[str] | None, names: list[str]) -> None:
+    if pattern is None:
+        return
+    # A regular expression must match something; so must each entry of a suffix list.
+    for entry in [pattern] if isinstance(pattern, str) else [[suffix] for suffix in pattern]:
+        if not any(_matches(name, entry) for name in names):
+            shown_entry = entry if isinstance(entry, str) else entry[0]
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"SurgeConfig.{field} entry {shown_entry!r} matches no Linear/Conv2d module of this model. "
+                f"Module names look like: {shown}"
+            )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
+    """Names of the `nn.Linear`/`nn.Conv2d` modules that `binarize` would replace (validated, in model order)."""
+    candidates = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Conv2d)]
+    target = config.target_modules
+    if target is None:
+        model_type = _model_type(model)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"SurgeConfig.target_modules is None and there is no default for model type {model_type!r}; set "
+                "target_modules to a regular expression or a list of module-name suffixes. Defaults exist for: "
+                f"{', '.join(DEFAULT_TARGET_MODULES)}."
+            )
+        target = DEFAULT_TARGET_MODULES[model_type]
+    else:
+        _check_every_entry_matches("target_modules", target, candidates)
+    _check_every_entry_matches("exclude_modules", config.exclude_modules, candidates)
+    selected = [
+        name for name in candidates
+        if _matches(name, target) and not (config.exclude_modules and _matches(name, config.exclude_modules))
+    ]
+    if not selected:
+        raise ValueError(
+            f"SurgeConfig.target_modules={target!r} (minus exclude_modules) selects no Linear/Conv2d module; "
+            f"this model has: {', '.join(candidates[:8]) or 'none'}."
+        )
+    return selected
+
+
+def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+    """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place.
+
+    The original `weight`/`bias` parameters are reused under the same names (plain checkpoints still load);
+    SURGE-only parameters (`aux_weight`, `input_threshold`, `input_scale`) are initialised from them. Raises
+    `ValueError` if the model already holds SURGE or packed binary layers, or if the recipe matches nothing.
+    """
+    config = config or SurgeConfig()
+    if any(isinstance(m, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES) for m in model.modules()):
+        raise ValueError("This model is already binarized; binarize() applies once. Start from the float model.")
+    for name in resolve_targets(model, config):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            replacement = SurgeConv2d.from_conv(module, config)
+        else:
+            replacement = SurgeLinear.from_linear(module, config)
+        _set_submodule(model, name, replacement)
+    return model
+
+
+def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLinear | SurgeConv2d]]:
+    """The (name, layer) pairs of the trainable SURGE layers of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SURGE_LAYER_TYPES):
+            yield name, module
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Replace every SURGE layer by its packed inference layer, in place, and put the model in eval mode.
+
+    Removes the auxiliary weights, the previous-step lam and every other training-only tensor. The finalized
+    model's outputs equal the SURGE model's eval-mode outputs exactly.
+    """
+    layers = list(surge_layers(model))
+    if not layers:
+        raise ValueError("finalize() found no SURGE layer in this model; call surge_hf.binarize(model) first.")
+    for name, layer in layers:
+        binary_type = BinaryConv2d if isinstance(layer, SurgeConv2d) else BinaryLinear
+        _set_submodule(model, name, binary_type.from_surge(layer))
+    return model.eval()
+
+
+@torch.no_grad()
+def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+    """Rebuild trainable SURGE layers from packed ones, in place (latent weight W = alpha * sign, W_a = W).
+
+    The result computes exactly what the packed model computes and can be trained further with `config` (by
+    default, the recipe the packed layers were made with).
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BINARY_LAYER_TYPES)]
+    if not layers:
+        raise ValueError("unfinalize() found no packed binary layer in this model.")
+    for name, packed in layers:
+        recipe = config or packed.surge_config
+        if isinstance(packed, BinaryConv2d):
+            plain = nn.Conv2d(packed.in_channels, packed.out_channels, packed.kernel_size, stride=packed.stride,
+                              padding=packed.padding, dilation=packed.dilation, groups=packed.groups,
+                              bias=packed.bias is not None)
+        else:
+            plain = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None)
+        weight = packed.dequantized_weight()
+        plain = plain.to(device=weight.device, dtype=weight.dtype)
+        plain.weight.copy_(weight)
+        if packed.bias is not None:
+            plain.bias.copy_(packed.bias)
+        layer = SurgeConv2d.from_conv(plain, recipe) if isinstance(plain, nn.Conv2d) else SurgeLinear.from_linear(
+            plain, recipe)
+        for name_ in ("input_threshold", "input_scale"):
+            source, target = getattr(packed, name_), getattr(layer, name_)
+            if source is not None and target is not None:
+                target.copy_(source)
+        _set_submodule(model, name, layer)
+    return model
+
+
+def diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per-layer training signals for logging: lam, ||g_b||, ||g_a|| (last backward) and the sign-flip ratio.
+
+    Reading them synchronises with the device; call it at logging steps, not every step.
+    """
+    return {name: layer.diagnostics() for name, layer in surge_layers(model)}

@@ -1,0 +1,158 @@
+"""`SurgeConfig`: the binarization recipe, validated in one place and serialisable to plain JSON.
+
+The recipe says which layers become binary, how weights and activations are binarized, which surrogate gradient
+replaces the derivative of `sign`, and how the SURGE Dual-Path Gradient Compensator (DPGC) and Adaptive Gradient
+Scaler (AGS) behave, including the choices the method leaves open (see the field docs below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SURGE_CONFIG_VERSION = 1
+
+COMPENSATORS = ("surge", "fixed", "ste")
+SURROGATES = ("clipped_ste", "identity", "approx_sign", "swish_sign")
+ACTIVATION_BINARIZERS = ("sign", "rsign", "elastic")
+WEIGHT_SCALES = ("channel", "tensor", "none")
+AUX_WEIGHTS = ("separate", "shared")
+LAMBDA_PLACEMENTS = ("fork", "previous")
+
+# Per-architecture default targets: regular expressions matched (re.fullmatch) against module names.
+# Every Linear inside a transformer block (attention projections and FFN, whatever their names in a
+# transformers version); embeddings, pooler, patch embedding and classifier stay full precision.
+DEFAULT_TARGET_MODULES: dict[str, str] = {
+    "bert": r"(.*\.)?encoder\.layers?\.\d+\..*",
+    "vit": r"(.*\.)?(encoder\.)?layers?\.\d+\..*",
+}
+# SURGE model types resolve to the defaults of the architecture they wrap.
+MODEL_TYPE_ALIASES = {"surge_bert": "bert", "surge_vit": "vit"}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"SurgeConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}.")
+
+
+@dataclass
+class SurgeConfig:
+    """The SURGE binarization recipe.
+
+    Args:
+        target_modules: modules to binarize. A string is a regular expression matched in full against module names;
+            a list matches a module whose name equals an entry or ends with `"." + entry` (as in peft). `None` uses
+            the default of the model's architecture (`DEFAULT_TARGET_MODULES`, keyed by `model.config.model_type`).
+        exclude_modules: modules never binarized, same matching rules as `target_modules`.
+        binarize_weights: binarize weights (`W1`); when False the layer keeps full-precision weights.
+        binarize_activations: binarize the layer input (`A1`); when False the input stays real-valued.
+        weight_scale: `"channel"` multiplies sign(W) by the per-output-channel mean |W|, `"tensor"` by one mean
+            |W| for the whole tensor, `"none"` by 1.
+        activation_binarizer: `"sign"` is sign(x); `"rsign"` is sign(x - tau) with a learnable threshold tau per
+            input feature/channel (ReActNet); `"elastic"` is s * sign(x - tau) with a learnable scale s as well
+            (BiT).
+        surrogate: the surrogate derivative of `sign` used for activations (see `quantizers.SURROGATES`).
+        swish_beta: the sharpness beta of the `swish_sign` surrogate.
+        compensator: `"surge"` adds the auxiliary branch with lam from the Adaptive Gradient Scaler; `"fixed"` adds
+            it with a constant lam = eta (ablation: no AGS); `"ste"` has no auxiliary branch (plain STE).
+        eta: the AGS hyper-parameter in lam = eta * ||g_b|| / (||g_a|| + eps); the constant lam for `"fixed"`.
+        aux_weight: `"separate"` gives the auxiliary branch its own weight W_a, initialised as a copy of the latent
+            weight; `"shared"` uses the latent weight itself as W_a.
+        lambda_placement: `"fork"` applies lam computed from this step's gradients at an identity fork of the layer
+            input; `"previous"` applies lam computed at the previous step (first step: lam = 0).
+        scale_aux_grad: multiply the gradient that reaches W_a by lam as well (else W_a gets the unscaled
+            gradient g_y^T x).
+        aux_loss_weight: weight of the auxiliary-branch loss mean((W_a x - f_b)^2) per layer (0 disables it; when on,
+            the auxiliary forward product must be computed).
+        eps: the epsilon in the AGS denominator.
+        version: the recipe format version.
+    """
+
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    binarize_weights: bool = True
+    binarize_activations: bool = True
+    weight_scale: str = "channel"
+    activation_binarizer: str = "rsign"
+    surrogate: str = "clipped_ste"
+    swish_beta: float = 5.0
+    compensator: str = "surge"
+    eta: float = 0.1
+    aux_weight: str = "separate"
+    lambda_placement: str = "fork"
+    scale_aux_grad: bool = False
+    aux_loss_weight: float = 0.0
+    eps: float = 1e-8
+    version: int = field(default=SURGE_CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the field and its allowed values for the first invalid field."""
+        _choice("weight_scale", self.weight_scale, WEIGHT_SCALES)
+        _choice("activation_binarizer", self.activation_binarizer, ACTIVATION_BINARIZERS)
+        _choice("surrogate", self.surrogate, SURROGATES)
+        _choice("compensator", self.compensator, COMPENSATORS)
+        _choice("aux_weight", self.aux_weight, AUX_WEIGHTS)
+        _choice("lambda_placement", self.lambda_placement, LAMBDA_PLACEMENTS)
+        for name in ("eta", "swish_beta", "eps", "aux_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SurgeConfig.{name}={value!r} must be a finite number.")
+        if self.eta < 0:
+            raise ValueError(f"SurgeConfig.eta={self.eta!r} must be >= 0.")
+        if self.swish_beta <= 0 or self.eps <= 0:
+            raise ValueError("SurgeConfig.swish_beta and SurgeConfig.eps must be > 0.")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"SurgeConfig.aux_loss_weight={self.aux_loss_weight!r} must be >= 0.")
+        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SurgeConfig.{name}={getattr(self, name)!r} must be True or False.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"SurgeConfig.{name}={value!r} must be a regular expression string, a non-empty list of "
+                    "module-name suffixes, or None."
+                )
+            setattr(self, name, list(value))
+        if self.version != SURGE_CONFIG_VERSION:
+            raise ValueError(
+                f"SurgeConfig.version={self.version!r} is not supported by this surge_hf; it reads version "
+                f"{SURGE_CONFIG_VERSION}. Upgrade surge_hf to load this recipe."
+            )
+        if self.compensator == "ste" and self.aux_loss_weight > 0:
+            raise ValueError(
+                "SurgeConfig.aux_loss_weight > 0 needs an auxiliary branch, but compensator='ste' has none; "
+                "set compensator to 'surge' or 'fixed', or aux_loss_weight to 0."
+            )
+
+    @property
+    def has_aux_branch(self) -> bool:
+        """Whether binarized layers carry the DPGC auxiliary branch."""
+        return self.compensator != "ste"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-able dict (what `PretrainedConfig` stores; dataclasses there break saving)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, recipe: dict[str, Any]) -> SurgeConfig:
+        """Build a validated config. Unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown SURGE recipe key(s) {unknown}; known keys: {', '.join(sorted(known))}. "
+                "Remove or rename them."
+            )
+        return cls(**recipe)
+
+    def replace(self, **changes: Any) -> SurgeConfig:
+        """A validated copy with some fields changed."""
+        return SurgeConfig.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,42 @@
+"""`SurgeBertConfig`: a `BertConfig` plus the SURGE recipe (see `configuration_utils` for the two added fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import BertConfig
+
+from .configuration_surge import SurgeConfig
+from .configuration_utils import SurgeConfigMixin
+
+
+class SurgeBertConfig(SurgeConfigMixin, BertConfig):
+    """Configuration of a binary BERT trained with SURGE.
+
+    Args:
+        surge: the binarization recipe (`SurgeConfig`, its dict form, or None for the default recipe); stored as a
+            plain dict. Its `target_modules=None` binarizes every Linear inside the encoder layers.
+        surge_packed: whether the binarized layers hold packed sign bits (inference) rather than latent weights.
+        **kwargs: the `BertConfig` fields.
+
+    Example:
+        >>> config = SurgeBertConfig.from_bert_config(BertConfig(), surge=SurgeConfig(compensator="ste"))
+    """
+
+    model_type = "surge_bert"
+    base_model_type = "bert"
+
+    surge: dict[str, Any] | None = None
+    surge_packed: bool = False
+
+    @classmethod
+    def from_bert_config(
+        cls, config: BertConfig, surge: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any
+    ) -> SurgeBertConfig:
+        """A `SurgeBertConfig` with the architecture of `config` and the recipe `surge` (see `from_base_config`)."""
+        return cls.from_base_config(config, surge, **kwargs)
+
+
+SurgeBertConfig.register_for_auto_class()
+
+__all__ = ["SurgeBertConfig"]

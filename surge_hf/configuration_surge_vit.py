@@ -1,0 +1,42 @@
+"""`SurgeViTConfig`: a `ViTConfig` plus the SURGE recipe (see `configuration_utils` for the two added fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import ViTConfig
+
+from .configuration_surge import SurgeConfig
+from .configuration_utils import SurgeConfigMixin
+
+
+class SurgeViTConfig(SurgeConfigMixin, ViTConfig):
+    """Configuration of a binary ViT trained with SURGE.
+
+    Args:
+        surge: the binarization recipe (`SurgeConfig`, its dict form, or None for the default recipe); stored as a
+            plain dict. Its `target_modules=None` binarizes every Linear inside the transformer layers.
+        surge_packed: whether the binarized layers hold packed sign bits (inference) rather than latent weights.
+        **kwargs: the `ViTConfig` fields.
+
+    Example:
+        >>> config = SurgeViTConfig.from_vit_config(ViTConfig(), surge=SurgeConfig(compensator="ste"))
+    """
+
+    model_type = "surge_vit"
+    base_model_type = "vit"
+
+    surge: dict[str, Any] | None = None
+    surge_packed: bool = False
+
+    @classmethod
+    def from_vit_config(
+        cls, config: ViTConfig, surge: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any
+    ) -> SurgeViTConfig:
+        """A `SurgeViTConfig` with the architecture of `config` and the recipe `surge` (see `from_base_config`)."""
+        return cls.from_base_config(config, surge, **kwargs)
+
+
+SurgeViTConfig.register_for_auto_class()
+
+__all__ = ["SurgeViTConfig"]

@@ -1,0 +1,420 @@
+"""Model cards and Hub uploads for trained surge_hf models.
+
+A training run leaves this layout (see `scripts/`):
+
+    output_dir/
+      config.json, model.safetensors, tokenizer / image-processor files, custom-code *.py files
+      all_results.json
+      README.md                      the model card, written by `write_model_card`
+      train_state/                   train-form model (latent weights, auxiliary branches): never pushed
+      checkpoints/step_*/            resumable Accelerate states: never pushed
+
+`render_model_card` fills the Jinja2 templates in `model_cards/` (Hub YAML front matter built with
+`huggingface_hub.ModelCardData`, so the Hub parses it); `push_to_hub` sends exactly `files_to_push(output_dir)`
+in one commit and only ever reads `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+
+__all__ = [
+    "ModelCardContext",
+    "files_to_push",
+    "push_to_hub",
+    "render_model_card",
+    "write_model_card",
+]
+
+Kind = Literal["text", "image"]
+
+# Per kind: the Jinja2 template and the Hub task (pipeline_tag and model-index task type).
+_TEMPLATES: dict[str, str] = {"text": "text.md.j2", "image": "image.md.j2"}
+_TASKS: dict[str, str] = {"text": "text-classification", "image": "image-classification"}
+
+_BASE_TAGS = ("surge", "binary-neural-network", "1-bit")
+
+# Display names of the metrics that GLUE and image classification report; others are derived from the key.
+_METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "f1": "F1",
+    "matthews_correlation": "Matthews correlation",
+    "pearson": "Pearson correlation",
+    "spearmanr": "Spearman correlation",
+}
+
+# Files a push needs at the top of output_dir.
+_REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
+# Top-level folders of output_dir that hold training state and never go to the Hub.
+_PRIVATE_DIRS = frozenset({"train_state", "checkpoints"})
+# Suffixes of temporary and partial files (editors, interrupted writes and downloads).
+_TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".swp", "~")
+
+# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-' or '.', no '--' or '..'; <= 96 chars.
+_REPO_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"(?:{_REPO_PART}/)?{_REPO_PART}")
+
+# Failures of a Hub call: OSError (file errors, offline mode, and HfHubHTTPError, which subclasses it) and the
+# transport errors of the HTTP client that huggingface_hub uses (httpx in 1.x, httpx2 in 2.x), which is the
+# other base class of HfHubHTTPError.
+_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, *HfHubHTTPError.__bases__)
+
+
+@dataclass(frozen=True)
+class ModelCardContext:
+    """Everything a model card says about one trained model.
+
+    Required:
+        repo_id: Hub id the card tells users to load, `namespace/name` or `name`.
+        dataset_name: human-readable dataset name shown in the card and model-index ("GLUE SST-2").
+        dataset_type: Hub dataset id, used for `datasets` and model-index (`nyu-mll/glue`).
+        dataset_split: split the metrics were measured on ("validation").
+        metrics: metric type -> value as measured ({"accuracy": 0.7012}); values are written unrounded to
+            the model-index.
+        surge_recipe: the SURGE recipe as a plain JSON-able dict (`SurgeConfig.to_dict()`).
+        learning_rate, num_epochs, seed: the training run's optimiser settings.
+        bit_account: the pre-formatted text table from `surge_hf.summary()`.
+        packed_bytes: size of the packed `model.safetensors` file.
+        float32_bytes: size of the same weights stored in float32.
+
+    Optional:
+        base_model: Hub id of the pretrained model fine-tuned from; None when trained from scratch.
+        dataset_config: dataset configuration ("sst2"), None when the dataset has one.
+        language: language code(s) of a text model ("en"); required for text cards, not allowed for image cards.
+        distillation: the teacher distilled from (Hub id or short description); None when no teacher was used.
+        hyperparameters: further training settings shown in the recipe table (batch size, max length, ...).
+        license: Hub license identifier.
+        tags: extra Hub tags, added after `surge`, `binary-neural-network`, `1-bit`.
+        model_name: title of the card and model-index name; defaults to the name part of `repo_id`.
+        description: a free paragraph added after the model summary.
+    """
+
+    repo_id: str
+    dataset_name: str
+    dataset_type: str
+    dataset_split: str
+    metrics: Mapping[str, float]
+    surge_recipe: Mapping[str, Any]
+    learning_rate: float
+    num_epochs: float
+    seed: int
+    bit_account: str
+    packed_bytes: int
+    float32_bytes: int
+    base_model: str | None = None
+    dataset_config: str | None = None
+    language: str | list[str] | None = None
+    distillation: str | None = None
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    license: str = "apache-2.0"
+    tags: Sequence[str] = ()
+    model_name: str | None = None
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_repo_id(self.repo_id)
+        for name in ("dataset_name", "dataset_type", "dataset_split", "bit_account", "license"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"ModelCardContext.{name} must be a non-empty string, got {value!r}.")
+        for name in ("base_model", "dataset_config", "distillation", "model_name", "description"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"ModelCardContext.{name} must be a non-empty string or None, got {value!r}.")
+        if not isinstance(self.metrics, Mapping) or not self.metrics:
+            raise ValueError(
+                "ModelCardContext.metrics must be a non-empty mapping of metric type to value, "
+                f"e.g. {{'accuracy': 0.70}}; got {self.metrics!r}."
+            )
+        for metric, value in self.metrics.items():
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"ModelCardContext.metrics[{metric!r}] must be a finite number, got {value!r}.")
+        if not isinstance(self.surge_recipe, Mapping) or not self.surge_recipe:
+            raise ValueError(
+                "ModelCardContext.surge_recipe must be the non-empty recipe dict (SurgeConfig.to_dict()), "
+                f"got {self.surge_recipe!r}."
+            )
+        try:
+            json.dumps(self.surge_recipe)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"ModelCardContext.surge_recipe must be JSON-serialisable (plain dicts, lists, numbers, strings): "
+                f"{error}."
+            ) from error
+        for name in ("learning_rate", "num_epochs"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"ModelCardContext.{name} must be a positive number, got {value!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"ModelCardContext.seed must be an int, got {self.seed!r}.")
+        for name in ("packed_bytes", "float32_bytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"ModelCardContext.{name} must be a positive int (bytes), got {value!r}.")
+        if not isinstance(self.hyperparameters, Mapping):
+            raise ValueError(f"ModelCardContext.hyperparameters must be a mapping, got {self.hyperparameters!r}.")
+        if isinstance(self.tags, str) or not all(isinstance(tag, str) and tag for tag in self.tags):
+            raise ValueError(f"ModelCardContext.tags must be a list of non-empty strings, got {self.tags!r}.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelCardContext:
+        """Build a context from a plain dict, naming every missing or unknown key."""
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown = sorted(set(values) - known)
+        missing = sorted(required - set(values))
+        if unknown or missing:
+            problems = []
+            if missing:
+                problems.append(f"missing required keys {missing}")
+            if unknown:
+                problems.append(f"unknown keys {unknown} (valid keys: {sorted(known)})")
+            raise ValueError(f"Model card context: {'; '.join(problems)}.")
+        return cls(**values)
+
+
+def _is_real(value: Any) -> bool:
+    """True for real numbers (Python or numpy ints and floats), False for bools and everything else."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    """True for Python or numpy integers, False for bools and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_repo_id(repo_id: Any) -> None:
+    """Raise ValueError unless `repo_id` is a valid Hub model id (`namespace/name` or `name`)."""
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(
+            f"repo_id {repo_id!r} is not a valid Hub model id: use 'namespace/name' or 'name', made of letters, "
+            "digits, '-', '_' and '.', at most 96 characters each, not starting or ending with '-' or '.', "
+            "without '--' or '..' (e.g. 'my-org/binary-bert-sst2')."
+        )
+
+
+def _template_environment() -> jinja2.Environment:
+    """Jinja2 environment over the model_cards/ templates.
+
+    They are looked up next to this module (an installed wheel that maps `model_cards/` into the package) and
+    at the repository root (a source checkout or editable install).
+    """
+    here = Path(__file__).resolve().parent
+    folders = [str(folder) for folder in (here / "model_cards", here.parent / "model_cards") if folder.is_dir()]
+    if not folders:
+        raise FileNotFoundError(
+            f"Model card templates not found in {here / 'model_cards'} or {here.parent / 'model_cards'}: "
+            "install surge_hf with its package data (model_cards/*.j2) or run from a source checkout."
+        )
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(folders),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _card_data(kind: Kind, context: ModelCardContext, model_name: str) -> ModelCardData:
+    """Hub metadata (YAML front matter), with one model-index result per metric."""
+    eval_results = [
+        EvalResult(
+            task_type=_TASKS[kind],
+            dataset_type=context.dataset_type,
+            dataset_name=context.dataset_name,
+            dataset_config=context.dataset_config,
+            dataset_split=context.dataset_split,
+            metric_type=metric,
+            metric_value=float(value),
+            metric_name=_metric_name(metric),
+        )
+        for metric, value in context.metrics.items()
+    ]
+    return ModelCardData(
+        base_model=context.base_model,
+        datasets=[context.dataset_type],
+        language=context.language if kind == "text" else None,
+        library_name="transformers",
+        license=context.license,
+        metrics=list(context.metrics),
+        pipeline_tag=_TASKS[kind],
+        tags=[*_BASE_TAGS, *(tag for tag in context.tags if tag not in _BASE_TAGS)],
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+
+
+def _metric_name(metric: str) -> str:
+    return _METRIC_NAMES.get(metric, metric.replace("_", " ").capitalize())
+
+
+def _table_cell(value: Any) -> str:
+    """A value as one markdown table cell (pipes escaped, newlines flattened)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes:,} ({num_bytes / 2**20:.2f} MiB)"
+
+
+def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any]) -> str:
+    """Render the model card (README.md text) of a binary text ("text") or image ("image") classifier.
+
+    The front matter holds license, base_model (absent when trained from scratch), datasets, language (text),
+    metrics, tags, pipeline_tag, library_name and a model-index with one result per metric. The size ratio in
+    the body is `float32_bytes / packed_bytes`.
+    """
+    if kind not in _TEMPLATES:
+        raise ValueError(f"kind must be one of {sorted(_TEMPLATES)}, got {kind!r}.")
+    if not isinstance(context, ModelCardContext):
+        if not isinstance(context, Mapping):
+            raise ValueError(f"context must be a ModelCardContext or a dict, got {type(context).__name__}.")
+        context = ModelCardContext.from_dict(context)
+    if kind == "text" and context.language is None:
+        raise ValueError("A text model card needs the language of its data: pass language='en' (or a list).")
+    if kind == "image" and context.language is not None:
+        raise ValueError("language applies to text models only; pass language=None for an image card.")
+
+    model_name = context.model_name or context.repo_id.split("/")[-1]
+    hyperparameters = [
+        ("learning rate", f"{context.learning_rate:g}"),
+        ("epochs", f"{context.num_epochs:g}"),
+        ("seed", str(context.seed)),
+        ("distillation", f"from {context.distillation}" if context.distillation else "none"),
+        *((name, _table_cell(value)) for name, value in context.hyperparameters.items()),
+    ]
+    template = _template_environment().get_template(_TEMPLATES[kind])
+    return template.render(
+        card_data=_card_data(kind, context, model_name).to_yaml(),
+        model_name=model_name,
+        repo_id=context.repo_id,
+        base_model=context.base_model,
+        dataset_name=_table_cell(context.dataset_name),
+        dataset_config=context.dataset_config,
+        dataset_split=_table_cell(context.dataset_split),
+        description=context.description,
+        hyperparameters=hyperparameters,
+        surge_recipe_json=json.dumps(context.surge_recipe, indent=2, sort_keys=True),
+        metric_rows=[
+            {"name": _table_cell(_metric_name(metric)), "value": f"{float(value):.4f}"}
+            for metric, value in context.metrics.items()
+        ],
+        bit_account=context.bit_account.rstrip(),
+        packed_size=_size(context.packed_bytes),
+        float32_size=_size(context.float32_bytes),
+        size_ratio=f"{context.float32_bytes / context.packed_bytes:.1f}",
+    )
+
+
+def write_model_card(
+    output_dir: str | os.PathLike[str], kind: Kind, context: ModelCardContext | Mapping[str, Any]
+) -> Path:
+    """Render the card and write it to `output_dir/README.md` atomically (temp file, fsync, `os.replace`)."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        raise ValueError(f"output_dir {directory} is not a directory: save the model there first.")
+    text = render_model_card(kind, context)
+    target = directory / "README.md"
+    handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".README.md.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _is_pushed(relative: Path) -> bool:
+    parts = relative.parts
+    if parts[0] in _PRIVATE_DIRS:
+        return False
+    if any(part.startswith(".") or part == "__pycache__" for part in parts):
+        return False
+    return not relative.name.endswith(_TEMP_SUFFIXES)
+
+
+def files_to_push(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Sorted POSIX paths, relative to `output_dir`, of the files a push sends.
+
+    Everything in `output_dir` except the top-level `train_state/` and `checkpoints/` folders, hidden files and
+    folders (names starting with '.'), `__pycache__/`, and temporary files (suffixes .tmp, .temp, .part,
+    .partial, .incomplete, .swp, ~).
+    """
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        raise ValueError(f"output_dir {directory} is not a directory: pass the training run's output folder.")
+    paths = []
+    for root, dirnames, filenames in os.walk(directory):
+        relative_root = Path(root).relative_to(directory)
+        dirnames[:] = [name for name in dirnames if _is_pushed(relative_root / name)]
+        paths.extend(
+            (relative_root / name).as_posix() for name in filenames if _is_pushed(relative_root / name)
+        )
+    return sorted(paths)
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload binary model trained with SURGE (surge_hf)",
+    api: HfApi | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload `files_to_push(output_dir)` in one commit; return the commit URL.
+
+    Inputs are checked before any network call. `output_dir` is only read: a failed push leaves it as it was,
+    and the same call can be repeated. Files already in the repo that are not in the push stay there.
+    `api` replaces the `HfApi()` client (tests pass a fake).
+    """
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        raise ValueError(
+            f"output_dir {directory} does not exist or is not a directory: pass the training run's output folder."
+        )
+    missing = [name for name in _REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"output_dir {directory} lacks {', '.join(missing)}: save the packed model with save_pretrained "
+            "(config.json, model.safetensors) and write the card with write_model_card (README.md) first."
+        )
+    _check_repo_id(repo_id)
+    if not isinstance(commit_message, str) or not commit_message.strip():
+        raise ValueError("commit_message must be a non-empty string.")
+
+    operations = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(directory / path))
+        for path in files_to_push(directory)
+    ]
+    client = api if api is not None else HfApi()
+    try:
+        client.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        commit = client.create_commit(
+            repo_id, operations, commit_message=commit_message, token=token, repo_type="model"
+        )
+    except _HUB_ERRORS as error:
+        raise RuntimeError(
+            f"Pushing {directory} to the Hub repo '{repo_id}' failed: {type(error).__name__}: {error}. "
+            f"The output directory {directory} is intact; fix the cause (network, a token with write access "
+            "to the namespace, the repo name) and retry the push with the same command."
+        ) from error
+    return str(commit.commit_url)

@@ -1,0 +1,209 @@
+"""What every SURGE transformers model shares: building the binary layers from the recipe, initialising the
+SURGE-only parameters, adding the auxiliary loss to the training loss, and the two checkpoint forms.
+
+Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
+
+- *train*: the model holds trainable `SurgeLinear` layers (`config.surge_packed = False`); `model.safetensors` holds
+  the latent weights, the auxiliary weights `aux_weight`, thresholds and scales. `Trainer` checkpoints add the
+  optimizer state as usual.
+- *packed*: the model holds `BinaryLinear` layers (`config.surge_packed = True`); `model.safetensors` holds, for each
+  binarized layer, `weight_packed` (uint8, 8 signs per byte, see `packing`) and `weight_scale` (alpha), and no
+  auxiliary weight. `model.finalize()` turns a trained model into this form in memory;
+  `model.save_pretrained(path, packed=True)` writes it without changing the in-memory model.
+
+Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
+with a tensor of the wrong shape, is an error (never a model with random bits), and so is loading a packed
+checkpoint into trainable layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from safetensors import SafetensorError
+from torch import nn
+from transformers import initialization as init
+
+from .binarize import binarize, finalize, surge_layers, unfinalize
+from .configuration_surge import SurgeConfig
+from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
+from .losses import auxiliary_loss
+
+PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
+
+
+def init_surge_parameters(module: nn.Module) -> None:
+    """Initialise the SURGE-only tensors of a SURGE layer that were not loaded from a checkpoint:
+    W_a = W (the latent weight, loaded or freshly initialised), tau = 0, s = 1, previous lam = 0.
+
+    Uses `transformers.initialization`, which leaves tensors that `from_pretrained` loaded untouched."""
+    if module.aux_weight is not None:
+        init.copy_(module.aux_weight, module.weight)
+    if module.input_threshold is not None:
+        init.zeros_(module.input_threshold)
+    if module.input_scale is not None:
+        init.ones_(module.input_scale)
+    if hasattr(module, "previous_lambda"):
+        init.zeros_(module.previous_lambda)
+
+
+def _packed_layer(layer: nn.Module) -> BinaryLinear | BinaryConv2d:
+    return (BinaryConv2d if isinstance(layer, SurgeConv2d) else BinaryLinear).from_surge(layer)
+
+
+def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a transformers head's `forward` so that, in training, `loss` includes `surge_hf.auxiliary_loss(model)`
+    (recipes with `aux_loss_weight > 0`): `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`.
+
+    The wrapper keeps the wrapped signature (`Trainer` reads it to select dataset columns) and honours
+    `return_dict` / `config.return_dict` like the wrapped method.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
+        outputs = forward(self, *args, return_dict=True, **kwargs)
+        if self.training and outputs.loss is not None:
+            extra = auxiliary_loss(self)
+            if extra is not None:
+                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return outputs if return_dict else outputs.to_tuple()
+
+    return wrapper
+
+
+class SurgePreTrainedMixin:
+    """Mixed in before the `PreTrainedModel` class of the wrapped architecture by every SURGE model class.
+
+    A SURGE model class builds the wrapped architecture, then calls `_apply_surge()` (the outermost class only,
+    so that recipe module names are those of `model.named_modules()`).
+    """
+
+    config: Any
+
+    # -- construction and initialisation ---------------------------------------------------------------------
+    def _apply_surge(self) -> None:
+        """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
+        binarize(self, self.config.surge_recipe)
+        if self.config.surge_packed:
+            finalize(self)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The wrapped architecture's init, then the SURGE-only tensors (see `init_surge_parameters`)."""
+        super()._init_weights(module)
+        if isinstance(module, SURGE_LAYER_TYPES):
+            init_surge_parameters(module)
+
+    # -- the two forms ---------------------------------------------------------------------------------------
+    def _binarized_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.named_modules():
+            if isinstance(module, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES):
+                yield name, module
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the binarized layers hold packed sign bits (True) or trainable latent weights (False)."""
+        kinds = {isinstance(module, BINARY_LAYER_TYPES) for _, module in self._binarized_layers()}
+        if len(kinds) > 1:
+            raise ValueError(
+                "This model mixes packed and trainable SURGE layers; call model.finalize() to pack all of them."
+            )
+        return kinds == {True}
+
+    def finalize(self):
+        """Pack every SURGE layer in place (`surge_hf.finalize`) and mark the config packed. Returns the model,
+        in eval mode; its outputs equal the eval-mode outputs before packing exactly."""
+        finalize(self)
+        self.config.surge_packed = True
+        return self
+
+    def unfinalize(self, surge: SurgeConfig | dict[str, Any] | None = None):
+        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W), in place, so a
+        packed checkpoint can be trained further. `surge` replaces the recipe (default: the saved one)."""
+        recipe = None if surge is None else SurgeConfig.from_dict(
+            surge.to_dict() if isinstance(surge, SurgeConfig) else surge
+        )
+        unfinalize(self, recipe)
+        if recipe is not None:
+            self.config.surge = recipe
+        self.config.surge_packed = False
+        return self
+
+    @contextmanager
+    def _packed_view(self) -> Iterator[None]:
+        """Temporarily swap every SURGE layer for its packed layer (the originals are put back on exit)."""
+        originals = list(surge_layers(self))
+        try:
+            for name, layer in originals:
+                self.set_submodule(name, _packed_layer(layer))
+            self.config.surge_packed = True
+            yield
+        finally:
+            for name, layer in originals:
+                self.set_submodule(name, layer)
+            self.config.surge_packed = False
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, packed: bool = False, **kwargs: Any):
+        """`PreTrainedModel.save_pretrained`, writing the form the model is in (packed after `finalize`, else
+        train form). `packed=True` writes the packed form of a trainable model without changing it."""
+        if packed and not self.is_packed:
+            if kwargs.get("state_dict") is not None:
+                raise ValueError("save_pretrained(packed=True) builds its own state dict; do not pass state_dict.")
+            with self._packed_view():
+                return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.surge_packed = self.is_packed
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # -- strict loading --------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
+                        **kwargs: Any):
+        """`PreTrainedModel.from_pretrained` (a SURGE checkpoint in either form, or a plain checkpoint of the
+        wrapped architecture, whose weights become the latent weights), with strict checks on packed layers.
+
+        Raises:
+            OSError: a weights file is not valid safetensors (truncated or corrupted).
+            ValueError: a packed checkpoint misses a tensor of a binarized layer or has one of the wrong shape,
+                or a packed checkpoint is loaded into trainable layers.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"Could not read the weights of {pretrained_model_name_or_path!s}: the safetensors file is "
+                f"truncated or corrupted ({error}). Download or save the checkpoint again (from the Hub: "
+                "force_download=True)."
+            ) from error
+        model._check_loading(pretrained_model_name_or_path, info)
+        return (model, info) if output_loading_info else model
+
+    def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
+        """Raise if binarized layers did not load completely (see `from_pretrained`)."""
+        if self.is_packed:
+            prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
+            mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
+            bad = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
+            if bad:
+                shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
+                raise ValueError(
+                    f"The packed checkpoint {source!s} is incomplete: {len(bad)} tensor(s) of binarized layers are "
+                    f"missing or have the wrong shape ({shown}). A packed layer cannot be re-initialised; save the "
+                    "checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
+                )
+        else:
+            packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
+            if packed_keys:
+                raise ValueError(
+                    f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
+                    "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
+                    "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
+                )

@@ -1,0 +1,287 @@
+"""The Accelerate training loop shared by `scripts/glue.py` and `scripts/vit.py`.
+
+One loop, any task: the scripts build the model, the data loaders and a metric function; `train()` runs mixed
+precision, gradient accumulation, multi-process data parallelism, distillation, periodic evaluation, logging of the
+SURGE diagnostics, resumable checkpoints and the final evaluation.
+
+Checkpoints are written to `output_dir/checkpoints/step_<N>/` through a temporary folder that is renamed only when
+complete, so an interrupted run always leaves its last good checkpoint intact. A run resumed from step N's
+checkpoint replays exactly what the uninterrupted run did after step N (same data order, same RNG states).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .binarize import diagnostics
+from .distillation import DistillationConfig, compute_loss
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+_NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight", "input_threshold",
+             "input_scale")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and bookkeeping settings of one run (the scripts fill it from their flags)."""
+
+    output_dir: str
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    num_train_epochs: int = 3
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    num_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    mixed_precision: str | None = None
+    logging_steps: int = 50
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    report_to: str = "none"
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "logging_steps": self.logging_steps,
+        }
+        optional = {"max_train_steps": self.max_train_steps, "checkpointing_steps": self.checkpointing_steps,
+                    "checkpoints_total_limit": self.checkpoints_total_limit}
+        for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
+            if not value > 0:
+                raise ValueError(f"--{name} must be > 0, got {value!r}.")
+        if self.num_warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("--num_warmup_steps and --weight_decay must be >= 0.")
+
+
+@dataclass
+class TrainingResult:
+    """Final metrics per evaluation split, the number of optimizer steps, and the logged history."""
+
+    metrics: dict[str, dict[str, float]]
+    completed_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    """An `Accelerator` with a seedable sampler (reproducible, resumable data order) and the run's trackers."""
+    set_seed(config.seed)
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=config.cpu,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and the activation binarizers' thresholds and scales."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(key in name for key in _NO_DECAY) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def evaluate(
+    accelerator: Accelerator, model: nn.Module, dataloader: DataLoader, metric_fn: MetricFn, is_regression: bool
+) -> dict[str, float]:
+    """Metrics of `model` on `dataloader`, with predictions gathered from every process (no duplicates)."""
+    model.eval()
+    predictions, references = [], []
+    for batch in dataloader:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "soft_labels")}
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        prediction = logits.squeeze(-1).float() if is_regression else logits.argmax(dim=-1)
+        prediction, reference = accelerator.gather_for_metrics((prediction, batch["labels"]))
+        predictions.append(prediction.cpu())
+        references.append(reference.cpu())
+    return metric_fn(torch.cat(predictions).numpy(), torch.cat(references).numpy())
+
+
+def _checkpoint_root(config: TrainingConfig) -> Path:
+    return Path(config.output_dir) / CHECKPOINT_DIR
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir/checkpoints`, or None."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE_FILE).exists()]
+    return max(steps, key=_step_of, default=None)
+
+
+def resolve_checkpoint(config: TrainingConfig) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names (`latest` = the newest one in output_dir), validated."""
+    if config.resume_from_checkpoint is None:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        path = latest_checkpoint(config.output_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint under {_checkpoint_root(config)}; start without "
+                "--resume_from_checkpoint, or point it at a checkpoint folder."
+            )
+        return path
+    path = Path(config.resume_from_checkpoint)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE}); use a "
+            f"{CHECKPOINT_DIR}/step_<N> folder written by this script, or 'latest'."
+        )
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, config: TrainingConfig, step: int, state: dict[str, Any]) -> Path:
+    """Write model, optimizer, scheduler, RNG and loop state for `step`; prune the oldest beyond the limit."""
+    root = _checkpoint_root(config)
+    final, staging = root / f"step_{step}", root / f".step_{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        if config.checkpoints_total_limit:
+            complete = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).exists()), key=_step_of)
+            for old in complete[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _log_entry(step: int, loss: float, lr: float, model: nn.Module) -> dict[str, Any]:
+    entry: dict[str, Any] = {"step": step, "loss": loss, "learning_rate": lr}
+    layers = diagnostics(model)
+    if layers:
+        entry["layers"] = layers
+        for key in ("lam", "grad_norm_binary", "grad_norm_aux", "sign_flip_ratio"):
+            values = [stats[key] for stats in layers.values() if key in stats]
+            if values:
+                entry[f"mean_{key}"] = float(np.mean(values))
+    return entry
+
+
+def train(
+    accelerator: Accelerator,
+    model: nn.Module,
+    train_dataloader: DataLoader,
+    eval_dataloaders: dict[str, DataLoader],
+    config: TrainingConfig,
+    metric_fn: MetricFn,
+    *,
+    teacher: nn.Module | None = None,
+    distillation: DistillationConfig | None = None,
+    is_regression: bool = False,
+) -> TrainingResult:
+    """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
+
+    Returns the metrics of the last evaluation. The returned model is the prepared (possibly wrapped) one; use
+    `accelerator.unwrap_model` to save it.
+    """
+    resume_path = resolve_checkpoint(config)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
+                              num_training_steps=max_steps)
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
+    if teacher is not None:
+        teacher = accelerator.prepare_model(teacher.eval().requires_grad_(False), evaluation_mode=True)
+    if accelerator.trackers:
+        accelerator.init_trackers("surge_hf", config=asdict(config))
+
+    completed_steps, history = 0, []
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / STATE_FILE).read_text())
+        completed_steps, history = state["completed_steps"], state["history"]
+        accelerator.print(f"Resumed from {resume_path} at step {completed_steps}.")
+    start_epoch = completed_steps // steps_per_epoch
+    batches_to_skip = (completed_steps % steps_per_epoch) * config.gradient_accumulation_steps
+
+    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
+    unwrapped = accelerator.unwrap_model(model)
+    metrics: dict[str, dict[str, float]] = {}
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == start_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, _ = compute_loss(model, batch, teacher, distillation, is_regression)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            running_loss += loss.detach()
+            running_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % config.logging_steps == 0 or completed_steps == max_steps:
+                mean_loss = accelerator.gather(running_loss).mean().item() / running_batches
+                entry = _log_entry(completed_steps, mean_loss, scheduler.get_last_lr()[0], unwrapped)
+                history.append(entry)
+                accelerator.log({k: v for k, v in entry.items() if k != "layers"}, step=completed_steps)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                running_loss.zero_()
+                running_batches = 0
+            if config.checkpointing_steps and completed_steps % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config, completed_steps,
+                                {"completed_steps": completed_steps, "history": history})
+            if completed_steps >= max_steps:
+                break
+        metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
+                   for name, loader in eval_dataloaders.items()}
+        history.append({"epoch": epoch + 1, "step": completed_steps, "eval": metrics})
+        accelerator.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()},
+                        step=completed_steps)
+        accelerator.print(f"epoch {epoch + 1}: {metrics}")
+    if not metrics:  # resumed from the last step's checkpoint: only the final evaluation is left
+        metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
+                   for name, loader in eval_dataloaders.items()}
+    progress.close()
+    accelerator.end_training()
+    return TrainingResult(metrics=metrics, completed_steps=completed_steps, history=history)

@@ -1,0 +1,214 @@
+"""SurgeConfig: validation (exact messages naming the field and its allowed values), JSON round trips, and the
+target/exclude checks that need a model (`resolve_targets`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from torch import nn
+
+from surge_hf import SurgeConfig, binarize, resolve_targets
+
+
+def _exact(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern that matches `message` and nothing longer."""
+    return "^" + re.escape(message) + "$"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("weight_scale", "row", "channel, tensor, none"),
+        ("activation_binarizer", "bisign", "sign, rsign, elastic"),
+        ("surrogate", "tanh", "clipped_ste, identity, approx_sign, swish_sign"),
+        ("compensator", "dpgc", "surge, fixed, ste"),
+        ("aux_weight", "copy", "separate, shared"),
+        ("lambda_placement", "next", "fork, previous"),
+    ],
+)
+def test_unknown_choice_names_field_and_allowed_values(field: str, value: str, allowed: str) -> None:
+    message = f"SurgeConfig.{field}={value!r} is not valid; allowed values: {allowed}."
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("eta", [-0.1, -1e-12])
+def test_negative_eta(eta: float) -> None:
+    with pytest.raises(ValueError, match=_exact(f"SurgeConfig.eta={eta!r} must be >= 0.")):
+        SurgeConfig(eta=eta)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("eta", math.nan), ("eta", math.inf), ("eta", "0.1"), ("eta", True), ("swish_beta", -math.inf),
+     ("eps", math.nan), ("aux_loss_weight", None)],
+)
+def test_non_finite_or_non_numeric(field: str, value) -> None:
+    with pytest.raises(ValueError, match=_exact(f"SurgeConfig.{field}={value!r} must be a finite number.")):
+        SurgeConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [("swish_beta", 0.0), ("eps", -1e-8)])
+def test_non_positive_beta_or_eps(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.swish_beta and SurgeConfig.eps must be > 0.")):
+        SurgeConfig(**{field: value})
+
+
+def test_negative_aux_loss_weight() -> None:
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.aux_loss_weight=-1.0 must be >= 0.")):
+        SurgeConfig(aux_loss_weight=-1.0)
+
+
+@pytest.mark.parametrize("field", ["binarize_weights", "binarize_activations", "scale_aux_grad"])
+def test_flags_must_be_bool(field: str) -> None:
+    with pytest.raises(ValueError, match=_exact(f"SurgeConfig.{field}=1 must be True or False.")):
+        SurgeConfig(**{field: 1})
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+@pytest.mark.parametrize("value", [[], ["query", 3], 7, {"query": 1}])
+def test_bad_target_lists(field: str, value) -> None:
+    message = (
+        f"SurgeConfig.{field}={value!r} must be a regular expression string, a non-empty list of "
+        "module-name suffixes, or None."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(**{field: value})
+
+
+def test_target_tuple_becomes_list() -> None:
+    assert SurgeConfig(target_modules=("query", "key")).target_modules == ["query", "key"]
+
+
+def test_wrong_version() -> None:
+    message = (
+        "SurgeConfig.version=2 is not supported by this surge_hf; it reads version 1. "
+        "Upgrade surge_hf to load this recipe."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(version=2)
+
+
+def test_aux_loss_needs_aux_branch() -> None:
+    message = (
+        "SurgeConfig.aux_loss_weight > 0 needs an auxiliary branch, but compensator='ste' has none; "
+        "set compensator to 'surge' or 'fixed', or aux_loss_weight to 0."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(compensator="ste", aux_loss_weight=0.5)
+    assert SurgeConfig(compensator="ste", aux_loss_weight=0.0).has_aux_branch is False
+    assert SurgeConfig(compensator="fixed", aux_loss_weight=0.5).has_aux_branch is True
+
+
+def test_defaults() -> None:
+    cfg = SurgeConfig()
+    assert cfg.to_dict() == {
+        "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
+        "weight_scale": "channel", "activation_binarizer": "rsign", "surrogate": "clipped_ste", "swish_beta": 5.0,
+        "compensator": "surge", "eta": 0.1, "aux_weight": "separate", "lambda_placement": "fork",
+        "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "version": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"target_modules": ["query", "value"], "exclude_modules": r".*layer\.0\..*", "eta": 0.25},
+        {"compensator": "fixed", "aux_weight": "shared", "lambda_placement": "previous", "scale_aux_grad": True,
+         "aux_loss_weight": 0.01, "surrogate": "swish_sign", "swish_beta": 3.5, "weight_scale": "tensor",
+         "activation_binarizer": "elastic", "binarize_activations": False, "eps": 1e-6},
+        {"compensator": "ste", "target_modules": ("a",)},
+    ],
+)
+def test_json_round_trip(changes: dict) -> None:
+    cfg = SurgeConfig(**changes)
+    text = json.dumps(cfg.to_dict())
+    back = SurgeConfig.from_dict(json.loads(text))
+    assert back == cfg
+    assert json.dumps(back.to_dict()) == text
+
+
+def test_from_dict_unknown_keys_list_known_keys() -> None:
+    message = (
+        "Unknown SURGE recipe key(s) ['lam', 'zeta']; known keys: activation_binarizer, aux_loss_weight, "
+        "aux_weight, binarize_activations, binarize_weights, compensator, eps, eta, exclude_modules, "
+        "lambda_placement, scale_aux_grad, surrogate, swish_beta, target_modules, version, weight_scale. "
+        "Remove or rename them."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig.from_dict({"eta": 0.2, "zeta": 1, "lam": 2})
+
+
+def test_from_dict_validates() -> None:
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.eta=-2 must be >= 0.")):
+        SurgeConfig.from_dict({"eta": -2})
+
+
+def test_replace_validates_and_copies() -> None:
+    cfg = SurgeConfig(eta=0.3)
+    other = cfg.replace(compensator="fixed")
+    assert (cfg.compensator, other.compensator, other.eta) == ("surge", "fixed", 0.3)
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.surrogate='sigmoid' is not valid; allowed values: "
+                                                "clipped_ste, identity, approx_sign, swish_sign.")):
+        cfg.replace(surrogate="sigmoid")
+
+
+# -- target checks that need a model -------------------------------------------------------------------------------
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)})
+        self.head = nn.Linear(4, 2)
+
+
+def test_target_list_entry_matching_nothing_names_field() -> None:
+    message = (
+        "SurgeConfig.target_modules entry 'key' matches no Linear/Conv2d module of this model. "
+        "Module names look like: block.query, block.value, head"
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        resolve_targets(_Net(), SurgeConfig(target_modules=["query", "key"]))
+
+
+def test_suffix_must_start_at_a_dot() -> None:
+    # "uery" is a character suffix of "block.query" but not a module-name suffix.
+    with pytest.raises(ValueError, match=re.escape("SurgeConfig.target_modules entry 'uery' matches no")):
+        resolve_targets(_Net(), SurgeConfig(target_modules=["uery"]))
+
+
+def test_target_regex_matching_nothing_names_field() -> None:
+    with pytest.raises(ValueError, match=re.escape(r"SurgeConfig.target_modules entry 'blocks\\..*' matches no")):
+        resolve_targets(_Net(), SurgeConfig(target_modules=r"blocks\..*"))
+
+
+def test_exclude_entry_matching_nothing_names_field() -> None:
+    with pytest.raises(ValueError, match=re.escape("SurgeConfig.exclude_modules entry 'key' matches no")):
+        resolve_targets(_Net(), SurgeConfig(target_modules=["query"], exclude_modules=["key"]))
+
+
+def test_everything_excluded() -> None:
+    message = (
+        "SurgeConfig.target_modules=['query'] (minus exclude_modules) selects no Linear/Conv2d module; "
+        "this model has: block.query, block.value, head."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        binarize(_Net(), SurgeConfig(target_modules=["query"], exclude_modules=["block.query"]))
+
+
+def test_no_default_for_unknown_architecture() -> None:
+    message = (
+        "SurgeConfig.target_modules is None and there is no default for model type None; set target_modules to a "
+        "regular expression or a list of module-name suffixes. Defaults exist for: bert, vit."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        binarize(_Net(), SurgeConfig())
+
+
+def test_module_name_listing_is_truncated() -> None:
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])
+    with pytest.raises(ValueError, match=re.escape("Module names look like: 0, 1, 2, 3, 4, 5, 6, 7, ...")):
+        resolve_targets(net, SurgeConfig(target_modules=["10"]))

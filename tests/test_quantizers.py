@@ -1,0 +1,232 @@
+"""Binarizers: `sign` never returns 0, each surrogate derivative against its formula, the weight and activation
+binarizers' forward values and gradients against hand-computed references (exact zeros and exact threshold ties
+included)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from surge_hf.quantizers import (
+    ActivationBinarizer,
+    WeightBinarizer,
+    sign,
+    surrogate_derivative,
+    weight_scale,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra intra-op threads only add contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Points that hit every branch of the surrogates: u = 0, the |u| = 1 boundaries, inside and outside.
+POINTS = torch.tensor([-3.0, -1.5, -1.0, -0.75, -0.5, -0.125, 0.0, 0.125, 0.5, 0.75, 1.0, 1.5, 3.0])
+
+
+def _ref_sign(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
+
+
+def _ref_surrogate(name: str, u: torch.Tensor, beta: float) -> torch.Tensor:
+    """The surrogate derivatives written out point by point (plain Python arithmetic)."""
+    values = []
+    for v in u.tolist():
+        if name == "identity":
+            values.append(1.0)
+        elif name == "clipped_ste":
+            values.append(1.0 if abs(v) <= 1 else 0.0)
+        elif name == "approx_sign":
+            values.append(2 - 2 * abs(v) if abs(v) <= 1 else 0.0)
+        else:
+            raise AssertionError(name)
+    return torch.tensor(values, dtype=u.dtype)
+
+
+def _swish_sign(u: torch.Tensor, beta: float) -> torch.Tensor:
+    """The SwishSign function of BNN+: 2 * sigmoid(b u) * (1 + b u (1 - sigmoid(b u))) - 1."""
+    s = torch.sigmoid(beta * u)
+    return 2 * s * (1 + beta * u * (1 - s)) - 1
+
+
+def _swish_derivative_autograd(u: torch.Tensor, beta: float) -> torch.Tensor:
+    leaf = u.detach().double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_swish_sign(leaf, beta).sum(), leaf)
+    return grad
+
+
+# -- sign ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_sign_never_zero(dtype: torch.dtype) -> None:
+    u = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5, 1.0, -1.0]).to(dtype)
+    out = sign(u)
+    assert out.dtype == dtype
+    # 1e-30 underflows to +-0 in bf16/fp16; +-0 maps to +1 whatever the dtype
+    tiny = [1.0, 1.0] if dtype in (torch.float16,) else [1.0, -1.0]
+    assert out.tolist() == [1.0, 1.0, *tiny, 1.0, -1.0, 1.0, -1.0]
+    assert not (out == 0).any()
+
+
+# -- surrogates ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["identity", "clipped_ste", "approx_sign"])
+def test_piecewise_surrogates(name: str) -> None:
+    got = surrogate_derivative(name, POINTS)
+    assert torch.equal(got, _ref_surrogate(name, POINTS, 5.0))
+
+
+def test_surrogate_boundaries_by_hand() -> None:
+    u = torch.tensor([-1.0, 0.0, 1.0, 1.0000001])
+    assert surrogate_derivative("clipped_ste", u).tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert surrogate_derivative("approx_sign", u).tolist() == [0.0, 2.0, 0.0, 0.0]
+    assert surrogate_derivative("identity", u).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.5, 5.0, 10.0])
+def test_swish_sign_matches_autograd_of_closed_form(beta: float) -> None:
+    got = surrogate_derivative("swish_sign", POINTS.double(), beta)
+    torch.testing.assert_close(got, _swish_derivative_autograd(POINTS, beta), rtol=1e-10, atol=1e-12)
+    # at u = 0 the derivative is beta (= beta * (2 - 0) / (1 + cosh 0))
+    assert surrogate_derivative("swish_sign", torch.zeros(1, dtype=torch.float64), beta).item() == beta
+
+
+def test_swish_sign_matches_finite_difference() -> None:
+    beta, h = 5.0, 1e-6
+    u = POINTS.double()
+    finite = (_swish_sign(u + h, beta) - _swish_sign(u - h, beta)) / (2 * h)
+    torch.testing.assert_close(surrogate_derivative("swish_sign", u, beta), finite, rtol=1e-7, atol=1e-8)
+    # float32 evaluation agrees with float64
+    torch.testing.assert_close(surrogate_derivative("swish_sign", POINTS, beta),
+                               finite.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_surrogate() -> None:
+    message = "Unknown surrogate 'tanh'; allowed values: identity, clipped_ste, approx_sign, swish_sign."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        surrogate_derivative("tanh", POINTS)
+
+
+# -- weight binarizer ------------------------------------------------------------------------------------------------
+# |W| row means: row 0 (0.5 + 1.5 + 0.25 + 0.25) / 4 = 0.625 ; row 1 (2 + 0 + 1 + 3) / 4 = 1.5 ; all: 8.5 / 8 = 1.0625
+W = torch.tensor([[0.5, -1.5, 0.25, -0.25], [2.0, 0.0, -1.0, 3.0]])
+W_SIGNS = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, 1.0]])
+W_MASK = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])  # 1[|W| <= 1], |W| = 1 included
+
+
+@pytest.mark.parametrize(
+    ("mode", "alpha"),
+    [("channel", torch.tensor([[0.625], [1.5]])), ("tensor", torch.tensor([[1.0625]])), ("none", torch.ones(1, 1))],
+)
+def test_weight_binarizer_forward_backward(mode: str, alpha: torch.Tensor) -> None:
+    weight = W.clone().requires_grad_(True)
+    out = WeightBinarizer.apply(weight, mode)
+    assert torch.equal(out, W_SIGNS * alpha)
+    assert torch.equal(weight_scale(W, mode), alpha)
+    grad = torch.arange(1.0, 9.0).reshape(2, 4)
+    out.backward(grad)
+    # clipped straight-through, no alpha factor, and no gradient through alpha
+    assert torch.equal(weight.grad, grad * W_MASK)
+
+
+def test_weight_scale_conv_channel() -> None:
+    weight = torch.arange(-12.0, 12.0).reshape(2, 3, 2, 2)
+    alpha = weight_scale(weight, "channel")
+    assert alpha.shape == (2, 1, 1, 1)
+    # row 0: |-12..-1| mean = 6.5 ; row 1: |0..11| mean = 5.5
+    assert alpha.flatten().tolist() == [6.5, 5.5]
+    assert weight_scale(weight, "tensor").shape == (1, 1, 1, 1)
+    assert weight_scale(weight, "tensor").item() == 6.0
+
+
+def test_unknown_weight_scale() -> None:
+    message = "Unknown weight_scale 'row'; allowed values: channel, tensor, none."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        weight_scale(W, "row")
+
+
+# -- activation binarizer --------------------------------------------------------------------------------------------
+TAU = torch.tensor([0.0, 0.5, -0.25, 1.0])
+
+
+def _activation_input() -> torch.Tensor:
+    """(2, 3, 4) input with exact zeros, exact ties x == tau, and exact |x - tau| = 1 boundaries."""
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)) * 1.5
+    x[0, 0] = torch.tensor([0.0, 0.5, -0.25, 1.0])  # ties with tau (u = 0)
+    x[0, 1] = torch.tensor([1.0, 1.5, 0.75, 0.0])  # u = +1, +1, +1, -1
+    x[0, 2] = torch.tensor([-1.0, -0.5, -1.25, 2.0])  # u = -1, -1, -1, +1
+    x[1, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # exact zeros
+    return x
+
+
+@pytest.mark.parametrize("surrogate", ["identity", "clipped_ste", "approx_sign", "swish_sign"])
+@pytest.mark.parametrize("kind", ["sign", "rsign", "elastic"])
+def test_activation_binarizer(kind: str, surrogate: str) -> None:
+    beta = 3.0
+    x_value = _activation_input()
+    x = x_value.clone().requires_grad_(True)
+    tau = TAU.clone().requires_grad_(True) if kind != "sign" else None
+    scale = torch.tensor([1.25], requires_grad=True) if kind == "elastic" else None
+    out = ActivationBinarizer.apply(x, tau, scale, surrogate, beta)
+    grad = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(11))
+    out.backward(grad)
+
+    u = x_value - (TAU if kind != "sign" else 0.0)
+    s = 1.25 if kind == "elastic" else 1.0
+    if surrogate == "swish_sign":
+        d = _swish_derivative_autograd(u.flatten(), beta).float().reshape(u.shape)
+    else:
+        d = _ref_surrogate(surrogate, u.flatten(), beta).reshape(u.shape)
+    assert torch.equal(out, s * _ref_sign(u))
+    assert (out[1, 0] == s).all() if kind == "sign" else (out[0, 0] == s).all()  # zeros and ties give +s
+    torch.testing.assert_close(x.grad, grad * s * d, rtol=1e-6, atol=1e-6)
+    if tau is not None:
+        torch.testing.assert_close(tau.grad, -(grad * s * d).sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+    if scale is not None:
+        torch.testing.assert_close(scale.grad, (grad * _ref_sign(u)).sum().reshape(1), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_binarizer_conv_layout() -> None:
+    """tau broadcast as (1, C, 1, 1): its gradient sums over batch and space."""
+    x_value = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    x_value[0, :, 0, 0] = torch.tensor([0.0, 0.25, 1.25])  # ties (u = 0), u = 0, u = 1
+    tau_value = torch.tensor([0.0, 0.25, 0.25])
+    x = x_value.clone().requires_grad_(True)
+    tau = tau_value.clone().requires_grad_(True)
+    out = ActivationBinarizer.apply(x, tau.reshape(1, 3, 1, 1), None, "clipped_ste", 5.0)
+    grad = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(6))
+    out.backward(grad)
+    u = x_value - tau_value.reshape(1, 3, 1, 1)
+    mask = (u.abs() <= 1).float()
+    assert torch.equal(out, _ref_sign(u))
+    assert torch.equal(x.grad, grad * mask)
+    torch.testing.assert_close(tau.grad, -(grad * mask).sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+def test_activation_binarizer_only_needed_grads() -> None:
+    """A frozen threshold gets no gradient; a frozen input still lets tau and s learn."""
+    x = _activation_input()
+    tau = TAU.clone().requires_grad_(True)
+    scale = torch.tensor([2.0], requires_grad=True)
+    out = ActivationBinarizer.apply(x, tau, scale, "clipped_ste", 5.0)
+    out.sum().backward()
+    u = x - TAU
+    assert torch.equal(tau.grad, -(2.0 * (u.abs() <= 1).float()).sum(dim=(0, 1)))
+    assert scale.grad.item() == _ref_sign(u).sum().item()
+
+
+@pytest.mark.parametrize("mode", ["channel", "tensor"])
+@pytest.mark.parametrize("shape", [(64, 37), (32, 768), (8, 3, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_scale_of_rebuilt_weight_is_exact(mode: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """A latent weight rebuilt as alpha * sign(W) (what `unfinalize` does) has exactly the scale alpha again."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    alpha = weight_scale(weight, mode)
+    assert alpha.dtype == dtype
+    rebuilt = alpha * _ref_sign(weight)
+    assert torch.equal(weight_scale(rebuilt, mode), alpha)
