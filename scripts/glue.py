@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.demo and accelerator.is_main_process:
         reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")
+    accelerator.end_training()
     return results
 
 

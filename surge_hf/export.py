@@ -79,6 +79,7 @@ def export_run(
     all_results = {
         "eval": result.metrics,
         "completed_steps": result.completed_steps,
+        "num_processes": accelerator.num_processes,
         "seed": args.seed,
         "learning_rate": args.learning_rate,
         "recipe": None if recipe is None else recipe.to_dict(),

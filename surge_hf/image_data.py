@@ -643,9 +643,13 @@ class ImageCollator:
     :func:`normalize`, mixup/cutmix (train). Without ``augment`` it is the eval transform that
     :func:`build_image_processor` reproduces.
 
-    Randomness: one ``torch.Generator`` per DataLoader worker, seeded from ``(seed, epoch, worker id)``, so a run is
-    reproducible for a fixed ``num_workers``. Call :meth:`set_epoch` at each epoch (non-persistent workers get a
-    fresh copy of the collator each epoch); in multi-process training pass ``seed + process_index``.
+    Randomness: each batch draws from its own ``torch.Generator``, seeded from ``(seed, epoch, batch index)``, so the
+    augmentation does not depend on ``num_workers``, and a run resumed mid-epoch (whose loader skips the first batches
+    without collating them) draws what the uninterrupted run drew, given the index of its first batch through
+    :meth:`set_epoch`. Each collator copy counts its calls: the batch index is ``first_batch + calls`` in the main
+    process and ``first_batch + w + calls * n`` in DataLoader worker ``w`` of ``n`` (a map-style DataLoader hands
+    batches to its workers in turn). Call :meth:`set_epoch` at each epoch (non-persistent workers get a fresh copy of
+    the collator each epoch); in multi-process training pass ``seed + process_index``.
     """
 
     def __init__(
@@ -668,20 +672,28 @@ class ImageCollator:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self._generators: dict[int, torch.Generator] = {}
+        self.first_batch = 0
+        self._calls = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed: the augmentation of epoch ``epoch`` depends only on (seed, epoch, worker id)."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Start epoch ``epoch`` at batch ``first_batch`` (> 0 when a resumed run skips the batches before it).
+
+        The augmentation of batch ``b`` of epoch ``e`` depends only on (seed, e, b).
+        """
+        if first_batch < 0:
+            raise ValueError(f"first_batch must be >= 0, got {first_batch}")
         self.epoch = epoch
-        self._generators = {}
+        self.first_batch = first_batch
+        self._calls = 0
 
     def _generator(self) -> torch.Generator:
+        """A generator for the next batch, seeded from (seed, epoch, batch index); see the class docstring."""
         worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else -1
-        if worker_id not in self._generators:
-            state = np.random.SeedSequence([self.seed, self.epoch, worker_id + 1]).generate_state(1, dtype=np.uint64)
-            self._generators[worker_id] = torch.Generator().manual_seed(int(state[0]) >> 1)
-        return self._generators[worker_id]
+        offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        batch_index = self.first_batch + offset + self._calls * stride
+        self._calls += 1
+        state = np.random.SeedSequence([self.seed, self.epoch, batch_index]).generate_state(1, dtype=np.uint64)
+        return torch.Generator().manual_seed(int(state[0]) >> 1)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         info = self.info

@@ -260,6 +260,19 @@ class BinaryLayerMixin(nn.Module):
 
     weight_shape: tuple[int, ...]
 
+    def __getattr__(self, name: str):
+        """`weight` of a packed layer: the dequantized weight alpha * sign(W), recomputed on each read.
+
+        Model code reads `layer.weight.dtype` / `.device` to cast its inputs (transformers' ViT does it on the patch
+        embedding projection), so a packed layer answers with the tensor it actually computes with: right dtype,
+        device, shape and values. It is neither a parameter nor a buffer (so it is not in `state_dict()` and not
+        trained) and cannot be replaced by assigning a Parameter. Only reached when normal lookup fails, so a layer
+        with full-precision weights (`binarize_weights=False`) keeps its real `weight` parameter.
+        """
+        if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
+            return self.dequantized_weight()
+        return super().__getattr__(name)
+
     def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int, recipe: SurgeConfig):
         self.surge_config = recipe
         self.weight_shape = tuple(weight_shape)
@@ -268,7 +281,6 @@ class BinaryLayerMixin(nn.Module):
             self.register_buffer("weight_packed", torch.zeros(weight_shape[0], (num_columns + 7) // 8, dtype=torch.uint8))
             scale_size = weight_shape[0] if recipe.weight_scale == "channel" else 1
             self.register_buffer("weight_scale", torch.ones(scale_size))
-            self.register_parameter("weight", None)
         else:
             self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None

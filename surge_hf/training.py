@@ -204,20 +204,32 @@ def train(
     teacher: nn.Module | None = None,
     distillation: DistillationConfig | None = None,
     is_regression: bool = False,
+    on_epoch_start: Callable[[int, int], None] | None = None,
 ) -> TrainingResult:
     """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
 
-    Returns the metrics of the last evaluation. The returned model is the prepared (possibly wrapped) one; use
-    `accelerator.unwrap_model` to save it.
+    `on_epoch_start(epoch, first_batch)`, when given, is called before each epoch's first training batch is drawn:
+    `first_batch` is the index of the first batch the loader will yield (> 0 only in the epoch a run resumes in,
+    whose earlier batches are skipped without being drawn). Use it to reseed per-epoch randomness that lives outside
+    the sampler, e.g. `ImageCollator.set_epoch`.
+
+    Returns the metrics of the last evaluation. `model` is prepared (possibly wrapped) in place of the one given;
+    use `accelerator.unwrap_model` to save it. Call `accelerator.end_training()` once all outputs are written.
     """
     resume_path = resolve_checkpoint(config)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    if train_dataloader.generator is None:
+        # Without its own generator a DataLoader draws its workers' base seed from the global RNG each epoch, so a
+        # resumed run (which starts iterating after restoring the RNG) would see other dropout masks.
+        train_dataloader.generator = torch.Generator().manual_seed(config.seed)
+    train_dataloader = accelerator.prepare(train_dataloader)
+    # Counted on the prepared loader: with N processes each one sees 1/N of the batches.
     steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
                               num_training_steps=max_steps)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
     if teacher is not None:
         teacher = accelerator.prepare_model(teacher.eval().requires_grad_(False), evaluation_mode=True)
@@ -241,9 +253,12 @@ def train(
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
+        first_batch = batches_to_skip if epoch == start_epoch else 0
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, first_batch)
         batches = train_dataloader
-        if epoch == start_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        if first_batch:
+            batches = accelerator.skip_first_batches(train_dataloader, first_batch)
         for batch in batches:
             with accelerator.accumulate(model):
                 loss, _ = compute_loss(model, batch, teacher, distillation, is_regression)
@@ -283,5 +298,4 @@ def train(
         metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
                    for name, loader in eval_dataloaders.items()}
     progress.close()
-    accelerator.end_training()
     return TrainingResult(metrics=metrics, completed_steps=completed_steps, history=history)

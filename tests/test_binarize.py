@@ -282,14 +282,43 @@ def test_cnn_finalize_and_unfinalize() -> None:
         assert torch.equal(model(x), reference)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="HF ViT reads projection.weight.dtype; a packed BinaryConv2d has weight=None")
 def test_vit_binarized_patch_embedding_survives_finalize() -> None:
+    """HF ViT reads `projection.weight.dtype`: a packed layer answers with its dequantized weight, which is neither
+    a parameter nor in the state dict, and outputs stay identical."""
     model = tiny_vit()
     binarize(model, SurgeConfig(target_modules=["projection"]))
-    finalize(model)
+    batch = _vit_batch()
+    _train(model, batch)
+    model.eval()
     with torch.no_grad():
-        model(**_vit_batch())
+        reference = model(**batch).logits
+    finalize(model)
+    projection = model.vit.embeddings.patch_embeddings.projection
+    assert isinstance(projection, BinaryConv2d)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+    assert torch.equal(projection.weight, projection.dequantized_weight())
+    assert projection.weight.dtype == torch.float32 and projection.weight.shape == (32, 3, 4, 4)
+    assert sorted(k for k in model.state_dict() if k.startswith("vit.embeddings.patch_embeddings.")) == [
+        "vit.embeddings.patch_embeddings.projection.bias",
+        "vit.embeddings.patch_embeddings.projection.input_threshold",
+        "vit.embeddings.patch_embeddings.projection.weight_packed",
+        "vit.embeddings.patch_embeddings.projection.weight_scale",
+    ]
+    assert "weight" not in dict(projection.named_parameters())
+    with pytest.raises(KeyError, match="attribute 'weight' already exists"):
+        projection.weight = nn.Parameter(torch.zeros(32, 3, 4, 4))
+    unfinalize(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+
+
+def test_packed_layer_with_float_weights_keeps_its_weight_parameter() -> None:
+    layer = SurgeLinear(6, 4, config=SurgeConfig(binarize_weights=False, target_modules=["x"]))
+    packed = BinaryLinear.from_surge(layer)
+    assert packed.weight is dict(packed.named_parameters())["weight"]
+    assert torch.equal(packed.weight, layer.weight)
 
 
 def test_finalize_and_unfinalize_need_the_right_layers() -> None:

@@ -407,6 +407,26 @@ def test_collator_in_dataloader_workers_is_reproducible(info_rgb):
     assert not torch.equal(first[0], first[1])  # batches 0 and 1 come from workers 0 and 1: their seeds differ
 
 
+def test_collator_augmentation_is_keyed_by_batch_index(info_rgb):
+    """Same draws with or without workers, and a loader resumed at batch k (skipping batches 0..k-1 uncollated)
+    draws what batch k drew."""
+    examples = [{"image": pixels(0, "RGB"), "label": 0}] * 8
+    augment = AugmentConfig(crop_padding=1, horizontal_flip=True, mixup_alpha=0.5)
+
+    def run(num_workers: int, first_batch: int = 0) -> list[torch.Tensor]:
+        collate = ImageCollator(info_rgb, [0.5] * 3, [0.5] * 3, augment, seed=1)
+        collate.set_epoch(3, first_batch=first_batch)
+        loader = torch.utils.data.DataLoader(examples[2 * first_batch:], batch_size=2, num_workers=num_workers,
+                                             collate_fn=collate)
+        return [batch["pixel_values"] for batch in loader]
+
+    serial = run(0)
+    assert all(torch.equal(a, b) for a, b in zip(serial, run(2), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(serial[1:], run(0, first_batch=1), strict=True))
+    with pytest.raises(ValueError, match="first_batch must be >= 0, got -1"):
+        ImageCollator(info_rgb, [0.5] * 3, [0.5] * 3, augment).set_epoch(0, first_batch=-1)
+
+
 def test_collator_checks_mean_std(info_rgb):
     with pytest.raises(ValueError, match=r"mean and std need one value per channel \(3\), got 1 and 3"):
         ImageCollator(info_rgb, [0.5], [0.5] * 3)

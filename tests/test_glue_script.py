@@ -1,0 +1,236 @@
+"""End-to-end tests of scripts/glue.py on a tiny random BERT and tiny local csv files (offline, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+import surge_hf
+from surge_hf import hub
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("glue_script", ROOT / "scripts" / "glue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+glue_script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer BERT with a word-level vocabulary, saved like a pretrained checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def write_csv(path: Path, rows: list[tuple], header=("sentence", "label")) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def sentiment_rows(count: int, seed: int) -> list[tuple[str, int]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        label = int(torch.randint(0, 2, (1,), generator=generator))
+        pool = WORDS[:4] if label else WORDS[4:8]
+        words = [pool[int(i)] for i in torch.randint(0, 4, (3,), generator=generator)]
+        rows.append((f"the movie was {' '.join(words)}", label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    return (write_csv(folder / "train.csv", sentiment_rows(48, 0)),
+            write_csv(folder / "validation.csv", sentiment_rows(16, 1)))
+
+
+def run_args(model: Path, files: tuple[Path, Path], output_dir: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model), "--train_file", str(files[0]), "--validation_file", str(files[1]),
+            "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size", "8",
+            "--learning_rate", "1e-3", "--max_train_steps", "4", "--logging_steps", "2", "--seed", "3", *extra]
+
+
+def test_run_writes_packed_and_train_form_outputs_that_reload_exactly(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "run"
+    results = glue_script.main(run_args(tiny_bert, data_files, out))
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "all_results.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "train_state" / "model.safetensors").is_file()
+    assert not (out / ".export.tmp").exists()
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["eval"] == results["eval"]
+    assert saved["completed_steps"] == 4
+    assert saved["recipe"]["compensator"] == "surge"
+
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    trainable = AutoModelForSequenceClassification.from_pretrained(out / "train_state")
+    assert packed.is_packed and not trainable.is_packed
+    batch = BertTokenizerFast.from_pretrained(out)(["the movie was good fun", "a very dull plot"],
+                                                    return_tensors="pt", padding=True)
+    trainable.finalize()
+    with torch.no_grad():
+        assert torch.equal(packed(**batch).logits, trainable(**batch).logits)
+    # The packed file is much smaller than the train form, which stores latent and auxiliary weights.
+    assert (out / "model.safetensors").stat().st_size < (out / "train_state" / "model.safetensors").stat().st_size
+    card = (out / "README.md").read_text()
+    assert "surge" in card and "binary-neural-network" in card
+
+
+def test_resumed_run_ends_exactly_like_the_uninterrupted_run(tiny_bert, data_files, tmp_path):
+    full = tmp_path / "full"
+    reference = glue_script.main(run_args(tiny_bert, data_files, full, "--checkpointing_steps", "2",
+                                          "--checkpoints_total_limit", "3"))
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_2", resumed_dir / "checkpoints" / "step_2")
+    resumed = glue_script.main(run_args(tiny_bert, data_files, resumed_dir, "--checkpointing_steps", "2",
+                                        "--resume_from_checkpoint", "latest"))
+    assert resumed["eval"] == reference["eval"]
+    assert (resumed_dir / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+
+
+def test_full_precision_teacher_then_distilled_student(tiny_bert, data_files, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    teacher = glue_script.main(run_args(tiny_bert, data_files, teacher_dir, "--binarize", "none"))
+    assert teacher["recipe"] is None
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(teacher_dir), BertForSequenceClassification)
+
+    student = glue_script.main(run_args(
+        tiny_bert, data_files, tmp_path / "student", "--teacher_model_name_or_path", str(teacher_dir),
+        "--distill_hidden_states_weight", "0.5", "--distill_attentions_weight", "0.5", "--distill_temperature", "2"))
+    assert student["distillation"] == {"temperature": 2.0, "label_weight": 0.0, "logits_weight": 1.0,
+                                       "hidden_states_weight": 0.5, "attentions_weight": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "message"),
+    [
+        ([("good movie", 0), ("bad movie", 1)], ("sentence", "target"), r"label"),
+        ([], ("sentence", "label"), r"empty"),
+    ],
+)
+def test_bad_data_fails_before_training(tiny_bert, data_files, tmp_path, rows, header, message):
+    bad = write_csv(tmp_path / "bad.csv", rows, header)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        glue_script.main(run_args(tiny_bert, (bad, data_files[1]), out))
+    assert not out.exists()
+
+
+def test_validation_labels_outside_the_training_labels_fail_before_training(tiny_bert, data_files, tmp_path):
+    bad = write_csv(tmp_path / "validation.csv", [("good movie", 0), ("bad movie", 7)])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="7"):
+        glue_script.main(run_args(tiny_bert, (data_files[0], bad), out))
+    assert not out.exists()
+
+
+def test_teacher_with_another_label_set_fails_before_training(tiny_bert, data_files, tmp_path):
+    teacher_dir = tmp_path / "teacher3"
+    BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=3, ignore_mismatched_sizes=True).save_pretrained(
+        teacher_dir)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="num_labels=3"):
+        glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", str(teacher_dir)))
+    assert not out.exists()
+
+
+def test_flag_errors(tiny_bert, data_files, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"--push_to_hub needs --hub_model_id"):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--push_to_hub"))
+    with pytest.raises(SystemExit):
+        glue_script.main(["--task_name", "sst3", "--output_dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err.replace("'", "")
+    assert "invalid choice: sst3 (choose from cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)" in error
+    with pytest.raises(ValueError, match=r"SurgeConfig.eta=-1.0 must be >= 0"):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--eta", "-1"))
+    with pytest.raises(ValueError, match=r"exactly one of --task_name"):
+        glue_script.main(["--model_name_or_path", str(tiny_bert), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+class RecordingApi:
+    """Stands in for `huggingface_hub.HfApi` at the network boundary."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        if self.fail:
+            raise OSError("503 Service Unavailable")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", {"repo_id": repo_id,
+                                             "paths": sorted(op.path_in_repo for op in operations)}))
+        return SimpleNamespace(commit_url="https://huggingface.co/org/tiny/commit/abc")
+
+
+def test_push_sends_exactly_the_deployable_files_and_a_failed_push_keeps_outputs(tiny_bert, data_files, tmp_path,
+                                                                                   monkeypatch):
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    out = tmp_path / "pushed"
+    glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "4", "--push_to_hub",
+                              "--hub_model_id", "org/tiny"))
+    sent = dict(api.calls)["create_commit"]["paths"]
+    assert sent == hub.files_to_push(out)
+    assert "model.safetensors" in sent and "README.md" in sent and "all_results.json" in sent
+    assert not any(path.startswith(("train_state/", "checkpoints/")) for path in sent)
+
+
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: RecordingApi(fail=True))
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match=r"org/tiny[\s\S]*intact"):
+        glue_script.main(run_args(tiny_bert, data_files, failed, "--push_to_hub", "--hub_model_id", "org/tiny"))
+    assert sorted(hub.files_to_push(failed)) == sorted(sent)
+    assert AutoModelForSequenceClassification.from_pretrained(failed).is_packed
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate launcher not installed")
+def test_two_cpu_processes_with_accelerate_launch(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    command = [str(launcher if launcher.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "scripts" / "glue.py"), *run_args(tiny_bert, data_files, out)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["completed_steps"] == 4
+    assert surge_hf.SurgeConfig.from_dict(results["recipe"]).compensator == "surge"
