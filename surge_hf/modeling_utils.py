@@ -28,8 +28,11 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 
-from .binarize import binarize, finalize, surge_layers, unfinalize
+from .binarize import binarize, surge_layers
+from .binarize import finalize as finalize_layers
+from .binarize import unfinalize as unfinalize_layers
 from .configuration_surge import SurgeConfig
+from .configuration_utils import recipe_dict
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
 
@@ -91,7 +94,7 @@ class SurgePreTrainedMixin:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
         binarize(self, self.config.surge_recipe)
         if self.config.surge_packed:
-            finalize(self)
+            finalize_layers(self)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -119,17 +122,15 @@ class SurgePreTrainedMixin:
     def finalize(self):
         """Pack every SURGE layer in place (`surge_hf.finalize`) and mark the config packed. Returns the model,
         in eval mode; its outputs equal the eval-mode outputs before packing exactly."""
-        finalize(self)
+        finalize_layers(self)
         self.config.surge_packed = True
         return self
 
     def unfinalize(self, surge: SurgeConfig | dict[str, Any] | None = None):
         """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W), in place, so a
         packed checkpoint can be trained further. `surge` replaces the recipe (default: the saved one)."""
-        recipe = None if surge is None else SurgeConfig.from_dict(
-            surge.to_dict() if isinstance(surge, SurgeConfig) else surge
-        )
-        unfinalize(self, recipe)
+        recipe = None if surge is None else SurgeConfig.from_dict(recipe_dict(surge))
+        unfinalize_layers(self, recipe)
         if recipe is not None:
             self.config.surge = recipe
         self.config.surge_packed = False

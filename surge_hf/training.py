@@ -250,6 +250,11 @@ def train(
     metrics: dict[str, dict[str, float]] = {}
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
+    if resume_path is not None:
+        # The loss summed since the last log over all processes goes back on the main process alone: the logged
+        # mean over processes is what the uninterrupted run logs.
+        running_loss.fill_(state.get("running_loss", 0.0) if accelerator.is_main_process else 0.0)
+        running_batches = state.get("running_batches", 0)
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
@@ -285,7 +290,9 @@ def train(
                 running_batches = 0
             if config.checkpointing_steps and completed_steps % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, config, completed_steps,
-                                {"completed_steps": completed_steps, "history": history})
+                                {"completed_steps": completed_steps, "history": history,
+                                 "running_loss": accelerator.gather(running_loss).sum().item(),
+                                 "running_batches": running_batches})
             if completed_steps >= max_steps:
                 break
         metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)

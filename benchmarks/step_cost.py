@@ -1,0 +1,156 @@
+"""Training-step cost of full precision, STE and SURGE on BERT shapes: time per step and memory, as ratios
+measured in one run.
+
+    python benchmarks/step_cost.py --shape bert-base --batch_size 32 --seq_len 128 --device cuda --bf16
+    python benchmarks/step_cost.py --shape minilm --batch_size 32 --seq_len 64          # CPU
+
+Each recipe gets its own randomly initialised `BertForSequenceClassification` (encoder Linear layers binarized,
+W1A1) and AdamW. Steps are interleaved round-robin over the recipes (one step of each per round), so drifts of the
+machine hit every recipe alike; the time of a recipe is the median over the timed rounds. Memory: on CUDA the peak
+allocated bytes that one step adds (activations and temporaries); on the CPU, which has no allocator statistics,
+the bytes of the tensors saved for backward. Both are reported with the bytes of the parameters, their gradients
+and the two AdamW moments added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import surge_hf
+
+SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+RECIPES = {
+    "full_precision": None,
+    "ste": surge_hf.SurgeConfig(compensator="ste"),
+    "surge": surge_hf.SurgeConfig(compensator="surge"),
+    "surge_aux_loss": surge_hf.SurgeConfig(compensator="surge", aux_loss_weight=0.1),
+}
+
+
+def build(shape: str, recipe: surge_hf.SurgeConfig | None, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=2, **SHAPES[shape]))
+    if recipe is not None:
+        surge_hf.binarize(model, recipe)
+    model.to(device).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def saved_activation_bytes(model, batch, autocast) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward pass."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def step(model, optimizer, batch, autocast, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="bert-base")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--output", type=Path, help="JSON file to write the results to.")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    names = args.recipes.split(",")
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 30000, (args.batch_size, args.seq_len), generator=generator).to(device),
+        "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long, device=device),
+        "labels": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
+    }
+    runs = {name: build(args.shape, RECIPES[name], device) for name in names}
+    memory: dict[str, int] = {}
+    for name, (model, optimizer) in runs.items():
+        for _ in range(args.warmup):
+            step(model, optimizer, batch, autocast, device)
+        state = sum(p.numel() * p.element_size() * 4 for p in model.parameters())  # weights, grads, 2 moments
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(model, optimizer, batch, autocast, device)
+            memory[name] = state + torch.cuda.max_memory_allocated() - before
+        else:
+            memory[name] = state + saved_activation_bytes(model, batch, autocast)
+
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, (model, optimizer) in runs.items():
+            times[name].append(step(model, optimizer, batch, autocast, device))
+    baseline = statistics.median(times[names[0]])
+    results = {
+        "command": "python benchmarks/step_cost.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("output", "bf16") and v is not None)
+        + (" --bf16" if args.bf16 else ""),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "shape": args.shape, "batch_size": args.batch_size, "seq_len": args.seq_len, "bf16": args.bf16,
+        "memory_kind": ("cuda peak added by a step" if device.type == "cuda" else "saved activations")
+        + " + weights, grads, AdamW moments",
+        "recipes": {
+            name: {
+                "median_ms": 1000 * statistics.median(times[name]),
+                "time_ratio_vs_first": statistics.median(times[name]) / baseline,
+                "memory_mib": memory[name] / 2**20,
+                "memory_ratio_vs_first": memory[name] / memory[names[0]],
+            }
+            for name in names
+        },
+    }
+    print(json.dumps(results, indent=2))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

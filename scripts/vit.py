@@ -1,0 +1,335 @@
+"""Train a binary (SURGE) ViT image classifier with Accelerate, from scratch or from a full-precision ViT.
+
+    accelerate launch scripts/vit.py --dataset data/fashion_mnist_hf \\
+        --config hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384,patch_size=4 \\
+        --binarize surge --eta 0.5 --crop_padding 2 --horizontal_flip --output_dir out/fmnist-surge
+    accelerate launch scripts/vit.py --dataset user/dataset --model_name_or_path google/vit-base-patch16-224 \\
+        --binarize surge --output_dir out/vit-surge
+
+`--dataset` is a Hub dataset name, an `imagefolder` directory (class_name/image.png) or a folder written by
+`save_to_disk`. From scratch (`--config`), image size and channels come from the data; from a checkpoint, the images
+are resized (and converted to RGB) to what the checkpoint expects. Augmentation (random crop with zero padding,
+flip, mixup / cutmix) runs on tensors in plain torch. The image processor saved with the model reproduces the eval
+transform, so `AutoImageProcessor` + `AutoModelForImageClassification` (after `import surge_hf`) predict as
+evaluated. The recipe, distillation (logits), Accelerate and Hub flags are shared with `scripts/glue.py`
+(`surge_hf.cli`). Every flag, file, image and label is checked before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageClassification
+
+import surge_hf
+from surge_hf import cli
+from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
+from surge_hf.export import export_run, push_run
+from surge_hf.image_data import (
+    AugmentConfig,
+    ImageCollator,
+    ImageDataInfo,
+    build_image_processor,
+    compute_mean_std,
+    detect_dataset_source,
+    load_image_classification_data,
+)
+from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
+from surge_hf.training import build_accelerator, train
+
+# ViTConfig fields that the data decides (and that --config must not set).
+DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
+# The module name suffix of ViT's patch embedding convolution.
+PATCH_EMBEDDING = "patch_embeddings.projection"
+VIT_MODEL_TYPES = ("vit", "surge_vit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True,
+                      help="A Hub dataset name, an imagefolder directory, or a folder written by save_to_disk.")
+    data.add_argument("--dataset_config_name", help="Configuration of a Hub dataset.")
+    data.add_argument("--dataset_hub_id",
+                      help="For the model card: the Hub id of the dataset a local --dataset is a copy of.")
+    data.add_argument("--image_column", help="Default: image, img or pixel_values, else the first Image column.")
+    data.add_argument("--label_column", help="Default: label or labels (integers or a ClassLabel).")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split", help="Default: validation/valid/val, else --validation_fraction of train.")
+    data.add_argument("--validation_fraction", type=float, default=0.1)
+    data.add_argument("--image_size", type=int, nargs="+", metavar="SIDE",
+                      help="Resize every image to SIDE x SIDE (or HEIGHT WIDTH). Default: the data's (from "
+                           "scratch) or the checkpoint's size.")
+    data.add_argument("--convert_rgb", action="store_true", help="Convert grayscale images to RGB.")
+    data.add_argument("--max_train_samples", type=int, help="Use only the first N training examples.")
+    data.add_argument("--max_eval_samples", type=int, help="Use only the first N evaluation examples.")
+    data.add_argument("--mean_std_images", type=int, default=10_000,
+                      help="Training images sampled to compute the normalisation mean/std (when the checkpoint "
+                           "has no image processor to take them from).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--cache_dir", help="datasets cache folder (Hub and imagefolder loading).")
+    augment = parser.add_argument_group("augmentation (training batches only)")
+    augment.add_argument("--crop_padding", type=int, default=0, help="Random crop with this zero padding (0: off).")
+    augment.add_argument("--horizontal_flip", action="store_true", help="Mirror each image with probability 0.5.")
+    augment.add_argument("--mixup_alpha", type=float, default=0.0, help="Mixup Beta(alpha, alpha) (0: off).")
+    augment.add_argument("--cutmix_alpha", type=float, default=0.0,
+                         help="CutMix Beta(alpha, alpha) (0: off); with mixup, each batch takes one of the two.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--config", help="Train from scratch: a JSON file or inline key=value,... of ViTConfig "
+                                        "fields (hidden_size, num_hidden_layers, num_attention_heads, "
+                                        "intermediate_size, patch_size, ...).")
+    model.add_argument("--model_name_or_path", help="Start from this ViT checkpoint (Hub id or folder).")
+    model.add_argument("--binary_patch_embedding", action="store_true",
+                       help="Binarize the patch embedding convolution too (with the recipe's activation "
+                            "binarizer, the input pixels are binarized as well).")
+    cli.add_recipe_arguments(parser)
+    cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10)
+    cli.add_distillation_arguments(parser, intermediate=False)
+    cli.add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Flag checks that need neither model nor data."""
+    if (args.config is None) == (args.model_name_or_path is None):
+        raise ValueError("Pass exactly one of --config (train from scratch) or --model_name_or_path (start from a "
+                         "ViT checkpoint).")
+    if args.binary_patch_embedding and args.binarize == "none":
+        raise ValueError("--binary_patch_embedding needs a binarization recipe; drop it or pick --binarize surge, "
+                         "fixed or ste.")
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        raise ValueError(f"--image_size takes SIDE or HEIGHT WIDTH, got {len(args.image_size)} values.")
+    for name in ("max_train_samples", "max_eval_samples", "mean_std_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    cli.validate_common_args(args)
+    augment_config(args)  # validates the augmentation flags
+    args.vit_fields = None if args.config is None else parse_vit_config(args.config)
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    return AugmentConfig(crop_padding=args.crop_padding, horizontal_flip=args.horizontal_flip,
+                         mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha)
+
+
+def _parse_value(text: str) -> Any:
+    """A JSON scalar (`192`, `0.1`, `true`) or, failing that, the plain string (`gelu`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_vit_config(spec: str) -> dict[str, Any]:
+    """The ViTConfig fields of `--config`: a JSON file, or inline `key=value,key=value`; checked against ViTConfig."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {spec}: no such JSON file.")
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config {spec} must hold a JSON object of ViTConfig fields.")
+    else:
+        fields = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--config entry {item!r} is not key=value; e.g. --config hidden_size=192,"
+                                 "num_hidden_layers=6,num_attention_heads=3,intermediate_size=384,patch_size=4")
+            fields[key.strip()] = _parse_value(value.strip())
+    from_data = sorted(set(fields) & set(DATA_FIELDS))
+    if from_data:
+        raise ValueError(f"--config sets {from_data}, which come from the data; drop them (use --image_size to "
+                         "resize, --convert_rgb for 3 channels).")
+    known = set(ViTConfig().to_dict())
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--config has unknown ViTConfig field(s) {unknown}; size fields are hidden_size, "
+                         "num_hidden_layers, num_attention_heads, intermediate_size, patch_size.")
+    config = ViTConfig(**fields)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"--config: hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
+                         f"{config.num_attention_heads}.")
+    return fields
+
+
+def _side_pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def checkpoint_config(args: argparse.Namespace) -> ViTConfig | None:
+    """The checkpoint's config, checked to be a ViT whose image size agrees with --image_size; None from scratch."""
+    if args.model_name_or_path is None:
+        return None
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    if config.model_type not in VIT_MODEL_TYPES:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; this "
+                         "script trains ViT image classifiers (model_type 'vit' or 'surge_vit').")
+    if args.image_size is not None and _side_pair(args.image_size) != _side_pair(config.image_size):
+        raise ValueError(f"--image_size {args.image_size} differs from the checkpoint's image_size "
+                         f"{config.image_size} (its position embeddings fit that size); drop --image_size.")
+    return config
+
+
+def load_data(args: argparse.Namespace, pretrained: ViTConfig | None):
+    """Load and check the data; resized and converted to what a checkpoint expects."""
+    image_size = None if args.image_size is None else _side_pair(args.image_size)
+    convert_rgb = args.convert_rgb
+    if pretrained is not None:
+        image_size = _side_pair(pretrained.image_size)
+        convert_rgb = convert_rgb or pretrained.num_channels == 3
+    data = load_image_classification_data(
+        args.dataset, image_column=args.image_column, label_column=args.label_column, train_split=args.train_split,
+        eval_split=args.eval_split, validation_fraction=args.validation_fraction, seed=args.seed,
+        image_size=image_size, convert_rgb=convert_rgb, config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+    )
+    info = data.info
+    if pretrained is not None and pretrained.num_channels != info.num_channels:
+        raise ValueError(f"--model_name_or_path expects {pretrained.num_channels} channel(s) but the images have "
+                         f"{info.num_channels}; use a checkpoint for {info.num_channels}-channel images.")
+    patch = pretrained.patch_size if pretrained is not None else ViTConfig(**args.vit_fields).patch_size
+    if any(side % patch for side in info.image_size):
+        raise ValueError(f"image size {info.image_size} is not a multiple of patch_size {patch}: pass --image_size "
+                         "a multiple of it, or choose another patch_size.")
+    columns = [info.image_column, info.label_column]
+    data.train = data.train.select_columns(columns)
+    data.eval = data.eval.select_columns(columns)
+    if args.max_train_samples:
+        data.train = data.train.select(range(min(args.max_train_samples, len(data.train))))
+    if args.max_eval_samples:
+        data.eval = data.eval.select(range(min(args.max_eval_samples, len(data.eval))))
+    return data
+
+
+def check_teacher(args: argparse.Namespace, info: ImageDataInfo) -> None:
+    """A distillation teacher must take the student's inputs and predict the data's classes."""
+    config = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
+    source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
+    if config.model_type != "vit":
+        raise ValueError(f"{source} is a {config.model_type!r} model; the teacher must be a full-precision ViT "
+                         "(model_type 'vit'), e.g. the output of a --binarize none run.")
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if size is None or _side_pair(size) != info.image_size or channels != info.num_channels:
+        raise ValueError(f"{source} takes {channels}-channel {size} images, the student "
+                         f"{info.num_channels}-channel {info.image_size}; use a teacher trained on this data.")
+    generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    label2id = {str(name): int(index) for name, index in config.label2id.items()}
+    if config.num_labels != info.num_labels or label2id not in (generic, info.label2id):
+        raise ValueError(f"{source} predicts {config.num_labels} classes {label2id}, the data has {info.label2id}; "
+                         "use a teacher fine-tuned on the same classes in the same order.")
+
+
+def recipe_with_patch_embedding(recipe: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
+    """The recipe with the patch embedding convolution added to its targets."""
+    targets = recipe.target_modules
+    if targets is None:
+        targets = DEFAULT_TARGET_MODULES["vit"]
+    if isinstance(targets, str):
+        targets = rf"(?:{targets})|(?:.*\.)?{re.escape(PATCH_EMBEDDING)}"
+    else:
+        targets = [*targets, PATCH_EMBEDDING]
+    return surge_hf.SurgeConfig.from_dict({**recipe.to_dict(), "target_modules": targets})
+
+
+def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info: ImageDataInfo,
+                 pretrained: ViTConfig | None):
+    """A SURGE ViT (or the plain ViT for `--binarize none`), from scratch or from the checkpoint's weights."""
+    if pretrained is None:
+        config = ViTConfig(**args.vit_fields, **info.model_config_kwargs())
+        if recipe is None:
+            return ViTForImageClassification(config)
+        return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge=recipe))
+    # Only the classification head can differ in size (the image geometry was checked against the data).
+    kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
+                  ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)
+    if recipe is None:
+        return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)
+    return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
+
+
+def normalization(args: argparse.Namespace, data, info: ImageDataInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std: the checkpoint's image processor's when it has one for these channels, else the training data's."""
+    if args.model_name_or_path is not None:
+        try:
+            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        except OSError:  # no preprocessor_config.json
+            processor = None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None and len(mean) == len(std) == info.num_channels:
+            return tuple(mean), tuple(std)
+    return compute_mean_std(data.train, info, max_images=args.mean_std_images, seed=args.seed)
+
+
+def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    return {"accuracy": float((predictions == references).mean())}
+
+
+def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Model-card dataset fields: the Hub id when known, else the local folder's name and form."""
+    source = detect_dataset_source(args.dataset)
+    name = args.dataset if source == "hub" else Path(args.dataset).resolve().name
+    hub_id = args.dataset_hub_id or (args.dataset if source == "hub" else None)
+    return {"dataset_name": name, "dataset_type": hub_id or ("imagefolder" if source == "imagefolder" else "arrow"),
+            "dataset_config": args.dataset_config_name}
+
+
+def hub_base_model(args: argparse.Namespace) -> str | None:
+    """The Hub id the model was initialised from, for the model card (None from scratch or a local folder)."""
+    if args.model_name_or_path is None or Path(args.model_name_or_path).exists():
+        return None
+    return args.model_name_or_path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    recipe = cli.recipe_from_args(args)
+    if recipe is not None and args.binary_patch_embedding:
+        recipe = recipe_with_patch_embedding(recipe)
+    distillation = cli.distillation_from_args(args)
+    config = cli.training_config_from_args(args)
+    pretrained = checkpoint_config(args)
+    data = load_data(args, pretrained)
+    info = data.info
+    if args.teacher_model_name_or_path:
+        check_teacher(args, info)
+    mean, std = normalization(args, data, info)
+
+    accelerator = build_accelerator(config)
+    model = load_student(args, recipe, info, pretrained)
+    teacher = None
+    if distillation is not None:
+        teacher = ViTForImageClassification.from_pretrained(args.teacher_model_name_or_path, dtype=torch.float32)
+    train_collator = ImageCollator(info, mean, std, augment_config(args), seed=args.seed + accelerator.process_index)
+    eval_collator = ImageCollator(info, mean, std)
+    train_loader = DataLoader(data.train, shuffle=True, collate_fn=train_collator,
+                              batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers)
+    eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
+                             num_workers=args.dataloader_num_workers)
+    result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config, accuracy,
+                   teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch)
+
+    results = export_run(accelerator, model, args, result, preprocessor=build_image_processor(info, mean, std),
+                         recipe=recipe, distillation=distillation, card_kind="image",
+                         dataset=dataset_card_fields(args),
+                         example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
+                         base_model=hub_base_model(args))
+    if args.push_to_hub:
+        push_run(accelerator, args)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
