@@ -34,6 +34,7 @@ from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
 from surge_hf.image_data import (
     AugmentConfig,
+    ImageClassificationData,
     ImageCollator,
     ImageDataInfo,
     build_image_processor,
@@ -133,11 +134,11 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_vit_config(spec: str) -> dict[str, Any]:
-    """The ViTConfig fields of `--config`: a JSON file, or inline `key=value,key=value`; checked against ViTConfig."""
-    path = Path(spec)
-    if path.suffix == ".json" or path.is_file():
+    """The ViTConfig fields of `--config`: inline `key=value,key=value`, else a JSON file; checked against ViTConfig."""
+    if "=" not in spec:
+        path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"--config {spec}: no such JSON file.")
+            raise FileNotFoundError(f"--config {spec}: no such JSON file (or pass inline key=value,... fields).")
         fields = json.loads(path.read_text())
         if not isinstance(fields, dict):
             raise ValueError(f"--config {spec} must hold a JSON object of ViTConfig fields.")
@@ -183,8 +184,8 @@ def checkpoint_config(args: argparse.Namespace) -> ViTConfig | None:
     return config
 
 
-def load_data(args: argparse.Namespace, pretrained: ViTConfig | None):
-    """Load and check the data; resized and converted to what a checkpoint expects."""
+def load_data(args: argparse.Namespace, pretrained: ViTConfig | None) -> ImageClassificationData:
+    """Load and check the data (resized and converted to what a checkpoint expects); keep the two columns used."""
     image_size = None if args.image_size is None else _side_pair(args.image_size)
     convert_rgb = args.convert_rgb
     if pretrained is not None:
@@ -259,8 +260,9 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
     return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
 
 
-def normalization(args: argparse.Namespace, data, info: ImageDataInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalization(args: argparse.Namespace, data: ImageClassificationData) -> tuple[tuple[float, ...], ...]:
     """Mean/std: the checkpoint's image processor's when it has one for these channels, else the training data's."""
+    info = data.info
     if args.model_name_or_path is not None:
         try:
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = data.info
     if args.teacher_model_name_or_path:
         check_teacher(args, info)
-    mean, std = normalization(args, data, info)
+    mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
     model = load_student(args, recipe, info, pretrained)

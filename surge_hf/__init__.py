@@ -3,6 +3,7 @@
 from .accounting import BitAccount, LayerAccount, summary
 from .auto import register_auto_classes
 from .binarize import binarize, diagnostics, finalize, resolve_targets, surge_layers, unfinalize
+from .calibration import calibrate
 from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
@@ -41,6 +42,7 @@ __all__ = [
     "SurgeViTPreTrainedModel",
     "auxiliary_loss",
     "binarize",
+    "calibrate",
     "diagnostics",
     "finalize",
     "register_auto_classes",

@@ -89,6 +89,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", help="A checkpoints/step_<N> folder, or 'latest'.")
     group.add_argument("--report_to", default="none", help="An Accelerate tracker: tensorboard, wandb, ... or none.")
+    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=False,
+                       help="Initialise activation thresholds/scales from the first training batch.")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -100,6 +102,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         mixed_precision=args.mixed_precision, logging_steps=args.logging_steps,
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to, cpu=args.cpu,
+        calibrate_activations=args.calibrate_activations,
     )
 
 

@@ -82,6 +82,7 @@ def export_run(
         "num_processes": accelerator.num_processes,
         "seed": args.seed,
         "learning_rate": args.learning_rate,
+        "calibrate_activations": args.calibrate_activations,
         "recipe": None if recipe is None else recipe.to_dict(),
         "distillation": None if distillation is None else asdict(distillation),
         "bit_account": account.to_dict(),

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .binarize import diagnostics
+from .calibration import calibrate
 from .distillation import DistillationConfig, compute_loss
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,6 +60,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None
     report_to: str = "none"
     cpu: bool = False
+    calibrate_activations: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -181,6 +183,12 @@ def save_checkpoint(accelerator: Accelerator, config: TrainingConfig, step: int,
     return final
 
 
+def calibration_batch(dataloader: DataLoader) -> dict[str, torch.Tensor]:
+    """The first examples of the dataset in order (no shuffling, no RNG used), collated, without labels."""
+    ordered = DataLoader(dataloader.dataset, batch_size=dataloader.batch_size, collate_fn=dataloader.collate_fn)
+    return {k: v for k, v in next(iter(ordered)).items() if k not in ("labels", "soft_labels")}
+
+
 def _log_entry(step: int, loss: float, lr: float, model: nn.Module) -> dict[str, Any]:
     entry: dict[str, Any] = {"step": step, "loss": loss, "learning_rate": lr}
     layers = diagnostics(model)
@@ -208,6 +216,9 @@ def train(
 ) -> TrainingResult:
     """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
 
+    With `config.calibrate_activations`, the activation binarizers are first initialised from the first training
+    batch (`surge_hf.calibration`); a resumed run then restores the trained values from its checkpoint.
+
     `on_epoch_start(epoch, first_batch)`, when given, is called before each epoch's first training batch is drawn:
     `first_batch` is the index of the first batch the loader will yield (> 0 only in the epoch a run resumes in,
     whose earlier batches are skipped without being drawn). Use it to reseed per-epoch randomness that lives outside
@@ -217,6 +228,8 @@ def train(
     use `accelerator.unwrap_model` to save it. Call `accelerator.end_training()` once all outputs are written.
     """
     resume_path = resolve_checkpoint(config)
+    if config.calibrate_activations:
+        calibrate(model, **calibration_batch(train_dataloader))
     if train_dataloader.generator is None:
         # Without its own generator a DataLoader draws its workers' base seed from the global RNG each epoch, so a
         # resumed run (which starts iterating after restoring the RNG) would see other dropout masks.
