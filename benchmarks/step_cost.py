@@ -39,7 +39,9 @@ RECIPES = {
 }
 
 
-def build(shape: str, recipe: surge_hf.SurgeConfig | None, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(
+    shape: str, recipe: surge_hf.SurgeConfig | None, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=2, **SHAPES[shape]))
     if recipe is not None:

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = export_run(accelerator, model, args, result, preprocessor=build_image_processor(info, mean, std),
                          recipe=recipe, distillation=distillation, card_kind="image",
-                         dataset=dataset_card_fields(args),
+                         dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
                          base_model=hub_base_model(args))
     if args.push_to_hub:

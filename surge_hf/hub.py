@@ -100,6 +100,7 @@ class ModelCardContext:
         tags: extra Hub tags, added after `surge`, `binary-neural-network`, `1-bit`.
         model_name: title of the card and model-index name; defaults to the name part of `repo_id`.
         description: a free paragraph added after the model summary.
+        image_mode: PIL mode of the images an image model takes ("L" for grayscale, "RGB"), for the usage example.
     """
 
     repo_id: str
@@ -123,6 +124,7 @@ class ModelCardContext:
     tags: Sequence[str] = ()
     model_name: str | None = None
     description: str | None = None
+    image_mode: str = "RGB"
 
     def __post_init__(self) -> None:
         _check_repo_id(self.repo_id)
@@ -166,6 +168,8 @@ class ModelCardContext:
                 raise ValueError(f"ModelCardContext.{name} must be a positive int (bytes), got {value!r}.")
         if not isinstance(self.hyperparameters, Mapping):
             raise ValueError(f"ModelCardContext.hyperparameters must be a mapping, got {self.hyperparameters!r}.")
+        if self.image_mode not in ("L", "RGB"):
+            raise ValueError(f"ModelCardContext.image_mode must be 'L' or 'RGB', got {self.image_mode!r}.")
         if isinstance(self.tags, str) or not all(isinstance(tag, str) and tag for tag in self.tags):
             raise ValueError(f"ModelCardContext.tags must be a list of non-empty strings, got {self.tags!r}.")
 
@@ -307,6 +311,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         dataset_config=context.dataset_config,
         dataset_split=_table_cell(context.dataset_split),
         description=context.description,
+        image_mode=context.image_mode,
         hyperparameters=hyperparameters,
         surge_recipe_json=json.dumps(context.surge_recipe, indent=2, sort_keys=True),
         metric_rows=[

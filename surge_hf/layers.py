@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_surge import SurgeConfig
-from .packing import pack_signs, unpack_signs
+from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
     ActivationBinarizer,
     WeightBinarizer,
     binarize_activation_values,
     binary_weight,
-    sign,
     weight_scale,
 )
 from .scaler import DualPathFork, ScalerStats
@@ -278,7 +277,8 @@ class BinaryLayerMixin(nn.Module):
         self.weight_shape = tuple(weight_shape)
         if recipe.binarize_weights:
             num_columns = math.prod(weight_shape[1:])
-            self.register_buffer("weight_packed", torch.zeros(weight_shape[0], (num_columns + 7) // 8, dtype=torch.uint8))
+            packed = torch.zeros(weight_shape[0], packed_row_bytes(num_columns), dtype=torch.uint8)
+            self.register_buffer("weight_packed", packed)
             scale_size = weight_shape[0] if recipe.weight_scale == "channel" else 1
             self.register_buffer("weight_scale", torch.ones(scale_size))
         else:

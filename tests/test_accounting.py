@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from surge_hf import SurgeConfig, binarize, finalize, summary
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Small(nn.Module):

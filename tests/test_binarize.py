@@ -25,16 +25,6 @@ from surge_hf import (
     unfinalize,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BERT_TARGETS = [
     f"bert.encoder.layer.{i}.{suffix}"
     for i in range(2)

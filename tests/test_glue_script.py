@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -14,23 +13,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+)
 
 import surge_hf
+from conftest import load_script
 from surge_hf import hub
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("glue_script", ROOT / "scripts" / "glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-glue_script = _load_script()
+glue_script = load_script("glue")
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +155,8 @@ def test_validation_labels_outside_the_training_labels_fail_before_training(tiny
 
 def test_teacher_with_another_label_set_fails_before_training(tiny_bert, data_files, tmp_path):
     teacher_dir = tmp_path / "teacher3"
-    BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=3, ignore_mismatched_sizes=True).save_pretrained(
-        teacher_dir)
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=3, ignore_mismatched_sizes=True)
+    teacher.save_pretrained(teacher_dir)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="num_labels=3"):
         glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", str(teacher_dir)))

@@ -28,16 +28,6 @@ from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, auxiliary_loss
 from surge_hf.layers import BinaryConv2d, BinaryLinear
 from surge_hf.scaler import gradient_norm, scaled
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ETA = 0.3
 CONV_KWARGS = {"stride": 2, "padding": 1, "dilation": 1, "groups": 2}
 

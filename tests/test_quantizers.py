@@ -17,16 +17,6 @@ from surge_hf.quantizers import (
     weight_scale,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Points that hit every branch of the surrogates: u = 0, the |u| = 1 boundaries, inside and outside.
 POINTS = torch.tensor([-3.0, -1.5, -1.0, -0.75, -0.5, -0.125, 0.0, 0.125, 0.5, 0.75, 1.0, 1.5, 3.0])
 

@@ -3,7 +3,6 @@ image datasets in each input form (offline, CPU, `main()` in-process)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
+from conftest import load_script
 from surge_hf import BinaryConv2d, SurgeViTForImageClassification
 from surge_hf.image_data import ImageCollator, load_image_classification_data
 
@@ -25,23 +25,8 @@ CLASSES = ["dark", "mid", "light"]
 SIZES = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,patch_size=4"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("vit_script", ROOT / "scripts" / "vit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+vit_script = load_script("vit")
 
-
-vit_script = _load_script()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(count: int, seed: int, mode: str = "RGB", size: int = 8) -> tuple[list[np.ndarray], list[int]]:
