@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def accuracy_table(report: dict) -> list[str]:
-    lines = [f"`{report['command']}` on {report['machine']} ({report['epochs']} epoch(s), max length "
-             f"{report['max_seq_length']}, {report['total_wall_s'] / 60:.0f} min in all)", "",
+    lines = [f"`{report['command']}` on {report['machine']}; every run: `{' '.join(report['flags'])}` "
+             f"({report['total_wall_s'] / 60:.0f} min in all)", "",
              "| recipe | lr | seeds | accuracy mean | std | per seed |", "| --- | --- | --- | --- | --- | --- |"]
     for row in report["summary"]:
         lines.append(f"| {row['recipe']} | {row['learning_rate']:g} | {row['seeds']} | {row['mean']:.2f} | "
@@ -51,7 +51,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
         axis.scatter([index] * len(row["values"]), row["values"], color="black", s=12, zorder=3)
     axis.set_ylabel("validation accuracy (%)")
     axis.set_ylim(min(row["min"] for row in rows) - 5, max(row["max"] for row in rows) + 3)
-    axis.set_title(f"{report['suite']} suite on {report['machine']}")
+    axis.set_title(f"{report['task']}, {report['suite']} suite")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

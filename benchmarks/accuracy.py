@@ -1,0 +1,235 @@
+"""Does SURGE beat STE? Runs the training scripts for each recipe, learning rate and seed, and collects validation
+accuracy, on real data: MiniLM-L6 on Rotten Tomatoes (`--task text`, `scripts/glue.py`) or a ViT from scratch on
+Fashion-MNIST (`--task vision`, `scripts/vit.py`).
+
+    # GPU (all runs of a suite as parallel processes on one GPU, bf16 autocast):
+    python benchmarks/accuracy.py --task text --suite full --parallel 12 --mixed_precision bf16 \
+        --output benchmarks/results/text_accuracy_gpu.json
+    # the shortened CPU runs committed here (one thread per run, so runs do not slow each other):
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task text --suite cpu --output benchmarks/results/text_accuracy_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task vision --suite cpu --output benchmarks/results/vision_accuracy_cpu.json
+
+Every recipe of a suite gets the same data, steps, batch size and learning rates (the learning rate is chosen on
+validation for STE and SURGE alike). A recipe named `*_kd` distils from the full-precision run of the same seed (or
+of the suite's first teacher seed), which is trained first. Each run keeps its outputs (packed model, card,
+`training_history.json`) under `--runs_dir/<recipe>/lr<lr>/seed<seed>/`. The result file holds one record per run
+and a summary (mean, standard deviation, min, max per recipe and learning rate); `report.py` makes tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEXT_KD = ("--distill_logits_weight", "1", "--distill_hidden_states_weight", "1", "--distill_label_weight", "1")
+VISION_KD = ("--distill_logits_weight", "1", "--distill_label_weight", "1")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Recipes x learning rates x seeds, with the flags every run of the suite shares."""
+
+    recipes: tuple[str, ...]
+    seeds: tuple[int, ...]
+    learning_rates: dict[str, tuple[float, ...]]  # "full_precision" and "binary"
+    flags: tuple[str, ...]
+    teacher_seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Task:
+    script: str
+    recipes: dict[str, tuple[str, ...]]  # recipe name -> script flags
+    suites: dict[str, Suite] = field(default_factory=dict)
+
+
+def _surge(eta: str, *extra: str) -> tuple[str, ...]:
+    return ("--binarize", "surge", "--eta", eta, *extra)
+
+
+TEXT = Task(
+    script="glue.py",
+    recipes={
+        "full_precision": ("--binarize", "none"),
+        "ste": ("--binarize", "ste"),
+        "surge": _surge("0.1"),
+        "surge_fixed_lam": ("--binarize", "fixed", "--eta", "0.1"),
+        "surge_shared_aux": _surge("0.1", "--aux_weight", "shared"),
+        "surge_previous_lam": _surge("0.1", "--lambda_placement", "previous"),
+        "surge_eta0.03": _surge("0.03"),
+        "surge_eta0.3": _surge("0.3"),
+        "ste_kd": ("--binarize", "ste", *TEXT_KD),
+        "surge_kd": (*_surge("0.1"), *TEXT_KD),
+    },
+    suites={
+        "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
+                       "surge_eta0.03", "surge_eta0.3", "ste_kd", "surge_kd"), (0, 1, 2),
+                      {"full_precision": (3e-5,), "binary": (5e-5, 1e-4, 2e-4)},
+                      ("--num_train_epochs", "4", "--max_seq_length", "64", "--per_device_train_batch_size", "32")),
+        "cpu": Suite(("full_precision", "ste", "surge", "ste_kd", "surge_kd"), (0, 1),
+                     {"full_precision": (1e-4,), "binary": (1e-4,)},
+                     ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size", "32",
+                      "--max_train_samples", "4000"), teacher_seeds=(0,)),
+        "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
+                                                                            "binary": (1e-4,)},
+                       ("--num_train_epochs", "1", "--max_seq_length", "16", "--max_train_samples", "64"), (0,)),
+    },
+)
+VIT_SIZES = "hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384"
+VISION = Task(
+    script="vit.py",
+    recipes={
+        "full_precision": ("--binarize", "none"),
+        "ste": ("--binarize", "ste"),
+        "surge": _surge("0.5"),
+        "surge_eta0.1": _surge("0.1"),
+        "surge_eta1.0": _surge("1.0"),
+        "ste_kd": ("--binarize", "ste", *VISION_KD),
+        "surge_kd": (*_surge("0.5"), *VISION_KD),
+    },
+    suites={
+        "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),
+                      (0, 1, 2), {"full_precision": (1e-3,), "binary": (5e-4, 1e-3, 2e-3)},
+                      ("--config", f"{VIT_SIZES},patch_size=4", "--num_train_epochs", "12",
+                       "--per_device_train_batch_size", "256", "--num_warmup_steps", "100", "--crop_padding", "2",
+                       "--horizontal_flip", "--max_train_samples", "25000")),
+        "cpu": Suite(("full_precision", "ste", "surge"), (0, 1, 2), {"full_precision": (1e-3,), "binary": (1e-3,)},
+                     ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
+                      "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding", "2",
+                      "--horizontal_flip", "--max_train_samples", "5000")),
+        "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
+                       ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
+                        "patch_size=7", "--max_train_steps", "4", "--max_train_samples", "256",
+                        "--max_eval_samples", "128"), (0,)),
+    },
+)
+TASKS = {"text": TEXT, "vision": VISION}
+
+
+def run_dir(runs_dir: Path, recipe: str, lr: float, seed: int) -> Path:
+    return runs_dir / recipe / f"lr{lr:g}" / f"seed{seed}"
+
+
+def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.task == "text":
+        return ("--model_name_or_path", str(args.model), "--train_file", str(args.data_dir / "train.csv"),
+                "--validation_file", str(args.data_dir / "validation.csv"))
+    return ("--dataset", str(args.vision_dataset), "--dataset_hub_id", "zalando-datasets/fashion_mnist")
+
+
+def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> list[str]:
+    task = TASKS[args.task]
+    flags = [sys.executable, str(ROOT / "scripts" / task.script), *data_flags(args), *suite.flags,
+             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--learning_rate", f"{lr:g}",
+             "--seed", str(seed), "--logging_steps", "25", *task.recipes[recipe]]
+    if args.mixed_precision:
+        flags += ["--mixed_precision", args.mixed_precision]
+    if recipe.endswith("_kd"):
+        teacher_seed = seed if seed in suite.teacher_seeds else suite.teacher_seeds[0]
+        teacher = run_dir(args.runs_dir, "full_precision", suite.learning_rates["full_precision"][0], teacher_seed)
+        flags += ["--teacher_model_name_or_path", str(teacher)]
+    return flags
+
+
+def run_one(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> dict:
+    out = run_dir(args.runs_dir, recipe, lr, seed)
+    results_file = out / "all_results.json"
+    start = time.perf_counter()
+    if not (args.reuse and results_file.exists()):
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f"seed{seed}.log", "w") as log:
+            subprocess.run(command(args, suite, recipe, lr, seed), check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    results = json.loads(results_file.read_text())
+    metrics = next(iter(results["eval"].values()))
+    return {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
+            "steps": results["completed_steps"], "wall_s": time.perf_counter() - start, "run_dir": str(out)}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, float], list[float]] = {}
+    for record in records:
+        groups.setdefault((record["recipe"], record["learning_rate"]), []).append(100 * record["accuracy"])
+    return [{"recipe": recipe, "learning_rate": lr, "seeds": len(values), "mean": statistics.mean(values),
+             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
+             "values": values} for (recipe, lr), values in groups.items()]
+
+
+def prepare_vision_dataset(args: argparse.Namespace) -> None:
+    """Convert the shared Fashion-MNIST arrays to a `save_to_disk` dataset once."""
+    if not (args.vision_dataset / "dataset_dict.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prepare_fashion_mnist.py"),
+                        "--data_dir", str(args.data_dir), "--output_dir", str(args.vision_dataset)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--suite", default="cpu")
+    parser.add_argument("--recipes", help="Comma-separated subset of the suite's recipes.")
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "all-MiniLM-L6-v2", help="text only")
+    parser.add_argument("--data_dir", type=Path,
+                        help="Rotten Tomatoes csv folder (text) or Fashion-MNIST npz folder (vision); "
+                             "default: the one in ../shared.")
+    parser.add_argument("--runs_dir", type=Path)
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at once (GPU: many small runs share it).")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--reuse", action="store_true", help="Keep runs whose all_results.json exists.")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    task = TASKS[args.task]
+    if args.suite not in task.suites:
+        parser.error(f"--suite {args.suite!r}: the {args.task} task has suites {', '.join(task.suites)}")
+    suite = task.suites[args.suite]
+    recipes = args.recipes.split(",") if args.recipes else list(suite.recipes)
+    args.data_dir = args.data_dir or SHARED / "data" / ("rotten_tomatoes" if args.task == "text" else "fashion_mnist")
+    args.runs_dir = args.runs_dir or ROOT / "outputs" / f"{args.task}_accuracy"
+    args.vision_dataset = args.runs_dir / "fashion_mnist_dataset"
+    needed = [args.data_dir] + ([args.model] if args.task == "text" else [])
+    for path in needed:
+        if not path.exists():
+            parser.error(f"{path} does not exist; pass --model / --data_dir.")
+    if args.task == "vision":
+        prepare_vision_dataset(args)
+
+    def jobs(kd: bool) -> list[tuple[str, float, int]]:
+        return [(recipe, lr, seed) for recipe in recipes if recipe.endswith("_kd") == kd
+                for lr in suite.learning_rates["full_precision" if recipe == "full_precision" else "binary"]
+                for seed in (suite.teacher_seeds if recipe == "full_precision" else suite.seeds)]
+
+    start = time.perf_counter()
+    records = []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for kd in (False, True):  # teachers (full precision) before the students that distil from them
+            records += list(pool.map(lambda job: run_one(args, suite, *job), jobs(kd)))
+    import torch
+
+    report = {
+        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+        "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"CPU ({platform.machine()}, {os.cpu_count()} cores, {os.environ.get('OMP_NUM_THREADS', 'all')} "
+        "thread(s) per run)",
+        "task": args.task, "suite": args.suite, "flags": list(suite.flags),
+        "total_wall_s": time.perf_counter() - start, "runs": records, "summary": summarize(records),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    for row in report["summary"]:
+        print(f"{row['recipe']:>20} lr {row['learning_rate']:<7g} {row['mean']:6.2f} +- {row['std']:5.2f} "
+              f"({row['seeds']} seeds: {', '.join(f'{v:.1f}' for v in row['values'])})")
+
+
+if __name__ == "__main__":
+    main()
