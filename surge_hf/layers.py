@@ -288,6 +288,14 @@ class BinaryLayerMixin(nn.Module):
         self.input_threshold = nn.Parameter(torch.zeros(threshold_size)) if binarizer in ("rsign", "elastic") else None
         self.input_scale = nn.Parameter(torch.ones(1)) if binarizer == "elastic" else None
 
+    @classmethod
+    def from_surge(cls, layer: SurgeLayerMixin) -> BinaryLayerMixin:
+        """The packed counterpart of a trained SURGE layer, on the layer's device."""
+        binary = cls(*cls.layout_of(layer), layer.bias is not None, layer.surge_config)
+        binary.to(layer.weight.device)
+        binary.load_from_surge(layer)
+        return binary
+
     @torch.no_grad()
     def load_from_surge(self, layer: SurgeLayerMixin) -> None:
         """Pack the trained layer's signs and scales; copy bias, threshold and scale."""
@@ -333,12 +341,9 @@ class BinaryLinear(BinaryLayerMixin):
         self.in_features, self.out_features = in_features, out_features
         self._init_binary((out_features, in_features), bias, in_features, recipe)
 
-    @classmethod
-    def from_surge(cls, layer: SurgeLinear) -> BinaryLinear:
-        binary = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.surge_config)
-        binary.to(layer.weight.device)
-        binary.load_from_surge(layer)
-        return binary
+    @staticmethod
+    def layout_of(layer: SurgeLinear) -> tuple:
+        return layer.in_features, layer.out_features
 
     reshape_threshold = SurgeLinear.reshape_threshold
     binary_op = SurgeLinear.binary_op
@@ -359,13 +364,10 @@ class BinaryConv2d(BinaryLayerMixin):
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_binary(shape, bias, in_channels, recipe)
 
-    @classmethod
-    def from_surge(cls, layer: SurgeConv2d) -> BinaryConv2d:
-        binary = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, layer.groups, layer.bias is not None, layer.surge_config)
-        binary.to(layer.weight.device)
-        binary.load_from_surge(layer)
-        return binary
+    @staticmethod
+    def layout_of(layer: SurgeConv2d) -> tuple:
+        return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                layer.dilation, layer.groups)
 
     reshape_threshold = SurgeConv2d.reshape_threshold
     binary_op = SurgeConv2d.binary_op

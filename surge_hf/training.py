@@ -258,6 +258,10 @@ def train(
     start_epoch = completed_steps // steps_per_epoch
     batches_to_skip = (completed_steps % steps_per_epoch) * config.gradient_accumulation_steps
 
+    def evaluate_all() -> dict[str, dict[str, float]]:
+        return {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
+                for name, loader in eval_dataloaders.items()}
+
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, dict[str, float]] = {}
@@ -308,14 +312,12 @@ def train(
                                  "running_batches": running_batches})
             if completed_steps >= max_steps:
                 break
-        metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
-                   for name, loader in eval_dataloaders.items()}
+        metrics = evaluate_all()
         history.append({"epoch": epoch + 1, "step": completed_steps, "eval": metrics})
         accelerator.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()},
                         step=completed_steps)
         accelerator.print(f"epoch {epoch + 1}: {metrics}")
     if not metrics:  # resumed from the last step's checkpoint: only the final evaluation is left
-        metrics = {name: evaluate(accelerator, model, loader, metric_fn, is_regression)
-                   for name, loader in eval_dataloaders.items()}
+        metrics = evaluate_all()
     progress.close()
     return TrainingResult(metrics=metrics, completed_steps=completed_steps, history=history)
