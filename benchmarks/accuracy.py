@@ -6,8 +6,10 @@ Fashion-MNIST (`--task vision`, `scripts/vit.py`).
     python benchmarks/accuracy.py --task text --suite full --parallel 12 --mixed_precision bf16 \
         --output benchmarks/results/text_accuracy_gpu.json
     # the shortened CPU runs committed here (one thread per run, so runs do not slow each other):
-    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task text --suite cpu --output benchmarks/results/text_accuracy_cpu.json
-    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task vision --suite cpu --output benchmarks/results/vision_accuracy_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task text --suite cpu \
+        --output benchmarks/results/text_accuracy_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --task vision --suite cpu \
+        --output benchmarks/results/vision_accuracy_cpu.json
 
 Every recipe of a suite gets the same data, steps, batch size and learning rates (the learning rate is chosen on
 validation for STE and SURGE alike). A recipe named `*_kd` distils from the full-precision run of the same seed (or
