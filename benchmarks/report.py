@@ -3,8 +3,8 @@
     python benchmarks/report.py        # reads benchmarks/results/*.json, writes benchmarks/results/RESULTS.md + *.png
 
 Tables: accuracy per recipe (mean, standard deviation and every seed), step cost (ms, ratios, memory), checkpoint
-sizes. Plots: accuracy per recipe, and the training dynamics of STE vs SURGE (loss, mean lam, mean ||g_b|| and
-||g_a|| over the steps, from the runs' `training_history.json`).
+sizes. Plots: accuracy per recipe, and the training dynamics of STE vs SURGE (validation accuracy per epoch, loss, mean lam,
+mean ||g_b|| and ||g_a|| over the steps, from the runs' `training_history.json`).
 """
 
 from __future__ import annotations
@@ -58,20 +58,24 @@ def plot_accuracy(report: dict, path: Path) -> None:
 
 
 def plot_dynamics(report: dict, path: Path, recipes: tuple[str, ...] = ("ste", "surge")) -> bool:
-    """Loss and SURGE diagnostics over the steps of the first seed of each recipe; False if no history exists."""
+    """Accuracy, loss and SURGE diagnostics over the steps of each recipe's first seed; False without histories."""
     histories = {}
     for run in report["runs"]:
         history_file = Path(run["run_dir"]) / "training_history.json"
         if run["recipe"] in recipes and run["recipe"] not in histories and history_file.exists():
-            histories[run["recipe"]] = [e for e in json.loads(history_file.read_text()) if "loss" in e]
+            histories[run["recipe"]] = json.loads(history_file.read_text())
     if not histories:
         return False
-    panels = [("loss", "training loss"), ("mean_lam", "mean lam over layers"),
+    panels = [("accuracy", "validation accuracy (per epoch)"), ("loss", "training loss"),
+              ("mean_lam", "mean lam over layers"),
               ("mean_grad_norm_binary", "mean ||g_b|| over layers"), ("mean_grad_norm_aux", "mean ||g_a|| over layers")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for axis, (key, title) in zip(axes, panels):
         for recipe, entries in histories.items():
-            points = [(e["step"], e[key]) for e in entries if key in e]
+            if key == "accuracy":
+                points = [(e["step"], next(iter(e["eval"].values()))["accuracy"]) for e in entries if "eval" in e]
+            else:
+                points = [(e["step"], e[key]) for e in entries if key in e]
             if points:
                 axis.plot(*zip(*points), marker="o", markersize=3, label=recipe)
         axis.set_title(title)
