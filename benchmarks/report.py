@@ -2,9 +2,10 @@
 
     python benchmarks/report.py        # reads benchmarks/results/*.json, writes benchmarks/results/RESULTS.md + *.png
 
-Tables: accuracy per recipe (mean, standard deviation and every seed), step cost (ms, ratios, memory), checkpoint
-sizes. Plots: accuracy per recipe, and the training dynamics of STE vs SURGE (validation accuracy per epoch, loss, mean lam,
-mean ||g_b|| and ||g_a|| over the steps, from the runs' `training_history.json`).
+Tables: accuracy per recipe (mean, standard deviation and every seed) and step cost (ms, ratios, memory); the
+checkpoint sizes are tabled in benchmarks/README.md. Plots: accuracy per recipe, and the training dynamics of STE vs
+SURGE (validation accuracy per epoch, loss, mean lam, mean ||g_b|| and ||g_a|| over the steps, from the runs'
+`training_history.json`).
 """
 
 from __future__ import annotations
