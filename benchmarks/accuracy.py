@@ -83,7 +83,7 @@ TEXT = Task(
                      {"full_precision": (1e-4,), "binary": (1e-4,)},
                      ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size", "32",
                       "--max_train_samples", "4000"), teacher_seeds=(0,)),
-        "cpu_long": Suite(("ste", "surge"), (0,), {"full_precision": (1e-4,), "binary": (1e-4,)},
+        "cpu_long": Suite(("ste", "surge"), (0, 1), {"full_precision": (1e-4,), "binary": (1e-4,)},
                           ("--num_train_epochs", "2", "--max_seq_length", "32", "--per_device_train_batch_size",
                            "32"), teacher_seeds=(0,)),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +18,7 @@ from transformers import (
 )
 
 import surge_hf
-from conftest import load_script
+from conftest import launch_two_cpu_processes, load_script
 from surge_hf import hub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,17 +213,9 @@ def test_push_sends_exactly_the_deployable_files_and_a_failed_push_keeps_outputs
     assert AutoModelForSequenceClassification.from_pretrained(failed).is_packed
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="accelerate launcher not installed")
 def test_two_cpu_processes_with_accelerate_launch(tiny_bert, data_files, tmp_path):
     out = tmp_path / "ddp"
-    launcher = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    command = [str(launcher if launcher.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "scripts" / "glue.py"), *run_args(tiny_bert, data_files, out)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    completed = launch_two_cpu_processes("glue", run_args(tiny_bert, data_files, out))
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2

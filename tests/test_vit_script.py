@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
-from conftest import load_script
+from conftest import launch_two_cpu_processes, load_script
 from surge_hf import BinaryConv2d, SurgeViTForImageClassification
 from surge_hf.image_data import ImageCollator, load_image_classification_data
 
@@ -259,3 +259,13 @@ def test_teacher_for_other_images_fails_before_training(disk_data, tmp_path):
     with pytest.raises(ValueError, match=r"takes 3-channel 16 images, the student 3-channel \(8, 8\)"):
         vit_script.main(run_args(disk_data, out, "--config", SIZES, "--teacher_model_name_or_path", str(teacher_dir)))
     assert not out.exists()
+
+
+def test_two_cpu_processes_with_accelerate_launch(disk_data, tmp_path):
+    """Data-parallel training on two real CPU ranks: 24 images, batch 4 per rank, so 3 steps per epoch."""
+    out = tmp_path / "ddp"
+    completed = launch_two_cpu_processes("vit", run_args(disk_data, out, "--config", SIZES, "--num_train_epochs", "2"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert (results["num_processes"], results["completed_steps"]) == (2, 6)
+    assert AutoModelForImageClassification.from_pretrained(out).is_packed
