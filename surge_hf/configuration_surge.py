@@ -27,6 +27,9 @@ LAMBDA_PLACEMENTS = ("fork", "previous")
 DEFAULT_TARGET_MODULES: dict[str, str] = {
     "bert": r"(.*\.)?encoder\.layers?\.\d+\..*",
     "vit": r"(.*\.)?(encoder\.)?layers?\.\d+\..*",
+    # The convolutions of every residual block; the stem, the 1x1 downsampling shortcuts and the classifier stay in
+    # full precision, as in Bi-Real Net and ReActNet.
+    "resnet": r"(.*\.)?encoder\.stages\.\d+\.layers\.\d+\.layer\.\d+\.convolution",
 }
 # SURGE model types resolve to the defaults of the architecture they wrap.
 MODEL_TYPE_ALIASES = {"surge_bert": "bert", "surge_vit": "vit"}

@@ -202,7 +202,7 @@ def test_everything_excluded() -> None:
 def test_no_default_for_unknown_architecture() -> None:
     message = (
         "SurgeConfig.target_modules is None and there is no default for model type None; set target_modules to a "
-        "regular expression or a list of module-name suffixes. Defaults exist for: bert, vit."
+        "regular expression or a list of module-name suffixes. Defaults exist for: bert, vit, resnet."
     )
     with pytest.raises(ValueError, match=_exact(message)):
         binarize(_Net(), SurgeConfig())
