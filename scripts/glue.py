@@ -102,7 +102,7 @@ def hub_base_model(args: argparse.Namespace) -> str | None:
     """The Hub id the model was fine-tuned from, for the model card (None for a local folder)."""
     if args.demo and args.model_name_or_path == str(demo_model_path()):
         return DEMO_BASE_MODEL
-    return None if Path(args.model_name_or_path).exists() else args.model_name_or_path
+    return cli.hub_id_or_none(args.model_name_or_path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,12 +18,12 @@ evaluated. The recipe, distillation (logits), Accelerate and Hub flags are share
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageClassification
@@ -32,6 +32,7 @@ import surge_hf
 from surge_hf import cli
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
+from surge_hf.glue import compute_glue_metrics
 from surge_hf.image_data import (
     AugmentConfig,
     ImageClassificationData,
@@ -274,10 +275,6 @@ def normalization(args: argparse.Namespace, data: ImageClassificationData) -> tu
     return compute_mean_std(data.train, info, max_images=args.mean_std_images, seed=args.seed)
 
 
-def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    return {"accuracy": float((predictions == references).mean())}
-
-
 def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
     """Model-card dataset fields: the Hub id when known, else the local folder's name and form."""
     source = detect_dataset_source(args.dataset)
@@ -285,13 +282,6 @@ def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
     hub_id = args.dataset_hub_id or (args.dataset if source == "hub" else None)
     return {"dataset_name": name, "dataset_type": hub_id or ("imagefolder" if source == "imagefolder" else "arrow"),
             "dataset_config": args.dataset_config_name}
-
-
-def hub_base_model(args: argparse.Namespace) -> str | None:
-    """The Hub id the model was initialised from, for the model card (None from scratch or a local folder)."""
-    if args.model_name_or_path is None or Path(args.model_name_or_path).exists():
-        return None
-    return args.model_name_or_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -319,14 +309,15 @@ def main(argv: list[str] | None = None) -> dict:
                               batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers)
     eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
                              num_workers=args.dataloader_num_workers)
-    result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config, accuracy,
+    result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
+                   functools.partial(compute_glue_metrics, "classification"),
                    teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch)
 
     results = export_run(accelerator, model, args, result, preprocessor=build_image_processor(info, mean, std),
                          recipe=recipe, distillation=distillation, card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
-                         base_model=hub_base_model(args))
+                         base_model=cli.hub_id_or_none(args.model_name_or_path))
     if args.push_to_hub:
         push_run(accelerator, args)
     accelerator.end_training()

@@ -137,6 +137,13 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_private", action="store_true")
 
 
+def hub_id_or_none(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it names a Hub repository; None for a local folder or nothing (model-card `base_model`)."""
+    if name_or_path is None or Path(name_or_path).exists():
+        return None
+    return name_or_path
+
+
 def validate_common_args(args: argparse.Namespace) -> None:
     """Checks that need no model or data."""
     if args.push_to_hub and not args.hub_model_id:

@@ -217,7 +217,7 @@ def train(
     """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
 
     With `config.calibrate_activations`, the activation binarizers are first initialised from the first training
-    batch (`surge_hf.calibration`); a resumed run then restores the trained values from its checkpoint.
+    batch (`surge_hf.calibration`); a resumed run skips this and restores the trained values from its checkpoint.
 
     `on_epoch_start(epoch, first_batch)`, when given, is called before each epoch's first training batch is drawn:
     `first_batch` is the index of the first batch the loader will yield (> 0 only in the epoch a run resumes in,
@@ -228,7 +228,7 @@ def train(
     use `accelerator.unwrap_model` to save it. Call `accelerator.end_training()` once all outputs are written.
     """
     resume_path = resolve_checkpoint(config)
-    if config.calibrate_activations:
+    if config.calibrate_activations and resume_path is None:  # a resumed run loads the trained values instead
         calibrate(model, **calibration_batch(train_dataloader))
     if train_dataloader.generator is None:
         # Without its own generator a DataLoader draws its workers' base seed from the global RNG each epoch, so a
