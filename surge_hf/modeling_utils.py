@@ -18,6 +18,7 @@ checkpoint into trainable layers.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from .binarize import binarize, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
 from .configuration_surge import SurgeConfig
-from .configuration_utils import recipe_dict
+from .configuration_utils import RECIPE_KEYWORD, as_surge_config
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
 
@@ -92,7 +93,7 @@ class SurgePreTrainedMixin:
     # -- construction and initialisation ---------------------------------------------------------------------
     def _apply_surge(self) -> None:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
-        binarize(self, self.config.surge_recipe)
+        binarize(self, self.config.surge_config)
         if self.config.surge_packed:
             finalize_layers(self)
         self.post_init()
@@ -126,13 +127,13 @@ class SurgePreTrainedMixin:
         self.config.surge_packed = True
         return self
 
-    def unfinalize(self, surge: SurgeConfig | dict[str, Any] | None = None):
+    def unfinalize(self, surge_config: SurgeConfig | dict[str, Any] | None = None):
         """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W), in place, so a
-        packed checkpoint can be trained further. `surge` replaces the recipe (default: the saved one)."""
-        recipe = None if surge is None else SurgeConfig.from_dict(recipe_dict(surge))
+        packed checkpoint can be trained further. `surge_config` replaces the recipe (default: the saved one)."""
+        recipe = None if surge_config is None else as_surge_config(surge_config)
         unfinalize_layers(self, recipe)
         if recipe is not None:
-            self.config.surge = recipe
+            self.config.surge_config = recipe
         self.config.surge_packed = False
         return self
 
@@ -174,6 +175,10 @@ class SurgePreTrainedMixin:
                 or a packed checkpoint is loaded into trainable layers.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.get("config")
+        if RECIPE_KEYWORD in kwargs and config is not None and not isinstance(config, (str, os.PathLike)):
+            kwargs["config"] = copy.deepcopy(config)
+            kwargs["config"].surge_config = kwargs.pop(RECIPE_KEYWORD)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs

@@ -54,7 +54,7 @@ def bert_config(**changes) -> SurgeBertConfig:
     fields = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                   max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     fields.update(changes)
-    return SurgeBertConfig.from_bert_config(BertConfig(**fields), surge=SurgeConfig(aux_loss_weight=0.1))
+    return SurgeBertConfig.from_bert_config(BertConfig(**fields), surge_config=SurgeConfig(aux_loss_weight=0.1))
 
 
 def input_ids() -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_train_form_holds_latent_and_auxiliary_weights(saved):
     assert layer_tensors(names, LAYER) == TRAIN_LAYER_TENSORS
     config = json.loads((saved["root"] / "train" / "config.json").read_text())
     assert config["model_type"] == "surge_bert" and config["surge_packed"] is False
-    assert config["surge"] == SurgeConfig(aux_loss_weight=0.1).to_dict()
+    assert config["surge_config"] == SurgeConfig(aux_loss_weight=0.1).to_dict()
 
 
 def test_packed_form_holds_bits_and_scales_only(saved):
@@ -205,7 +205,7 @@ def test_packed_model_refuses_training_and_unfinalizes(saved):
 def test_unfinalize_with_a_new_recipe():
     model = trained_model().finalize()
     model.unfinalize(SurgeConfig(compensator="ste"))
-    assert model.config.surge_recipe == SurgeConfig(compensator="ste")
+    assert model.config.surge_config == SurgeConfig(compensator="ste")
     assert model.get_submodule(LAYER).aux_weight is None
 
 
@@ -261,7 +261,7 @@ def test_packed_checkpoint_into_trainable_layers_is_an_error(saved):
 def test_unknown_recipe_key_is_an_error(saved, tmp_path):
     shutil.copytree(saved["root"] / "train", tmp_path / "bad")
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
-    config["surge"]["etaa"] = 0.2
+    config["surge_config"]["etaa"] = 0.2
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape("Unknown SURGE recipe key(s) ['etaa']")):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "bad")
@@ -392,7 +392,7 @@ def binarized_layer_bytes(path: Path, model) -> tuple[int, int]:
 
 
 def test_bert_base_shape_binarized_layers_are_30x_smaller():
-    config = SurgeBertConfig.from_bert_config(BertConfig(), surge=SurgeConfig())  # hidden 768, 12 layers, 3072
+    config = SurgeBertConfig.from_bert_config(BertConfig(), surge_config=SurgeConfig())  # hidden 768, 12 layers, 3072
     with torch.device("meta"):
         account = summary(SurgeBertForSequenceClassification(config))
     assert account.binary_params == 12 * (4 * 768 * 768 + 2 * 768 * 3072)

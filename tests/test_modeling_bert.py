@@ -3,6 +3,7 @@ auxiliary term), the usual transformers features, and training with `transformer
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -46,7 +47,7 @@ def bert_config(**changes) -> BertConfig:
 
 
 def surge_config(recipe: SurgeConfig | None = None, **changes) -> SurgeBertConfig:
-    return SurgeBertConfig.from_bert_config(bert_config(**changes), surge=recipe)
+    return SurgeBertConfig.from_bert_config(bert_config(**changes), surge_config=recipe)
 
 
 def model_for(cls, recipe: SurgeConfig | None = None, **changes):
@@ -67,49 +68,55 @@ def exact(message: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- config
-def test_config_stores_the_recipe_as_a_validated_plain_dict():
+def test_config_holds_the_validated_recipe_and_writes_it_as_a_plain_dict():
     recipe = SurgeConfig(compensator="fixed", eta=0.5)
     config = surge_config(recipe)
     assert config.model_type == "surge_bert"
-    assert config.surge == recipe.to_dict() and type(config.surge) is dict
-    assert config.surge_recipe == recipe
+    assert config.surge_config is recipe
+    assert config.to_dict()["surge_config"] == recipe.to_dict() and "surge" not in config.to_dict()
     assert config.surge_packed is False
     assert config.hidden_size == 32 and config.num_labels == 3
-    assert SurgeBertConfig(hidden_size=64).surge == SurgeConfig().to_dict()
-    config.surge = {"compensator": "ste"}
-    assert config.surge == SurgeConfig(compensator="ste").to_dict()
+    assert SurgeBertConfig(hidden_size=64).surge_config == SurgeConfig()
+    config.surge_config = {"compensator": "ste"}
+    assert config.surge_config == SurgeConfig(compensator="ste")
 
 
 def test_config_json_round_trip(tmp_path):
     config = surge_config(SurgeConfig(target_modules=["query", "value"], aux_loss_weight=0.25))
     config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["surge_config"]["target_modules"] == ["query", "value"]
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is SurgeBertConfig
-    assert loaded.surge == config.surge and loaded.surge_packed is False
+    assert loaded.surge_config == config.surge_config and loaded.surge_packed is False
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
+    assert loaded.to_json_string() == config.to_json_string()
 
 
 def test_config_from_plain_bert_checkpoint_and_recipe_override(tmp_path):
     bert_config().save_pretrained(tmp_path)
     loaded = SurgeBertConfig.from_pretrained(tmp_path, surge={"eta": 0.3})
     assert loaded.model_type == "surge_bert" and loaded.hidden_size == 32
-    assert loaded.surge == SurgeConfig(eta=0.3).to_dict()
+    assert loaded.surge_config == SurgeConfig(eta=0.3)
+    assert SurgeBertConfig.from_pretrained(tmp_path).surge_config == SurgeConfig()
 
 
 def test_from_base_config_keeps_a_surge_recipe_unless_replaced():
     config = surge_config(SurgeConfig(eta=0.7))
-    assert SurgeBertConfig.from_bert_config(config).surge_recipe.eta == 0.7
-    assert SurgeBertConfig.from_bert_config(config, surge=SurgeConfig(eta=0.2)).surge_recipe.eta == 0.2
+    assert SurgeBertConfig.from_bert_config(config).surge_config.eta == 0.7
+    assert SurgeBertConfig.from_bert_config(config, surge_config=SurgeConfig(eta=0.2)).surge_config.eta == 0.2
     assert SurgeBertConfig.from_bert_config(config, num_labels=5).num_labels == 5
 
 
 def test_config_rejects_bad_recipes_and_flags():
     with pytest.raises(ValueError, match=re.escape("Unknown SURGE recipe key(s) ['etta']")):
-        SurgeBertConfig(surge={"etta": 0.1})
+        SurgeBertConfig(surge_config={"etta": 0.1})
     with pytest.raises(ValueError, match=exact("SurgeConfig.eta=-1.0 must be >= 0.")):
-        surge_config().surge = {"eta": -1.0}
-    with pytest.raises(TypeError, match=exact("surge must be a SurgeConfig, a dict or None, got str.")):
-        SurgeBertConfig(surge="surge")
+        surge_config().surge_config = {"eta": -1.0}
+    with pytest.raises(TypeError, match=exact("surge_config must be a SurgeConfig, a dict or None, got str.")):
+        SurgeBertConfig(surge_config="surge")
+    with pytest.raises(ValueError, match=re.escape("The SURGE recipe of a SurgeBertConfig is `surge_config`")):
+        SurgeBertConfig(surge={"eta": 0.1})
     with pytest.raises(ValueError, match=exact("surge_packed must be True or False, got 'yes'.")):
         SurgeBertConfig(surge_packed="yes")
 
