@@ -19,7 +19,7 @@ from .configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
-from .distillation import DistillationConfig
+from .objective import DistillationConfig
 from .training import TrainingConfig
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")

@@ -19,23 +19,26 @@ checkpoint into trainable layers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
+from transformers.utils import ModelOutput
 
-from .binarize import binarize, surge_layers
+from .binarize import binarize, packed_layer, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
 from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
-from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
-from .losses import auxiliary_loss
+from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
+from .objective import collect_auxiliary_loss
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
 
@@ -55,13 +58,22 @@ def init_surge_parameters(module: nn.Module) -> None:
         init.zeros_(module.previous_lambda)
 
 
-def _packed_layer(layer: nn.Module) -> BinaryLinear | BinaryConv2d:
-    return (BinaryConv2d if isinstance(layer, SurgeConv2d) else BinaryLinear).from_surge(layer)
+@functools.cache
+def output_class_with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` (a transformers `ModelOutput`) with one more field, `aux_loss`: the auxiliary-branch loss of
+    the forward pass (None in eval mode, under `torch.no_grad()` or without an auxiliary-loss recipe)."""
+    return dataclasses.make_dataclass(
+        f"Surge{output_class.__name__}",
+        [("aux_loss", torch.FloatTensor | None, dataclasses.field(default=None))],
+        bases=(output_class,),
+        namespace={"__module__": __name__},
+    )
 
 
 def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a transformers head's `forward` so that, in training, `loss` includes `surge_hf.auxiliary_loss(model)`
-    (recipes with `aux_loss_weight > 0`): `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`.
+    """Wrap a transformers head's `forward` so that it returns the auxiliary-branch loss of the recipe as `aux_loss`
+    (see `surge_hf.objective`) and, when it computes a `loss`, includes it there:
+    `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`, so a plain `Trainer` optimises both.
 
     The wrapper keeps the wrapped signature (`Trainer` reads it to select dataset columns) and honours
     `return_dict` / `config.return_dict` like the wrapped method.
@@ -69,11 +81,11 @@ def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(forward)
     def wrapper(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
-        outputs = forward(self, *args, return_dict=True, **kwargs)
-        if self.training and outputs.loss is not None:
-            extra = auxiliary_loss(self)
-            if extra is not None:
-                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        with collect_auxiliary_loss() as collected:
+            outputs = forward(self, *args, return_dict=True, **kwargs)
+        outputs = output_class_with_aux_loss(type(outputs))(**outputs, aux_loss=collected.total())
+        if outputs.loss is not None and outputs.aux_loss is not None:
+            outputs.loss = outputs.loss + outputs.aux_loss.to(outputs.loss.dtype)
         if return_dict is None:
             return_dict = self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
@@ -94,6 +106,8 @@ class SurgePreTrainedMixin:
     def _apply_surge(self) -> None:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
         binarize(self, self.config.surge_config)
+        for _, layer in surge_layers(self):
+            layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
             finalize_layers(self)
         self.post_init()
@@ -143,7 +157,7 @@ class SurgePreTrainedMixin:
         originals = list(surge_layers(self))
         try:
             for name, layer in originals:
-                self.set_submodule(name, _packed_layer(layer))
+                self.set_submodule(name, packed_layer(layer))
             self.config.surge_packed = True
             yield
         finally:

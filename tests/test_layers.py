@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, auxiliary_loss
+from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, collect_auxiliary_loss
 from surge_hf.layers import BinaryConv2d, BinaryLinear
 from surge_hf.scaler import gradient_norm, scaled
 
@@ -244,15 +244,15 @@ def test_gradients_match_reference(kind: str, mode: dict, binarizer: str) -> Non
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
         _assert_grads(grads, expected)
         if stats is None:
-            assert layer.scaler_stats.lam is None
+            assert layer.scaler.stats.lam is None
             continue
         lam, norm_b, norm_a, current = stats
         if cfg.compensator == "surge" and cfg.lambda_placement == "previous":
             assert lam == (0.0 if step == 0 else previous)
             assert layer.previous_lambda.item() == pytest.approx(current, rel=1e-6)
-        assert layer.scaler_stats.lam.item() == pytest.approx(lam, rel=1e-6)
-        assert layer.scaler_stats.grad_norm_binary.item() == pytest.approx(norm_b, rel=1e-6)
-        assert layer.scaler_stats.grad_norm_aux.item() == pytest.approx(norm_a, rel=1e-6)
+        assert layer.scaler.stats.lam.item() == pytest.approx(lam, rel=1e-6)
+        assert layer.scaler.stats.grad_norm_binary.item() == pytest.approx(norm_b, rel=1e-6)
+        assert layer.scaler.stats.grad_norm_aux.item() == pytest.approx(norm_a, rel=1e-6)
         assert norm_b > 0 and norm_a > 0
         previous = current
 
@@ -290,9 +290,9 @@ def test_zero_upstream_gradient_gives_zero_lambda(kind: str, placement: str, sca
     layer = _make_layer(kind, cfg)
     x = _make_input(kind, 0)
     _, grads = _train_step(layer, x, torch.zeros_like(_output_grad(kind, 0)))
-    assert layer.scaler_stats.lam.item() == 0.0
-    assert layer.scaler_stats.grad_norm_binary.item() == 0.0
-    assert layer.scaler_stats.grad_norm_aux.item() == 0.0
+    assert layer.scaler.stats.lam.item() == 0.0
+    assert layer.scaler.stats.grad_norm_binary.item() == 0.0
+    assert layer.scaler.stats.grad_norm_aux.item() == 0.0
     if placement == "previous":
         assert layer.previous_lambda.item() == 0.0
     for name, grad in grads.items():
@@ -307,9 +307,9 @@ def test_no_binary_gradient_gives_zero_lambda(kind: str) -> None:
     x = _make_input(kind, 0).sign() * 3.0
     x[x == 0] = 3.0
     _, grads = _train_step(layer, x, _output_grad(kind, 0))
-    assert layer.scaler_stats.grad_norm_binary.item() == 0.0
-    assert layer.scaler_stats.grad_norm_aux.item() > 0
-    assert layer.scaler_stats.lam.item() == 0.0
+    assert layer.scaler.stats.grad_norm_binary.item() == 0.0
+    assert layer.scaler.stats.grad_norm_aux.item() > 0
+    assert layer.scaler.stats.lam.item() == 0.0
     assert torch.equal(grads["x"], torch.zeros_like(x))
 
 
@@ -330,15 +330,15 @@ def test_surge_state_names() -> None:
     assert set(shared.state_dict()) == {"weight", "bias"}
 
 
-def test_from_linear_reuses_parameters_and_copies_aux() -> None:
+def test_from_float_reuses_parameters_and_copies_aux() -> None:
     linear = nn.Linear(6, 5)
-    layer = SurgeLinear.from_linear(linear, SurgeConfig())
+    layer = SurgeLinear.from_float(linear, SurgeConfig())
     assert layer.weight is linear.weight and layer.bias is linear.bias
     assert layer.aux_weight is not linear.weight
     assert torch.equal(layer.aux_weight, linear.weight)
     assert torch.equal(layer.input_threshold, torch.zeros(6))
     conv = nn.Conv2d(4, 6, 3, bias=False, **CONV_KWARGS)
-    surge_conv = SurgeConv2d.from_conv(conv, SurgeConfig(activation_binarizer="elastic"))
+    surge_conv = SurgeConv2d.from_float(conv, SurgeConfig(activation_binarizer="elastic"))
     assert surge_conv.weight is conv.weight and surge_conv.bias is None
     assert torch.equal(surge_conv.aux_weight, conv.weight)
     assert surge_conv.input_threshold.shape == (4,) and surge_conv.input_scale.tolist() == [1.0]
@@ -360,7 +360,7 @@ def test_conv_padding_mode_rejected() -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         SurgeConv2d(2, 2, 3, padding=1, padding_mode="reflect", config=SurgeConfig())
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        SurgeConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), SurgeConfig())
+        SurgeConv2d.from_float(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), SurgeConfig())
 
 
 # -- forward bit-exactness -------------------------------------------------------------------------------------------
@@ -466,12 +466,12 @@ class _ProductCounter(TorchDispatchMode):
 def test_product_count(kind: str, cfg: SurgeConfig, forward: list[str], backward: list[str]) -> None:
     layer = _make_layer(kind, cfg)
     x = _make_input(kind, 0).requires_grad_(True)
-    with _ProductCounter() as counter:
+    with _ProductCounter() as counter, collect_auxiliary_loss() as collected:
         y = layer(x)
     assert counter.calls == forward
     with _ProductCounter() as counter:
         loss = (y * _output_grad(kind, 0)).sum()
-        aux = auxiliary_loss(layer)
+        aux = collected.total()
         if cfg.aux_loss_weight > 0:
             loss = loss + aux
         else:
@@ -499,12 +499,12 @@ def test_auxiliary_loss_value_and_gradient(kind: str, scale_aux_grad: bool) -> N
     layer = _make_layer(kind, cfg)
     x_value, g_y = _make_input(kind, 0), _output_grad(kind, 0)
     x = x_value.clone().requires_grad_(True)
-    y = layer(x)
+    with collect_auxiliary_loss() as collected:
+        y = layer(x)
     f_a = _op(kind, x_value, layer.aux_weight.detach())
     expected_loss = (f_a - y.detach()).pow(2).mean()
-    torch.testing.assert_close(layer.last_aux_loss, expected_loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(auxiliary_loss(layer), weight * expected_loss, rtol=1e-6, atol=1e-7)
-    ((y * g_y).sum() + auxiliary_loss(layer)).backward()
+    torch.testing.assert_close(collected.total(), weight * expected_loss, rtol=1e-6, atol=1e-7)
+    ((y * g_y).sum() + collected.total()).backward()
 
     _, expected, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x_value, g_y, 0.0)
     # d/dW_a of w * mean((op(x, W_a) - f_b)^2) = vjp of op at (x, W_a) with 2 w (f_a - f_b) / N
@@ -515,12 +515,16 @@ def test_auxiliary_loss_value_and_gradient(kind: str, scale_aux_grad: bool) -> N
     torch.testing.assert_close(layer.weight.grad, expected["weight"], rtol=1e-5, atol=1e-6)
 
 
-def test_auxiliary_loss_off_in_eval() -> None:
+def test_auxiliary_loss_only_in_training_with_gradients_and_a_collector() -> None:
     layer = _make_layer("linear", SurgeConfig(aux_loss_weight=1.0))
-    layer(_make_input("linear", 0))
-    assert layer.last_aux_loss is not None
-    layer.eval()(_make_input("linear", 0))
-    assert layer.last_aux_loss is None and auxiliary_loss(layer) is None
+    x = _make_input("linear", 0)
+    with collect_auxiliary_loss() as outer, collect_auxiliary_loss() as inner:
+        layer(x)
+    assert outer.total() is not None and torch.equal(outer.total(), inner.total())
+    for mode in ("eval", "no_grad"):
+        with collect_auxiliary_loss() as collected, torch.set_grad_enabled(mode != "no_grad"):
+            layer.train(mode != "eval")(x)
+        assert collected.total() is None, mode
 
 
 # -- reduced precision -----------------------------------------------------------------------------------------------
@@ -560,9 +564,9 @@ def test_bf16_autocast(kind: str, mode: dict) -> None:
         for name in expected:
             _assert_close_bf16(actual[name], expected[name], bounds.get(name), name)
         if stats is not None:
-            assert layer.scaler_stats.lam.dtype == torch.float32
-            assert layer.scaler_stats.lam.item() == pytest.approx(stats[0], rel=3e-2)
-            previous = layer.scaler_stats.lam.item() if cfg.lambda_placement == "fork" else stats[3]
+            assert layer.scaler.stats.lam.dtype == torch.float32
+            assert layer.scaler.stats.lam.item() == pytest.approx(stats[0], rel=3e-2)
+            previous = layer.scaler.stats.lam.item() if cfg.lambda_placement == "fork" else stats[3]
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -572,7 +576,7 @@ def test_bf16_zero_gradient(kind: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     y.backward(torch.zeros_like(y))
-    assert layer.scaler_stats.lam.item() == 0.0
+    assert layer.scaler.stats.lam.item() == 0.0
     for grad in [x.grad] + [p.grad for p in layer.parameters()]:
         assert torch.equal(grad, torch.zeros_like(grad))
 

@@ -31,7 +31,6 @@ from surge_hf import (
     SurgeBertModel,
     SurgeConfig,
     SurgeLinear,
-    auxiliary_loss,
 )
 
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -230,10 +229,13 @@ def test_sequence_classification_losses_include_the_auxiliary_loss(problem_type,
     evaluated = model(**inputs(), labels=labels)
     assert torch.equal(evaluated.loss, task_loss(evaluated.logits, labels))
     model.train()
+    assert evaluated.aux_loss is None
     trained = model(**inputs(), labels=labels)
-    aux = auxiliary_loss(model)
+    aux = trained.aux_loss
     assert aux is not None and aux.item() > 0
     assert torch.equal(trained.loss, task_loss(trained.logits, labels) + aux)
+    assert model(**inputs()).aux_loss is not None and model(**inputs()).loss is None
+    assert model(**inputs(), labels=labels, return_dict=False)[-1] is not None  # aux_loss is the last tuple entry
     trained.loss.backward()
     assert model.bert.encoder.layer[0].output.dense.aux_weight.grad is not None
 
@@ -251,7 +253,7 @@ def test_token_classification():
     labels = torch.randint(0, 3, (2, 7), generator=torch.Generator().manual_seed(2))
     out = model(**inputs(), labels=labels)
     assert out.logits.shape == (2, 7, 3)
-    assert torch.equal(out.loss, F.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1)) + auxiliary_loss(model))
+    assert torch.equal(out.loss, F.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1)) + out.aux_loss)
 
 
 def test_question_answering():

@@ -28,7 +28,6 @@ from surge_hf import (
     SurgeViTConfig,
     SurgeViTForImageClassification,
     SurgeViTModel,
-    auxiliary_loss,
 )
 
 LAYER_LINEARS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
@@ -112,7 +111,8 @@ def test_loss_includes_the_auxiliary_loss_in_training_only():
     assert torch.equal(evaluated.loss, F.cross_entropy(evaluated.logits, labels))
     model.train()
     trained = model(pixel_values=pixels(), labels=labels)
-    assert torch.equal(trained.loss, F.cross_entropy(trained.logits, labels) + auxiliary_loss(model))
+    assert evaluated.aux_loss is None and trained.aux_loss.item() > 0
+    assert torch.equal(trained.loss, F.cross_entropy(trained.logits, labels) + trained.aux_loss)
 
 
 def test_outputs_and_auto_classes():
