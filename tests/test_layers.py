@@ -597,3 +597,60 @@ def test_gradient_norm_in_float32() -> None:
     norm = gradient_norm(torch.full((4,), 300.0, dtype=torch.float16), torch.device("cpu"))
     assert norm.dtype == torch.float32 and norm.item() == 600.0
     assert gradient_norm(None, torch.device("cpu")).item() == 0.0
+
+
+# -- float64, gradcheck and the inactive branch ----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[8]], ids=_mode_id)  # fork, previous, fixed
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_float64_training_matches_the_reference(kind: str, mode: dict) -> None:
+    cfg = SurgeConfig(eta=ETA, **mode)
+    layer = _make_layer(kind, cfg).double()
+    previous = 0.0
+    for step in range(2):
+        x, g_y = _make_input(kind, step).double(), _output_grad(kind, step).double()
+        y, grads = _train_step(layer, x, g_y)
+        y_ref, expected, (lam, _, _, current) = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y,
+                                                                previous)
+        assert y.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads.values())
+        torch.testing.assert_close(y, y_ref)
+        _assert_grads(grads, expected)
+        assert layer.scaler.stats.lam.dtype == torch.float64
+        assert layer.scaler.stats.lam.item() == pytest.approx(float(lam), rel=1e-6)
+        previous = current
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradcheck_accepts_the_eval_gradient_and_rejects_the_compensated_one(kind: str) -> None:
+    """With binary weights and real activations, the input gradient in eval mode is the true derivative
+    (alpha * sign(W) is constant in x), which `gradcheck` confirms in float64. In training the compensator adds
+    lam * g_a, which is no derivative of the output value (the auxiliary term cancels), so gradcheck rejects it."""
+    layer = _make_layer(kind, SurgeConfig(binarize_activations=False, compensator="fixed", eta=ETA)).double()
+    x = _make_input(kind, 0).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(layer.eval(), (x,))
+    assert not torch.autograd.gradcheck(layer.train(), (x,), raise_exception=False)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_mode_gradient_has_no_auxiliary_branch(kind: str) -> None:
+    """In eval mode a SURGE layer back-propagates exactly what the same layer without compensator does."""
+    x, g_y = _make_input(kind, 0), _output_grad(kind, 0)
+    _, surge = _train_step(_make_layer(kind, SurgeConfig(eta=ETA)).eval(), x, g_y)
+    _, ste = _train_step(_make_layer(kind, SurgeConfig(eta=ETA, compensator="ste")).eval(), x, g_y)
+    assert surge.pop("aux_weight") is None
+    assert surge.keys() == ste.keys()
+    for name in ste:
+        assert torch.equal(surge[name], ste[name]), name
+
+
+# -- devices -----------------------------------------------------------------------------------------------------------
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_surge_tensors_follow_the_device_and_dtype_of_the_weight(device: str) -> None:
+    cfg = SurgeConfig(activation_binarizer="elastic", lambda_placement="previous")
+    for layer in (SurgeLinear(4, 3, config=cfg, device=device, dtype=torch.float64),
+                  SurgeConv2d(2, 3, 3, config=cfg, device=device, dtype=torch.float64)):
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            assert tensor.device.type == device, name
+            assert tensor.dtype == (torch.float32 if name == "previous_lambda" else torch.float64), name
