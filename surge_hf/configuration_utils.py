@@ -53,16 +53,20 @@ class SurgeConfigMixin:
                 )
             return
         if key == RECIPE_KEYWORD:
-            raise ValueError(
-                f"The SURGE recipe of a {type(self).__name__} is `surge_config` (`surge=` is only the keyword of "
-                "from_pretrained); set config.surge_config, or rename the key `surge` of an old config.json to "
-                "`surge_config`."
-            )
+            self._reject_recipe_keyword()
         if key == "surge_config":
             value = as_surge_config(value)
         elif key == "surge_packed" and not isinstance(value, bool):
             raise ValueError(f"surge_packed must be True or False, got {value!r}.")
         super().__setattr__(key, value)
+
+    @classmethod
+    def _reject_recipe_keyword(cls) -> None:
+        raise ValueError(
+            f"The SURGE recipe of a {cls.__name__} is `surge_config` (`surge=` is only the keyword of "
+            "from_pretrained); set config.surge_config, or rename the key `surge` of an old config.json to "
+            "`surge_config`."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The transformers dict form, with the recipe as its plain dict (`SurgeConfig.to_dict`)."""
@@ -73,6 +77,8 @@ class SurgeConfigMixin:
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         """`PretrainedConfig.from_dict`, with `surge=` accepted as the keyword for `surge_config`."""
+        if RECIPE_KEYWORD in config_dict:
+            cls._reject_recipe_keyword()
         if RECIPE_KEYWORD in kwargs:
             config_dict = {**config_dict, "surge_config": kwargs.pop(RECIPE_KEYWORD)}
         elif config_dict.get("model_type") == cls.model_type and "surge_config" not in config_dict:

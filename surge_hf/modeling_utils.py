@@ -12,8 +12,10 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   `model.save_pretrained(path, packed=True)` writes it without changing the in-memory model.
 
 Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
-with a tensor of the wrong shape, is an error (never a model with random bits), and so is loading a packed
-checkpoint into trainable layers.
+with a tensor of the wrong shape, or with a weight scale that is not finite and positive, is an error (never a model
+with random bits), and so is loading a packed checkpoint into trainable layers. A train-form checkpoint must hold
+every tensor of its binarized layers; a plain checkpoint of the wrapped architecture must hold their weights (its
+SURGE-only tensors are initialised from them). A SURGE `config.json` without its `surge_config` is an error too.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .objective import collect_auxiliary_loss
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
+SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "previous_lambda")
 
 
 def init_surge_parameters(module: nn.Module) -> None:
@@ -207,23 +210,49 @@ class SurgePreTrainedMixin:
         return (model, info) if output_loading_info else model
 
     def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
-        """Raise if binarized layers did not load completely (see `from_pretrained`)."""
+        """Raise if binarized layers did not load completely or hold invalid scales (see `from_pretrained`)."""
+        prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
+        mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
+        incomplete = {key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes)}
         if self.is_packed:
-            prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
-            mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
-            bad = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
-            if bad:
-                shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
+            _raise_if_incomplete(
+                f"packed checkpoint {source!s}", sorted(incomplete), "A packed layer cannot be re-initialised; save "
+                "the checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
+            )
+            self._check_packed_scales(source)
+            return
+        packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
+        if packed_keys:
+            raise ValueError(
+                f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
+                "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
+                "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
+            )
+        surge_only = {key for key in self.state_dict() if key.startswith(prefixes) and key.endswith(SURGE_ONLY_NAMES)}
+        from_train_form = bool(surge_only - incomplete)  # a plain checkpoint has none of them
+        bad = sorted(key for key in incomplete if from_train_form or key not in surge_only)
+        _raise_if_incomplete(
+            f"checkpoint {source!s}", bad, "Binarized layers need their latent weights (and, from a train-form "
+            "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
+            "from the complete float checkpoint."
+        )
+
+    def _check_packed_scales(self, source: Any) -> None:
+        for name, layer in self._binarized_layers():
+            scale = layer._buffers.get("weight_scale")
+            if scale is not None and not (torch.isfinite(scale).all() and (scale > 0).all()):
                 raise ValueError(
-                    f"The packed checkpoint {source!s} is incomplete: {len(bad)} tensor(s) of binarized layers are "
-                    f"missing or have the wrong shape ({shown}). A packed layer cannot be re-initialised; save the "
-                    "checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
+                    f"The packed checkpoint {source!s} holds invalid weight scales in {name}.weight_scale (NaN, "
+                    "inf, zero or negative; each is the mean |W| of an output channel and must be > 0). Save the "
+                    "checkpoint again from the trained model with save_pretrained(path, packed=True)."
                 )
-        else:
-            packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
-            if packed_keys:
-                raise ValueError(
-                    f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
-                    "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
-                    "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
-                )
+
+
+def _raise_if_incomplete(checkpoint: str, keys: list[str], fix: str) -> None:
+    """A `ValueError` naming the first missing or mis-shaped `keys` of `checkpoint` and `fix`, if there are any."""
+    if keys:
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise ValueError(
+            f"The {checkpoint} is incomplete: {len(keys)} tensor(s) of binarized layers are missing or have the "
+            f"wrong shape ({shown}). {fix}"
+        )

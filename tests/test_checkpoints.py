@@ -50,11 +50,15 @@ PACKED_LAYER_TENSORS = {"weight_packed", "weight_scale", "bias", "input_threshol
 TRAIN_LAYER_TENSORS = {"weight", "bias", "aux_weight", "input_threshold"}
 
 
-def bert_config(**changes) -> SurgeBertConfig:
+def plain_bert_config(**changes) -> BertConfig:
     fields = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                   max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     fields.update(changes)
-    return SurgeBertConfig.from_bert_config(BertConfig(**fields), surge_config=SurgeConfig(aux_loss_weight=0.1))
+    return BertConfig(**fields)
+
+
+def bert_config(**changes) -> SurgeBertConfig:
+    return SurgeBertConfig.from_bert_config(plain_bert_config(**changes), surge_config=SurgeConfig(aux_loss_weight=0.1))
 
 
 def input_ids() -> torch.Tensor:
@@ -91,10 +95,10 @@ def layer_tensors(names: set[str], layer: str) -> set[str]:
     return {name.removeprefix(layer + ".") for name in names if name.startswith(layer + ".")}
 
 
-def damaged_copy(saved: dict, name: str, change) -> Path:
-    """A copy of the packed checkpoint whose tensors went through `change(state_dict)`."""
+def damaged_copy(saved: dict, name: str, change, form: str = "packed") -> Path:
+    """A copy of the checkpoint in `form` ("packed" or "train") whose tensors went through `change(state_dict)`."""
     target = saved["root"] / name
-    shutil.copytree(saved["root"] / "packed", target)
+    shutil.copytree(saved["root"] / form, target)
     state = load_file(target / "model.safetensors")
     change(state)
     save_file(state, target / "model.safetensors", metadata={"format": "pt"})
@@ -237,6 +241,58 @@ def test_wrong_shaped_bits_are_an_error(saved):
         AutoModelForSequenceClassification.from_pretrained(path)
     with pytest.raises(ValueError, match=re.escape(f"missing or have the wrong shape ({LAYER}.weight_packed)")):
         AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.5])
+def test_invalid_packed_scale_is_an_error(saved, value):
+    def corrupt(state):
+        state[f"{LAYER}.weight_scale"][1] = value
+
+    path = damaged_copy(saved, f"scale-{value}", corrupt)
+    with pytest.raises(ValueError, match=re.escape(
+            f"The packed checkpoint {path} holds invalid weight scales in {LAYER}.weight_scale (NaN, inf, zero or "
+            "negative; each is the mean |W| of an output channel and must be > 0). Save the checkpoint again from "
+            "the trained model with save_pretrained(path, packed=True).")):
+        AutoModelForSequenceClassification.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tensor", ["weight", "aux_weight", "input_threshold"])
+def test_train_form_missing_a_tensor_is_an_error(saved, tensor):
+    path = damaged_copy(saved, f"no-{tensor}", lambda state: state.pop(f"{LAYER}.{tensor}"), form="train")
+    message = (f"The checkpoint {path} is incomplete: 1 tensor(s) of binarized layers are missing or have the wrong "
+               f"shape ({LAYER}.{tensor}). Binarized layers need their latent weights (and, from a train-form "
+               "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
+               "from the complete float checkpoint.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AutoModelForSequenceClassification.from_pretrained(path)
+
+
+def test_plain_checkpoint_missing_an_encoder_weight_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    BertForSequenceClassification(plain_bert_config()).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop(f"{LAYER}.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"missing or have the wrong shape ({LAYER}.weight)")):
+        SurgeBertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_train_form_without_its_recipe_is_an_error(saved, tmp_path):
+    shutil.copytree(saved["root"] / "train", tmp_path / "no-recipe")
+    config = json.loads((tmp_path / "no-recipe" / "config.json").read_text())
+    del config["surge_config"]
+    (tmp_path / "no-recipe" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(
+            "This surge_bert config has no `surge_config` (the SURGE recipe), so the layers it describes are "
+            "unknown. Add the recipe the checkpoint was trained with as `surge_config` in config.json, or pass it: "
+            "from_pretrained(path, surge=SurgeConfig(...)).")):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
+    legacy = {**config, "surge": SurgeConfig(aux_loss_weight=0.1).to_dict()}
+    (tmp_path / "no-recipe" / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=re.escape("rename the key `surge` of an old config.json to `surge_config`")):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
+    assert AutoModelForSequenceClassification.from_pretrained(saved["root"] / "train").config.surge_config == (
+        SurgeConfig(aux_loss_weight=0.1))
 
 
 def test_truncated_file_is_an_error(saved, tmp_path):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, collect_auxiliary_loss
+from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, binarize, collect_auxiliary_loss, finalize
 from surge_hf.layers import BinaryConv2d, BinaryLinear
 from surge_hf.scaler import gradient_norm, scaled
 
@@ -654,3 +654,16 @@ def test_surge_tensors_follow_the_device_and_dtype_of_the_weight(device: str) ->
         for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
             assert tensor.device.type == device, name
             assert tensor.dtype == (torch.float32 if name == "previous_lambda" else torch.float64), name
+
+
+def test_nan_input_gives_nan_outputs_where_the_float_model_does() -> None:
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    expected = float_model(x).isnan()
+    assert expected[1].all() and not expected[[0, 2]].any()
+    model = binarize(float_model, SurgeConfig(target_modules=["0", "1"]))
+    assert torch.equal(model.train()(x).isnan(), expected)
+    assert torch.equal(model.eval()(x).isnan(), expected)
+    assert torch.equal(finalize(model)(x).isnan(), expected)
