@@ -100,10 +100,13 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     config.validate()
     if any(isinstance(m, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES) for m in model.modules()):
         raise ValueError("This model is already binarized; binarize() applies once. Start from the float model.")
+    targets = resolve_targets(model, config)
+    _check_every_entry_matches("unsigned_activation_modules", config.unsigned_activation_modules, targets)
     replacements = {}
-    for name in resolve_targets(model, config):
+    for name in targets:
         module = model.get_submodule(name)
-        replacements[name] = layer_kind(module).surge_type.from_float(module, config)
+        unsigned = config.unsigned_activation_modules is not None and _matches(name, config.unsigned_activation_modules)
+        replacements[name] = layer_kind(module).surge_type.from_float(module, config, unsigned)
         replacements[name]._surge_state_pending = module.weight.is_meta
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
@@ -152,8 +155,9 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
         plain.weight.copy_(weight)
         if packed.bias is not None:
             plain.bias.copy_(packed.bias)
-        layer = layer_kind(packed).surge_type.from_float(plain, config or packed.surge_config)
-        for tensor_name in ("input_threshold", "input_scale"):
+        unsigned = not packed.activation_spec.signed
+        layer = layer_kind(packed).surge_type.from_float(plain, config or packed.surge_config, unsigned)
+        for tensor_name in ("input_threshold", "input_scale", "weight_scale"):
             source, target = getattr(packed, tensor_name), getattr(layer, tensor_name)
             if source is not None and target is not None:
                 target.copy_(source)
