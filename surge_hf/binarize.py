@@ -94,7 +94,9 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     or if it matches nothing.
 
     A model on the meta device gets SURGE layers whose SURGE-only tensors are filled in by `load_state_dict` after
-    `model.to_empty(...)` (see `SurgeLayerMixin`).
+    `model.to_empty(...)` (see `SurgeLayerMixin`). A transformers BERT or ViT model becomes an instance of its SURGE
+    class (e.g. `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `config`), so that
+    `save_pretrained` writes a SURGE checkpoint, packed with `packed=True`, that loads back as this binary model.
     """
     config = config or SurgeConfig()
     config.validate()
@@ -110,6 +112,9 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
         replacements[name]._surge_state_pending = module.weight.is_meta
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
+    from .auto import adopt_surge_classes  # the SURGE model classes build on this module
+
+    adopt_surge_classes(model, config)
     return model
 
 

@@ -38,6 +38,7 @@ from surge_hf import (
     SurgeLinear,
     SurgeViTConfig,
     SurgeViTForImageClassification,
+    binarize,
     summary,
 )
 from surge_hf.packing import pack_signs
@@ -482,3 +483,19 @@ def test_minilm_checkpoint(tmp_path):
     stored, float32 = binarized_layer_bytes(tmp_path / "packed", packed)
     assert float32 == 4 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
     assert float32 / stored >= 30
+
+
+# ------------------------------------------------------------------------------- binarize(plain model) and save
+@pytest.mark.parametrize("packed", [False, True])
+def test_binarized_plain_bert_saves_a_binary_checkpoint_that_loads_back(tmp_path, packed):
+    torch.manual_seed(0)
+    model = binarize(BertForSequenceClassification(plain_bert_config()), SurgeConfig(eta=0.2)).eval()
+    assert type(model) is SurgeBertForSequenceClassification and type(model.config) is SurgeBertConfig
+    assert model.config.surge_config == SurgeConfig(eta=0.2) and type(model.bert).__name__ == "SurgeBertModel"
+    logits = model(input_ids=input_ids()).logits
+    model.save_pretrained(tmp_path, packed=packed)
+    assert json.loads((tmp_path / "config.json").read_text())["surge_packed"] is packed
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.get_submodule(LAYER), BinaryLinear if packed else SurgeLinear)
+    assert loaded.config.surge_config == SurgeConfig(eta=0.2)
+    assert torch.equal(loaded(input_ids=input_ids()).logits, logits)

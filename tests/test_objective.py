@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from surge_hf import (
     DistillationConfig,
@@ -62,9 +64,21 @@ def test_auxiliary_loss_is_counted_once_for_surge_models():
     torch.testing.assert_close(loss, F.cross_entropy(outputs.logits, data["labels"]) + aux)
 
 
+class _TinyClassifier(nn.Module):
+    """A model without a SURGE class: `binarize` only swaps its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(99, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask, labels=None) -> SequenceClassifierOutput:
+        logits = self.head(self.hidden(self.embed(input_ids)).mean(dim=1))
+        return SequenceClassifierOutput(loss=None if labels is None else F.cross_entropy(logits, labels), logits=logits)
+
+
 def test_auxiliary_loss_is_counted_once_for_binarized_plain_models():
     torch.manual_seed(0)
-    model = binarize(BertForSequenceClassification(bert_config()), AUX).train()
+    model = binarize(_TinyClassifier(), AUX.replace(target_modules=["hidden"])).train()
     data = batch()
     loss, outputs = compute_loss(model, data)
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, data["labels"]))
