@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
 from .layers import (
@@ -112,6 +113,7 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
         replacements[name]._surge_state_pending = module.weight.is_meta
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
+    _keep_local_state_out_of_ddp(model)
     from .auto import adopt_surge_classes  # the SURGE model classes build on this module
 
     adopt_surge_classes(model, config)
@@ -167,7 +169,21 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
             if source is not None and target is not None:
                 target.copy_(source)
         _set_submodule(model, name, layer)
+    _keep_local_state_out_of_ddp(model)
     return model
+
+
+def _keep_local_state_out_of_ddp(model: nn.Module) -> None:
+    """Name every `previous_lambda` buffer as one DistributedDataParallel must not broadcast from rank 0.
+
+    Each rank computes lam from the gradients of its own batch at the fork (activation gradients are never
+    all-reduced), so with `lambda_placement="previous"` each rank applies the lam it computed at its previous step,
+    as with `"fork"` it applies this step's. DDP's buffer broadcast would give every rank rank 0's. The names are
+    relative to `model`: wrap `model` itself in DDP (as `Accelerator.prepare` does)."""
+    local = [f"{name}.previous_lambda" for name, layer in surge_layers(model) if hasattr(layer, "previous_lambda")]
+    kept = [name for name in getattr(model, "_ddp_params_and_buffers_to_ignore", ())
+            if not name.endswith(".previous_lambda")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, kept + local)
 
 
 def diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
