@@ -25,6 +25,10 @@ class SurgeTrainer(Trainer):
         *args, **kwargs: the `transformers.Trainer` arguments.
     """
 
+    # `compute_loss` returns the batch mean, not a sum normalised by `num_items_in_batch`: the Trainer divides it by
+    # the gradient-accumulation steps, so accumulating k batches of n equals one batch of k * n.
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self,
         *args: Any,

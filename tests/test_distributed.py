@@ -31,7 +31,7 @@ def _rank_run(rank: int, store: str, results: str) -> None:
 
 
 def test_each_rank_keeps_its_own_previous_lambda(tmp_path):
-    mp.spawn(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert ranks[0]["stored_0"] != ranks[1]["stored_0"]  # the batches differ, so do their lam
     for record in ranks:

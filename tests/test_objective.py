@@ -175,10 +175,14 @@ class _Examples(Dataset):
         return {key: value[index] for key, value in self.data.items()}
 
 
+def _training_arguments(tmp_path, **changes) -> TrainingArguments:
+    fields = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                  report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**fields, **changes})
+
+
 def _train(tmp_path, teacher_model=None) -> SurgeBertForSequenceClassification:
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
-                             disable_tqdm=True)
+    args = _training_arguments(tmp_path)
     model = student()
     trainer = SurgeTrainer(model=model, args=args, train_dataset=_Examples(8), teacher=teacher_model,
                            distillation=DistillationConfig(hidden_states_weight=1.0))
@@ -197,3 +201,16 @@ def test_surge_trainer_trains_and_distils_with_the_trainer_machinery(tmp_path):
     assert not torch.equal(alone.state_dict()[f"{layer}.weight"], initial[f"{layer}.weight"])
     assert not torch.equal(alone.state_dict()[f"{layer}.aux_weight"], initial[f"{layer}.aux_weight"])
     assert not torch.equal(first.state_dict()[f"{layer}.weight"], second.state_dict()[f"{layer}.weight"])
+
+
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
+    """Two accumulated batches of 2 make the same SGD step as one batch of 4 (the objective is a batch mean)."""
+    models = []
+    for accumulation, batch_size in ((1, 4), (2, 2)):
+        model = student(SurgeConfig())
+        args = _training_arguments(tmp_path / str(accumulation), max_steps=1, optim="sgd",
+                                   per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        SurgeTrainer(model=model, args=args, train_dataset=_Examples(4)).train()
+        models.append(model.state_dict())
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(models[1][name], tensor, msg=name)
