@@ -40,7 +40,7 @@ from .quantizers import (
     output_scale,
     weight_scale,
 )
-from .scaler import AdaptiveGradientScaler, DualPathFork
+from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,8 @@ class SurgeLayerMixin(nn.Module):
         if self.surge_config.aux_loss_weight > 0:
             # Not through the fork: lam scales the task gradient of W_a (scale_aux_grad), never this loss's.
             aux_output = self.binary_op(x.detach(), raw_aux_weight)
-            mismatch = F.mse_loss(aux_output.float(), binary_output.detach().float())
+            dtype = accumulation_dtype(aux_output.dtype)  # float32, or float64 for a float64 layer
+            mismatch = F.mse_loss(aux_output.to(dtype), binary_output.detach().to(dtype))
             record_auxiliary_loss(self.surge_config.aux_loss_weight * mismatch)
         return AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
 

@@ -28,16 +28,16 @@ def ags_lambda(norm_binary: Tensor, norm_aux: Tensor, eta: float, eps: float) ->
     return eta * norm_binary / (norm_aux + eps)
 
 
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype gradient norms are computed in: float32, or float64 for float64 gradients."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that norms and losses of `dtype` tensors are accumulated in: float32, or float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def gradient_norm(grad: Tensor | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The L2 norm of `grad` in `norm_dtype(grad.dtype)` (a zero of `dtype` when the branch sent no gradient)."""
+    """The L2 norm of `grad` in `accumulation_dtype(grad.dtype)` (a zero of `dtype` when the branch sent none)."""
     if grad is None:
         return torch.zeros((), dtype=dtype, device=device)
-    return torch.linalg.vector_norm(grad, dtype=norm_dtype(grad.dtype))
+    return torch.linalg.vector_norm(grad, dtype=accumulation_dtype(grad.dtype))
 
 
 def scaled(grad: Tensor, lam: Tensor) -> Tensor:
@@ -98,14 +98,14 @@ class DualPathFork(torch.autograd.Function):
                 previous_lambda: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         ctx.scaler = scaler
         ctx.previous_lambda = previous_lambda
-        ctx.device, ctx.norm_dtype = x.device, norm_dtype(x.dtype)
+        ctx.device, ctx.accumulation_dtype = x.device, accumulation_dtype(x.dtype)
         return x.view_as(x), x.view_as(x), aux_weight.view_as(aux_weight)
 
     @staticmethod
     def backward(ctx, grad_binary: Tensor | None, grad_aux: Tensor | None, grad_aux_weight: Tensor | None):
         scaler = ctx.scaler
-        norm_binary = gradient_norm(grad_binary, ctx.device, ctx.norm_dtype)
-        norm_aux = gradient_norm(grad_aux, ctx.device, ctx.norm_dtype)
+        norm_binary = gradient_norm(grad_binary, ctx.device, ctx.accumulation_dtype)
+        norm_aux = gradient_norm(grad_aux, ctx.device, ctx.accumulation_dtype)
         lam = scaler.choose_lambda(norm_binary, norm_aux, ctx.previous_lambda)
         scaler.stats = ScalerStats(lam=lam.detach(), grad_norm_binary=norm_binary, grad_norm_aux=norm_aux)
 
