@@ -32,6 +32,7 @@ from .modeling_surge_bert import (
     SurgeBertModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel
+from .modeling_utils import SurgePreTrainedMixin
 
 AUTO_MODELS = {
     AutoModel: (SurgeBertModel, SurgeViTModel),
@@ -72,7 +73,7 @@ def adopt_surge_classes(model: nn.Module, recipe: SurgeConfig) -> None:
     Any other transformers model gets a `save_pretrained` that refuses, naming what to do instead; other modules are
     left as they are."""
     if type(model) not in SURGE_CLASS_OF:
-        if isinstance(model, PreTrainedModel):
+        if isinstance(model, PreTrainedModel) and not isinstance(model, SurgePreTrainedMixin):
             model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
         return
     surge_class = SURGE_CLASS_OF[type(model)]
