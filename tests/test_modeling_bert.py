@@ -80,11 +80,13 @@ def test_config_holds_the_validated_recipe_and_writes_it_as_a_plain_dict():
     assert config.surge_config == SurgeConfig(compensator="ste")
 
 
-def test_config_json_round_trip(tmp_path):
-    config = surge_config(SurgeConfig(target_modules=["query", "value"], aux_loss_weight=0.25))
+@pytest.mark.parametrize("recipe", [SurgeConfig(), SurgeConfig(target_modules=["query", "value"],
+                                                               aux_loss_weight=0.25)])
+def test_config_json_round_trip(tmp_path, recipe):
+    config = surge_config(recipe)
     config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["surge_config"]["target_modules"] == ["query", "value"]
+    assert written["surge_config"] == recipe.to_dict()  # also the default recipe: the file always names it
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is SurgeBertConfig
     assert loaded.surge_config == config.surge_config and loaded.surge_packed is False
