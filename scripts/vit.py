@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ import surge_hf
 from surge_hf import cli
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
-from surge_hf.glue import compute_glue_metrics
 from surge_hf.image_data import (
     AugmentConfig,
     ImageClassificationData,
@@ -43,8 +43,9 @@ from surge_hf.image_data import (
     detect_dataset_source,
     load_image_classification_data,
 )
+from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
-from surge_hf.training import build_accelerator, train
+from surge_hf.training import build_accelerator, prepare_run, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
 DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
@@ -92,16 +93,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Binarize the patch embedding convolution too (with the recipe's activation "
                             "binarizer, the input pixels are binarized as well).")
     cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10)
+    cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, output_dir_required=False)
     cli.add_distillation_arguments(parser, intermediate=False)
     cli.add_hub_arguments(parser)
     args = parser.parse_args(argv)
-    validate_args(args)
+    if not args.push_only:
+        validate_args(args)
     return args
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Flag checks that need neither model nor data."""
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required.")
     if (args.config is None) == (args.model_name_or_path is None):
         raise ValueError("Pass exactly one of --config (train from scratch) or --model_name_or_path (start from a "
                          "ViT checkpoint).")
@@ -286,11 +290,20 @@ def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.push_only:
+        return cli.push_existing_run(args)
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
     distillation = cli.distillation_from_args(args)
     config = cli.training_config_from_args(args)
+    hub = cli.hub_config_from_args(args)
+    settings = cli.run_settings("vit", recipe, distillation, config=args.vit_fields, image_size=args.image_size,
+                                convert_rgb=args.convert_rgb, augmentation=asdict(augment_config(args)),
+                                max_train_samples=args.max_train_samples,
+                                validation_fraction=args.validation_fraction)
+    prepare_run(config, settings, inputs={"--model_name_or_path": args.model_name_or_path,
+                                          "--teacher_model_name_or_path": args.teacher_model_name_or_path})
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
@@ -310,16 +323,19 @@ def main(argv: list[str] | None = None) -> dict:
     eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
                              num_workers=args.dataloader_num_workers)
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
-                   functools.partial(compute_glue_metrics, "classification"),
-                   teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch)
+                   functools.partial(compute_metrics, "classification"),
+                   teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch,
+                   run_settings=settings)
 
-    results = export_run(accelerator, model, args, result, preprocessor=build_image_processor(info, mean, std),
-                         recipe=recipe, distillation=distillation, card_kind="image",
+    results = export_run(accelerator, model, result, training=config, hub=hub,
+                         preprocessor=build_image_processor(info, mean, std), recipe=recipe, distillation=distillation,
+                         card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
-                         base_model=cli.hub_id_or_none(args.model_name_or_path))
-    if args.push_to_hub:
-        push_run(accelerator, args)
+                         base_model=cli.hub_id_or_none(args.model_name_or_path),
+                         teacher=args.teacher_model_name_or_path)
+    if hub.push_to_hub:
+        push_run(accelerator, args.output_dir, hub)
     accelerator.end_training()
     return results
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
 
 from .configuration_surge import (
     ACTIVATION_BINARIZERS,
@@ -20,6 +24,8 @@ from .configuration_surge import (
     SurgeConfig,
 )
 from .distillation import DistillationConfig
+from .export import push_run
+from .hub import HubConfig
 from .training import TrainingConfig
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
@@ -69,6 +75,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     """Optimisation, logging, checkpoint and Accelerate flags (defaults given per script)."""
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=Path, required=output_dir_required)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Write into a non-empty --output_dir (its files of the same names are replaced).")
     group.add_argument("--learning_rate", type=float, default=learning_rate)
     group.add_argument("--weight_decay", type=float, default=0.01)
     group.add_argument("--num_train_epochs", type=int, default=epochs)
@@ -88,20 +96,27 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", help="A checkpoints/step_<N> folder, or 'latest'.")
-    group.add_argument("--report_to", default="none", help="An Accelerate tracker: tensorboard, wandb, ... or none.")
+    group.add_argument("--report_to", default=None,
+                       help="An Accelerate tracker: tensorboard, wandb, ..., all or none (default: none, or all "
+                            "with --with_tracking).")
+    group.add_argument("--with_tracking", action="store_true", help="Log to the --report_to trackers (default all).")
     group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=False,
                        help="Initialise activation thresholds/scales from the first training batch.")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    report_to = args.report_to or ("all" if args.with_tracking else "none")
     return TrainingConfig(
-        output_dir=str(args.output_dir), learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        output_dir=str(args.output_dir), overwrite_output_dir=args.overwrite_output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler_type=args.lr_scheduler_type,
         num_warmup_steps=args.num_warmup_steps, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
         mixed_precision=args.mixed_precision, logging_steps=args.logging_steps,
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to, cpu=args.cpu,
+        resume_from_checkpoint=args.resume_from_checkpoint, report_to=report_to, cpu=args.cpu,
         calibrate_activations=args.calibrate_activations,
     )
 
@@ -135,6 +150,27 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_model_id", help="namespace/name of the model repository to push to.")
     group.add_argument("--hub_token", help="Defaults to the token saved by `hf auth login`.")
     group.add_argument("--hub_private", action="store_true")
+    group.add_argument("--push_only", action="store_true",
+                       help="Only push the finished run in --output_dir to --hub_model_id (no training), e.g. after "
+                            "a failed push.")
+
+
+def hub_config_from_args(args: argparse.Namespace) -> HubConfig:
+    return HubConfig(push_to_hub=args.push_to_hub or args.push_only, hub_model_id=args.hub_model_id,
+                     hub_token=args.hub_token, hub_private=args.hub_private)
+
+
+def push_existing_run(args: argparse.Namespace) -> dict[str, Any]:
+    """`--push_only`: upload the finished run in `--output_dir` without training; returns its all_results.json."""
+    hub = hub_config_from_args(args)
+    if args.output_dir is None:
+        raise ValueError("--push_only needs --output_dir, the folder of the finished run to push.")
+    results = Path(args.output_dir) / "all_results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"--push_only: {results} does not exist; --output_dir must hold a finished run "
+                                "(train it first, without --push_only).")
+    push_run(Accelerator(cpu=True), args.output_dir, hub)
+    return json.loads(results.read_text())
 
 
 def hub_id_or_none(name_or_path: str | None) -> str | None:
@@ -144,7 +180,17 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def run_settings(script: str, recipe: SurgeConfig | None, distillation: DistillationConfig | None,
+                 **data: Any) -> dict[str, Any]:
+    """The script-side settings a checkpoint is written with (see `surge_hf.training.train`): the script, the
+    recipe, the distillation weights and the data settings in `data` (maximum length, image size, ...)."""
+    return {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+            "distillation": None if distillation is None else asdict(distillation), **data}
+
+
 def validate_common_args(args: argparse.Namespace) -> None:
-    """Checks that need no model or data."""
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id namespace/name (the repository to create or update).")
+    """Checks that need no model or data: each config built from the flags validates its fields."""
+    recipe_from_args(args)
+    distillation_from_args(args)
+    training_config_from_args(args)
+    hub_config_from_args(args)

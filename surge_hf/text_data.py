@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .glue import get_glue_task, metric_config_name
+from .metrics import get_glue_task, metric_config_name
 
 GLUE_HUB_ID = "nyu-mll/glue"
 LABEL_COLUMN = "label"
@@ -69,7 +69,7 @@ class TextDataInfo:
 
     @property
     def metric_config(self) -> str:
-        """Config name for ``surge_hf.glue.compute_glue_metrics`` / ``load_glue_metric``."""
+        """Config name for ``surge_hf.metrics.compute_metrics`` / ``load_glue_metric``."""
         return metric_config_name(self.task_name, self.is_regression)
 
 

@@ -69,7 +69,7 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def run_args(model: Path, files: tuple[Path, Path], output_dir: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model), "--train_file", str(files[0]), "--validation_file", str(files[1]),
-            "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size", "8",
+            "--output_dir", str(output_dir), "--max_length", "16", "--per_device_train_batch_size", "8",
             "--learning_rate", "1e-3", "--max_train_steps", "4", "--logging_steps", "2", "--seed", "3", *extra]
 
 
@@ -161,7 +161,7 @@ def test_teacher_with_another_label_set_fails_before_training(tiny_bert, data_fi
 
 
 def test_flag_errors(tiny_bert, data_files, tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"--push_to_hub needs --hub_model_id"):
+    with pytest.raises(ValueError, match=r"HubConfig.push_to_hub needs HubConfig.hub_model_id"):
         glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--push_to_hub"))
     with pytest.raises(SystemExit):
         glue_script.main(["--task_name", "sst3", "--output_dir", str(tmp_path / "o")])

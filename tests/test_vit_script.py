@@ -228,7 +228,7 @@ def _bad_dataset(kind: str, path: Path) -> Path:
         ("good", ("--image_column", "photo"), ValueError,
          r"image column 'photo' not found; the dataset has columns \['image', 'label'\]"),
         ("missing", (), FileNotFoundError, r"dataset path '.*missing' does not exist"),
-        ("good", ("--push_to_hub",), ValueError, r"--push_to_hub needs --hub_model_id"),
+        ("good", ("--push_to_hub",), ValueError, r"HubConfig.push_to_hub needs HubConfig.hub_model_id"),
         ("good", ("--binarize", "none", "--binary_patch_embedding"), ValueError,
          r"--binary_patch_embedding needs a binarization recipe"),
         ("good", ("--config", SIZES, "--model_name_or_path", "x"), ValueError, r"Pass exactly one of --config"),
