@@ -70,7 +70,8 @@ def run_args(data: Path | str, output_dir: Path, *extra: str) -> list[str]:
             "--per_device_eval_batch_size", "8", "--logging_steps", "2", "--seed", "3", *extra]
 
 
-SURGE_RUN = ("--config", SIZES, "--max_train_steps", "8", "--checkpointing_steps", "3", "--crop_padding", "1",
+SURGE_RUN = ("--config", SIZES, "--max_train_steps", "8", "--checkpointing_steps", "3", "--checkpoints_total_limit",
+             "3", "--crop_padding", "1",
              "--horizontal_flip", "--mixup_alpha", "0.4", "--binary_patch_embedding")
 
 
@@ -86,7 +87,8 @@ def test_save_to_disk_run_writes_every_output(surge_run):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "all_results.json",
                  "training_history.json", "README.md", "train_state/model.safetensors"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
+    # Every 3 steps and at the last one.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6", "step_8"]
     assert json.loads((out / "all_results.json").read_text())["eval"] == results["eval"]
     assert list(results["eval"]) == ["validation"] and results["completed_steps"] == 8
     assert results["recipe"]["target_modules"].endswith(r"|(?:.*\.)?patch_embeddings\.projection")
