@@ -98,7 +98,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
     """The model to train: a SURGE BERT built from the checkpoint's weights, or the plain model for `none`."""
-    kwargs = dict(num_labels=info.num_labels, dtype=torch.float32, ignore_mismatched_sizes=args.ignore_mismatched_sizes)
+    # problem_type is set here, not by the first training forward, so that a run resumed at its end saves the same.
+    kwargs = dict(num_labels=info.num_labels, dtype=torch.float32, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                  problem_type="regression" if info.is_regression else "single_label_classification")
     if not info.is_regression:
         kwargs.update(id2label=info.id2label, label2id=info.label2id)
     if attn_implementation:

@@ -48,7 +48,7 @@ from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
 from surge_hf.training import build_accelerator, prepare_run, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
-DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
+DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id", "problem_type")
 # The module name suffix of ViT's patch embedding convolution.
 PATCH_EMBEDDING = "patch_embeddings.projection"
 VIT_MODEL_TYPES = ("vit", "surge_vit")
@@ -259,6 +259,7 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge=recipe))
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
+                  problem_type="single_label_classification",
                   ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)
     if recipe is None:
         return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)

@@ -15,6 +15,7 @@ push names the push-only command that uploads the finished outputs again without
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,18 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
         if old.exists():
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     staging.rmdir()
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a new file gets (0666 / 0777 less the umask).
+
+    Some writers (safetensors' `save_file`) create their files with mode 0600, which a shared folder or a container
+    volume cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _card_repo_id(output_dir: str, hub: HubConfig) -> str:
@@ -127,6 +140,7 @@ def export_run(
             **dataset,
         )
         write_model_card(staging, card_kind, card)
+        _apply_umask(staging)
         _move_into_place(staging, output_dir)
     accelerator.wait_for_everyone()
     return all_results

@@ -80,7 +80,7 @@ class ImageDataInfo:
         return {name: index for index, name in enumerate(self.label_names)}
 
     def model_config_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for a ``ViTConfig``: image size (an int when square), channels and labels."""
+        """Keyword arguments for a ``ViTConfig``: image size (an int when square), channels, labels and problem type."""
         height, width = self.image_size
         return {
             "image_size": height if height == width else [height, width],
@@ -88,6 +88,7 @@ class ImageDataInfo:
             "num_labels": self.num_labels,
             "id2label": self.id2label,
             "label2id": self.label2id,
+            "problem_type": "single_label_classification",
         }
 
 

@@ -116,6 +116,7 @@ def test_imagefolder_loads_with_deterministic_carved_validation(tmp_path, mode, 
         "num_labels": 3,
         "id2label": {0: "ant", 1: "bee", 2: "cat"},
         "label2id": {"ant": 0, "bee": 1, "cat": 2},
+        "problem_type": "single_label_classification",
     }
 
 
