@@ -34,15 +34,13 @@ from surge_hf import cli
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
 from surge_hf.image_data import (
-    AugmentConfig,
     ImageClassificationData,
-    ImageCollator,
     ImageDataInfo,
-    build_image_processor,
-    compute_mean_std,
     detect_dataset_source,
     load_image_classification_data,
 )
+from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.image_transforms import AugmentConfig
 from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
 from surge_hf.training import build_accelerator, prepare_run, train

@@ -18,7 +18,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
 from surge_hf import BinaryConv2d, SurgeViTForImageClassification
-from surge_hf.image_data import ImageCollator, load_image_classification_data
+from surge_hf.image_data import load_image_classification_data
+from surge_hf.image_processing import ImageCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["dark", "mid", "light"]
