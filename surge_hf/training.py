@@ -40,8 +40,8 @@ from .output_dir import check_output_dir
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Normalisation layers: their weights (gains) and biases are never decayed.
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
-# Parameters of the activation binarizers (threshold and scale): never decayed.
-NO_DECAY_PARAMETERS = ("bias", "input_threshold", "input_scale")
+# Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
+NO_DECAY_PARAMETERS = ("bias", "input_threshold", "input_scale", "weight_scale")
 # TrainingConfig fields that do not change what a run computes: they may differ when a run is resumed.
 _BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
                        "checkpointing_steps", "checkpoints_total_limit", "report_to", "cpu",
@@ -119,7 +119,8 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that weight decay applies to, decided by the module that holds each one.
 
     Not decayed: every parameter of a normalisation layer (`NORM_LAYERS`: LayerNorm, BatchNorm, GroupNorm, ...,
-    whatever the model calls them), biases, and the activation binarizers' thresholds and scales.
+    whatever the model calls them), biases, the activation binarizers' thresholds and scales, and learned weight
+    scales (`NO_DECAY_PARAMETERS`).
     """
     names = set()
     for module_name, module in model.named_modules():

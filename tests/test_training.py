@@ -30,7 +30,8 @@ def tiny_vit() -> ViTForImageClassification:
 
 
 def test_weight_decay_skips_vit_layernorms_biases_and_binarizer_parameters():
-    model = surge_hf.binarize(tiny_vit(), surge_hf.SurgeConfig())
+    model = surge_hf.binarize(tiny_vit(), surge_hf.SurgeConfig(activation_binarizer="elastic",
+                                                               learnable_weight_scale=True))
     names = dict(model.named_parameters())
     decayed = decay_parameter_names(model)
     # Decayed: matrices and convolution kernels (latent, auxiliary), the class token and the position embeddings.
@@ -39,7 +40,7 @@ def test_weight_decay_skips_vit_layernorms_biases_and_binarizer_parameters():
                                                                    "vit.embeddings.position_embeddings"}
     assert decayed == expected
     assert "vit.layers.0.layernorm_before.weight" in names and "vit.layers.0.layernorm_after.weight" in names
-    assert "vit.layers.0.attention.q_proj.input_threshold" in names
+    assert {"vit.layers.0.attention.q_proj.input_scale", "vit.layers.0.attention.q_proj.weight_scale"} < set(names)
     groups = parameter_groups(model, 0.05)
     assert [group["weight_decay"] for group in groups] == [0.05, 0.0]
     assert {id(p) for p in groups[0]["params"]} == {id(names[name]) for name in expected}
