@@ -22,12 +22,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import surge_hf
 from surge_hf import cli
-from surge_hf.compatibility import check_max_length, check_teacher_shapes
+from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
 from surge_hf.export import export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
-from surge_hf.text_data import check_label_compatibility, load_text_data, preprocess
+from surge_hf.text_data import load_text_data, preprocess
 from surge_hf.training import build_accelerator, prepare_run, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")

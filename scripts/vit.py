@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageC
 
 import surge_hf
 from surge_hf import cli
+from surge_hf.compatibility import check_image_teacher
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
 from surge_hf.image_data import (
@@ -217,24 +218,6 @@ def load_data(args: argparse.Namespace, pretrained: ViTConfig | None) -> ImageCl
     return data
 
 
-def check_teacher(args: argparse.Namespace, info: ImageDataInfo) -> None:
-    """A distillation teacher must take the student's inputs and predict the data's classes."""
-    config = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
-    source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
-    if config.model_type != "vit":
-        raise ValueError(f"{source} is a {config.model_type!r} model; the teacher must be a full-precision ViT "
-                         "(model_type 'vit'), e.g. the output of a --binarize none run.")
-    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if size is None or _side_pair(size) != info.image_size or channels != info.num_channels:
-        raise ValueError(f"{source} takes {channels}-channel {size} images, the student "
-                         f"{info.num_channels}-channel {info.image_size}; use a teacher trained on this data.")
-    generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    label2id = {str(name): int(index) for name, index in config.label2id.items()}
-    if config.num_labels != info.num_labels or label2id not in (generic, info.label2id):
-        raise ValueError(f"{source} predicts {config.num_labels} classes {label2id}, the data has {info.label2id}; "
-                         "use a teacher fine-tuned on the same classes in the same order.")
-
-
 def recipe_with_patch_embedding(recipe: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
     """The recipe with the patch embedding convolution added to its targets."""
     targets = recipe.target_modules
@@ -307,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(args, pretrained)
     info = data.info
     if args.teacher_model_name_or_path:
-        check_teacher(args, info)
+        check_image_teacher(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info,
+                            f"--teacher_model_name_or_path {args.teacher_model_name_or_path}")
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)

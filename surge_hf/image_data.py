@@ -341,7 +341,7 @@ def _label_names(
     return tuple(str(index) for index in range(largest + 1))
 
 
-def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+def as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """``int`` or ``(height, width)`` -> ``(height, width)``; checks positivity."""
     if image_size is None:
         return None
@@ -398,7 +398,7 @@ def load_image_classification_data(
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     if sample_size < 1:
         raise ValueError(f"sample_size must be >= 1, got {sample_size}")
-    resize_to = _as_size(image_size)
+    resize_to = as_size(image_size)
 
     raw = _load_raw(dataset, config_name, cache_dir)
     train, evaluation, eval_name = _select_splits(raw, train_split, eval_split)

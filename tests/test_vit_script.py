@@ -18,6 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
 from surge_hf import BinaryConv2d, SurgeViTForImageClassification
+from surge_hf.checkpointing import CheckpointError
 from surge_hf.image_data import load_image_classification_data
 from surge_hf.image_processing import ImageCollator
 
@@ -272,3 +273,20 @@ def test_two_cpu_processes_with_accelerate_launch(disk_data, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert (results["num_processes"], results["completed_steps"]) == (2, 6)
     assert AutoModelForImageClassification.from_pretrained(out).is_packed
+
+
+def test_resume_with_another_augmentation_is_refused(surge_run, disk_data, tmp_path):
+    _, full = surge_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
+    changed = [("0" if value == "1" and flag == "--crop_padding" else value)
+               for flag, value in zip(("",) + SURGE_RUN, SURGE_RUN)]
+    with pytest.raises(CheckpointError, match=r"augmentation: checkpoint \{.*\"crop_padding\": 1.*\}, now "
+                                              r"\{.*\"crop_padding\": 0"):
+        vit_script.main(run_args(disk_data, resumed_dir, *changed, "--resume_from_checkpoint", "latest"))
+
+
+def test_output_dir_equal_to_the_checkpoint_is_refused(surge_run, disk_data, tmp_path):
+    _, full = surge_run
+    with pytest.raises(ValueError, match=r"holds --model_name_or_path .*: the run would replace the weights"):
+        vit_script.main(run_args(disk_data, full, "--model_name_or_path", str(full), "--overwrite_output_dir"))
