@@ -136,7 +136,8 @@ def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
 def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> list[str]:
     task = TASKS[args.task]
     flags = [sys.executable, str(ROOT / "scripts" / task.script), *data_flags(args), *suite.flags,
-             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--learning_rate", f"{lr:g}",
+             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--overwrite_output_dir",
+             "--learning_rate", f"{lr:g}",
              "--seed", str(seed), "--logging_steps", "25", *task.recipes[recipe]]
     if args.mixed_precision:
         flags += ["--mixed_precision", args.mixed_precision]
