@@ -183,11 +183,11 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+            raise ValueError(f"AugmentConfig.crop_padding must be >= 0, got {self.crop_padding}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError(
-                f"mixup_alpha and cutmix_alpha must be >= 0 (0 turns them off), got {self.mixup_alpha} and "
-                f"{self.cutmix_alpha}"
+                "AugmentConfig.mixup_alpha and cutmix_alpha must be >= 0 (0 turns them off), got "
+                f"{self.mixup_alpha} and {self.cutmix_alpha}"
             )
 
     @property

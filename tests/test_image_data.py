@@ -235,9 +235,9 @@ def test_bad_arguments():
         load_image_classification_data(dataset, validation_fraction=1.0)
     with pytest.raises(ValueError, match=r"image_size must be a positive int or \(height, width\)"):
         load_image_classification_data(dataset, image_size=(8, 0))
-    with pytest.raises(ValueError, match="crop_padding must be >= 0"):
+    with pytest.raises(ValueError, match="AugmentConfig.crop_padding must be >= 0"):
         AugmentConfig(crop_padding=-1)
-    with pytest.raises(ValueError, match="mixup_alpha and cutmix_alpha must be >= 0"):
+    with pytest.raises(ValueError, match="AugmentConfig.mixup_alpha and cutmix_alpha must be >= 0"):
         AugmentConfig(mixup_alpha=-0.1)
 
 
