@@ -28,7 +28,7 @@ from surge_hf.export import export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.text_data import load_text_data, preprocess
-from surge_hf.training import build_accelerator, prepare_run, train
+from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -54,10 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
-    cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, output_dir_required=False)
-    cli.add_distillation_arguments(parser, intermediate=True)
-    cli.add_hub_arguments(parser)
+    cli.add_shared_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, intermediate_distillation=True)
     args = parser.parse_args(argv)
     if args.push_only:
         return args
@@ -140,14 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.push_only:
         return cli.push_existing_run(args)
-    recipe = cli.recipe_from_args(args)
-    distillation = cli.distillation_from_args(args)
-    config = cli.training_config_from_args(args)
-    hub = cli.hub_config_from_args(args)
-    settings = cli.run_settings("glue", recipe, distillation, max_length=args.max_length,
-                                pad_to_max_length=args.pad_to_max_length, max_train_samples=args.max_train_samples)
-    prepare_run(config, settings, inputs={"--model_name_or_path": args.model_name_or_path,
-                                          "--teacher_model_name_or_path": args.teacher_model_name_or_path})
+    run = cli.start_run(args, "glue", cli.recipe_from_args(args), max_length=args.max_length,
+                        pad_to_max_length=args.pad_to_max_length, max_train_samples=args.max_train_samples)
+    recipe, distillation, config = run.recipe, run.distillation, run.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
     if args.teacher_model_name_or_path:
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       batch_size=args.per_device_eval_batch_size) for split in info.eval_splits}
     metric_fn = functools.partial(compute_metrics, info.metric_config)
     result = train(accelerator, model, train_loader, eval_loaders, config, metric_fn, teacher=teacher,
-                   distillation=distillation, is_regression=info.is_regression, run_settings=settings)
+                   distillation=distillation, is_regression=info.is_regression, run_settings=run.settings)
 
     task = get_glue_task(args.task_name) if args.task_name else None
     dataset = {
@@ -187,13 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset_config": args.task_name,
         "language": "en",
     }
-    results = export_run(accelerator, model, result, training=config, hub=hub, preprocessor=tokenizer,
+    results = export_run(accelerator, model, result, training=config, hub=run.hub, preprocessor=tokenizer,
                          recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
                          base_model=hub_base_model(args), teacher=args.teacher_model_name_or_path,
                          hyperparameters={"max length": args.max_length})
-    if hub.push_to_hub:
-        push_run(accelerator, args.output_dir, hub)
+    if run.hub.push_to_hub:
+        push_run(accelerator, args.output_dir, run.hub)
     if args.demo and accelerator.is_main_process:
         reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")

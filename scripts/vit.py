@@ -44,7 +44,7 @@ from surge_hf.image_processing import ImageCollator, build_image_processor, comp
 from surge_hf.image_transforms import AugmentConfig
 from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
-from surge_hf.training import build_accelerator, prepare_run, train
+from surge_hf.training import build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
 DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id", "problem_type")
@@ -91,10 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--binary_patch_embedding", action="store_true",
                        help="Binarize the patch embedding convolution too (with the recipe's activation "
                             "binarizer, the input pixels are binarized as well).")
-    cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, output_dir_required=False)
-    cli.add_distillation_arguments(parser, intermediate=False)
-    cli.add_hub_arguments(parser)
+    cli.add_shared_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, intermediate_distillation=False)
     args = parser.parse_args(argv)
     if not args.push_only:
         validate_args(args)
@@ -277,15 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
-    distillation = cli.distillation_from_args(args)
-    config = cli.training_config_from_args(args)
-    hub = cli.hub_config_from_args(args)
-    settings = cli.run_settings("vit", recipe, distillation, config=args.vit_fields, image_size=args.image_size,
-                                convert_rgb=args.convert_rgb, augmentation=asdict(augment_config(args)),
-                                max_train_samples=args.max_train_samples,
-                                validation_fraction=args.validation_fraction)
-    prepare_run(config, settings, inputs={"--model_name_or_path": args.model_name_or_path,
-                                          "--teacher_model_name_or_path": args.teacher_model_name_or_path})
+    run = cli.start_run(args, "vit", recipe, config=args.vit_fields, image_size=args.image_size,
+                        convert_rgb=args.convert_rgb, augmentation=asdict(augment_config(args)),
+                        max_train_samples=args.max_train_samples, validation_fraction=args.validation_fraction)
+    distillation, config = run.distillation, run.training
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
@@ -308,17 +300,17 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
                    functools.partial(compute_metrics, "classification"),
                    teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch,
-                   run_settings=settings)
+                   run_settings=run.settings)
 
-    results = export_run(accelerator, model, result, training=config, hub=hub,
+    results = export_run(accelerator, model, result, training=config, hub=run.hub,
                          preprocessor=build_image_processor(info, mean, std), recipe=recipe, distillation=distillation,
                          card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
                          base_model=cli.hub_id_or_none(args.model_name_or_path),
                          teacher=args.teacher_model_name_or_path)
-    if hub.push_to_hub:
-        push_run(accelerator, args.output_dir, hub)
+    if run.hub.push_to_hub:
+        push_run(accelerator, args.output_dir, run.hub)
     accelerator.end_training()
     return results
 

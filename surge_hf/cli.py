@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .configuration_surge import (
 from .distillation import DistillationConfig
 from .export import push_run
 from .hub import HubConfig
-from .training import TrainingConfig
+from .training import TrainingConfig, prepare_run
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
 _RECIPE_FLAGS = {
@@ -180,12 +180,42 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def run_settings(script: str, recipe: SurgeConfig | None, distillation: DistillationConfig | None,
-                 **data: Any) -> dict[str, Any]:
-    """The script-side settings a checkpoint is written with (see `surge_hf.training.train`): the script, the
-    recipe, the distillation weights and the data settings in `data` (maximum length, image size, ...)."""
-    return {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
-            "distillation": None if distillation is None else asdict(distillation), **data}
+def add_shared_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int, epochs: int,
+                         intermediate_distillation: bool) -> None:
+    """The flags both scripts take: recipe, training, distillation and Hub (defaults given per script)."""
+    add_recipe_arguments(parser)
+    add_training_arguments(parser, learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
+                           output_dir_required=False)
+    add_distillation_arguments(parser, intermediate=intermediate_distillation)
+    add_hub_arguments(parser)
+
+
+@dataclass
+class RunSetup:
+    """The typed configs of one run, built from the flags, and the settings its checkpoints are written with."""
+
+    recipe: SurgeConfig | None
+    distillation: DistillationConfig | None
+    training: TrainingConfig
+    hub: HubConfig
+    settings: dict[str, Any]
+
+
+def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> RunSetup:
+    """Map the shared flags to typed configs and check, before any model or data loads, that the run may start
+    (`surge_hf.training.prepare_run`: output folder, checkpoint to resume).
+
+    `recipe` is the run's recipe (the script may have adapted `recipe_from_args(args)`); `data` holds the script's
+    settings that change the result (maximum length, image size, augmentation, ...), stored with the checkpoints
+    with the script name, the recipe and the distillation weights.
+    """
+    distillation = distillation_from_args(args)
+    training = training_config_from_args(args)
+    settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+                "distillation": None if distillation is None else asdict(distillation), **data}
+    prepare_run(training, settings, inputs={"--model_name_or_path": args.model_name_or_path,
+                                            "--teacher_model_name_or_path": args.teacher_model_name_or_path})
+    return RunSetup(recipe, distillation, training, hub_config_from_args(args), settings)
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
