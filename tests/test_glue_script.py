@@ -21,8 +21,7 @@ from transformers import (
 
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import checkpointing as training
-from surge_hf import hub
+from surge_hf import checkpointing, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
@@ -298,7 +297,7 @@ def test_a_run_prunes_only_its_own_checkpoints_and_latest_resumes_it(tiny_bert, 
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     # Ours replaced the other run's steps 1-4 (--overwrite_output_dir) and kept its newest; the other's 5, 6 stay.
     assert names == ["step_4", "step_5", "step_6"]
-    assert training.latest_checkpoint(out).name == "step_4"
+    assert checkpointing.latest_checkpoint(out).name == "step_4"
     state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["settings"]["learning_rate"] == 2e-3
 
@@ -325,7 +324,7 @@ def test_resume_with_other_settings_is_refused_before_any_work(tiny_bert, data_f
     out = tmp_path / "run"
     args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")
     glue_script.main(args)
-    with pytest.raises(training.CheckpointError, match=message):
+    with pytest.raises(checkpointing.CheckpointError, match=message):
         glue_script.main([*args, "--resume_from_checkpoint", "latest", *change])
 
 
@@ -337,12 +336,12 @@ def test_corrupt_or_foreign_checkpoint_gives_a_clear_error(tiny_bert, data_files
     # Written with another recipe by a version that stored no settings: Accelerate's own loading fails.
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     (checkpoint / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "settings"}))
-    with pytest.raises(training.CheckpointError, match=r"step_2 does not fit this run's model [\s\S]* another "
+    with pytest.raises(checkpointing.CheckpointError, match=r"step_2 does not fit this run's model [\s\S]* another "
                                                        r"model, recipe or script"):
         glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint), "--binarize", "ste"])
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(training.CheckpointError, match=rf"corrupt: {weights} does not load"):
+    with pytest.raises(checkpointing.CheckpointError, match=rf"corrupt: {weights} does not load"):
         glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint)])
 
 

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 import surge_hf
+from surge_hf import output_dir
 from surge_hf.checkpointing import (
     STATE_FILE,
     CheckpointError,
@@ -82,9 +83,9 @@ def test_run_settings_leave_out_bookkeeping():
 def test_output_dir_may_not_be_or_hold_a_model_the_run_reads(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    for output_dir in (model, tmp_path):
+    for folder in (model, tmp_path):
         with pytest.raises(ValueError, match=r"holds --teacher_model_name_or_path .*model: the run would replace"):
-            check_output_dir(output_dir, inputs={"--teacher_model_name_or_path": str(model)}, overwrite=True)
+            check_output_dir(folder, inputs={"--teacher_model_name_or_path": str(model)}, overwrite=True)
     check_output_dir(tmp_path / "new", inputs={"--model_name_or_path": str(model), "--x": "org/hub-id"})
 
 
@@ -105,6 +106,15 @@ def test_output_dir_that_cannot_be_created_is_refused(tmp_path):
         check_output_dir(blocker / "out")
     with pytest.raises(NotADirectoryError, match=r"exists and is not a folder"):
         check_output_dir(blocker)
+
+
+def test_output_dir_without_write_permission_is_refused(tmp_path, monkeypatch):
+    """As seen by a user without write access (root would pass the permission bits, hence the stand-in)."""
+    monkeypatch.setattr(output_dir.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=rf"--output_dir {tmp_path} is not writable"):
+        check_output_dir(tmp_path)
+    with pytest.raises(PermissionError, match=rf"cannot be created: {tmp_path} is not writable"):
+        check_output_dir(tmp_path / "out")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
