@@ -24,6 +24,7 @@ import surge_hf
 from surge_hf import cli
 from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
+from surge_hf.distillation import DistillationConfig
 from surge_hf.export import export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
@@ -122,7 +123,7 @@ def hub_base_model(args: argparse.Namespace) -> str | None:
     return cli.hub_id_or_none(args.model_name_or_path)
 
 
-def check_models(args: argparse.Namespace, distillation) -> None:
+def check_models(args: argparse.Namespace, distillation: DistillationConfig | None) -> None:
     """Config-only checks of the student and the teacher against the flags (no weights are loaded)."""
     student = AutoConfig.from_pretrained(args.model_name_or_path)
     check_max_length(student, args.max_length, f"--model_name_or_path {args.model_name_or_path}")

@@ -160,17 +160,19 @@ def evaluate(
 
 
 def prepare_run(
-    config: TrainingConfig, settings: Mapping[str, Any], inputs: Mapping[str, str | None] | None = None
+    config: TrainingConfig, run_settings: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str | None] | None = None
 ) -> dict[str, Any] | None:
     """Check, before any model or data is loaded, that the run may start: the output-folder rules
-    (`surge_hf.output_dir`) and, when resuming, that the checkpoint is sound and was written with `settings`.
+    (`surge_hf.output_dir`) and, when resuming, that the checkpoint is sound and was written with the same settings
+    (`config.run_settings()` and `run_settings`, as `train` stores them).
 
     Returns the checkpoint's loop state, or None for a fresh run. `inputs` names the model folders the run reads.
     """
     check_output_dir(config.output_dir, inputs=inputs, overwrite=config.overwrite_output_dir,
                       resume=config.resume_from_checkpoint is not None)
     path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    return None if path is None else check_checkpoint(path, settings)
+    return None if path is None else check_checkpoint(path, {**config.run_settings(), **(run_settings or {})})
 
 
 def calibration_batch(dataloader: DataLoader) -> dict[str, torch.Tensor]:

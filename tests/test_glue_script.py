@@ -320,10 +320,12 @@ def test_a_finished_run_resumed_from_latest_takes_no_step_and_rewrites_identical
     (("--max_length", "12"), r"max_length: checkpoint 16, now 12"),
     (("--eta", "0.3"), r"recipe: checkpoint \{.*\"eta\": 0.1.*\}, now \{.*\"eta\": 0.3"),
 ])
-def test_resume_with_other_settings_is_refused_before_any_work(tiny_bert, data_files, tmp_path, change, message):
+def test_resume_with_other_settings_is_refused_before_any_work(tiny_bert, data_files, tmp_path, monkeypatch, change,
+                                                                message):
     out = tmp_path / "run"
     args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")
     glue_script.main(args)
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
     with pytest.raises(checkpointing.CheckpointError, match=message):
         glue_script.main([*args, "--resume_from_checkpoint", "latest", *change])
 
