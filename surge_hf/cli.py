@@ -1,7 +1,8 @@
-"""Command-line flags shared by `scripts/glue.py` and `scripts/vit.py`, and their validation.
+"""Command-line flags shared by `scripts/glue.py` and `scripts/vit.py`, and their mapping to typed configs.
 
-Every check here runs before any model or data is loaded, so bad flags fail in a second with a message that
-names the flag and the fix.
+The flags carry the names of the config fields they fill (`--learning_rate` -> `TrainingConfig.learning_rate`,
+`--hub_model_id` -> `HubConfig.hub_model_id`, ...), so a config's error names the flag to fix. The library below
+never sees `argparse`. Every check here runs before any model or data is loaded (`start_run`).
 """
 
 from __future__ import annotations
