@@ -119,12 +119,13 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that weight decay applies to, decided by the module that holds each one.
 
     Not decayed: every parameter of a normalisation layer (`NORM_LAYERS`: LayerNorm, BatchNorm, GroupNorm, ...,
-    whatever the model calls them), biases, the activation binarizers' thresholds and scales, and learned weight
-    scales (`NO_DECAY_PARAMETERS`).
+    whatever the model names the attribute, and model-specific norm classes whose name ends in "Norm", such as
+    `LlamaRMSNorm`), biases, the activation binarizers' thresholds and scales, and learned weight scales
+    (`NO_DECAY_PARAMETERS`).
     """
     names = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, NORM_LAYERS):
+        if isinstance(module, NORM_LAYERS) or type(module).__name__.endswith("Norm"):
             continue
         for name, _ in module.named_parameters(recurse=False):
             if name not in NO_DECAY_PARAMETERS:

@@ -58,6 +58,16 @@ def test_weight_decay_skips_resnet_batchnorms():
                                             if name.endswith("convolution.weight") or name == "classifier.1.weight"}
 
 
+def test_weight_decay_skips_model_specific_norm_classes():
+    class ScaleNorm(torch.nn.Module):  # a model's own norm class, not an nn.LayerNorm
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(4))
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), ScaleNorm())
+    assert decay_parameter_names(model) == {"0.weight"}
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"learning_rate": 0.0}, r"TrainingConfig.learning_rate must be > 0, got 0.0"),
     ({"per_device_train_batch_size": 0}, r"TrainingConfig.per_device_train_batch_size must be > 0, got 0"),
