@@ -87,9 +87,11 @@ class TrainingConfig:
             if not value >= 0:
                 raise ValueError(f"TrainingConfig.{name} must be >= 0, got {value!r}.")
 
-    def run_settings(self) -> dict[str, Any]:
-        """The fields that decide what the run computes (stored with its checkpoints, compared on resume)."""
-        return {name: value for name, value in asdict(self).items() if name not in _BOOKKEEPING_FIELDS}
+    def run_settings(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The fields that decide what the run computes, with the caller's `extra` settings (recipe, maximum
+        length, ...): what a checkpoint is written with and compared with on resume."""
+        own = {name: value for name, value in asdict(self).items() if name not in _BOOKKEEPING_FIELDS}
+        return {**own, **(extra or {})}
 
 
 @dataclass
@@ -173,7 +175,7 @@ def prepare_run(
     check_output_dir(config.output_dir, inputs=inputs, overwrite=config.overwrite_output_dir,
                       resume=config.resume_from_checkpoint is not None)
     path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    return None if path is None else check_checkpoint(path, {**config.run_settings(), **(run_settings or {})})
+    return None if path is None else check_checkpoint(path, config.run_settings(run_settings))
 
 
 def calibration_batch(dataloader: DataLoader) -> dict[str, torch.Tensor]:
@@ -224,7 +226,7 @@ def train(
     Returns the metrics of the last evaluation. `model` is prepared (possibly wrapped) in place of the one given;
     use `accelerator.unwrap_model` to save it. Call `accelerator.end_training()` once all outputs are written.
     """
-    settings = {**config.run_settings(), **(run_settings or {})}
+    settings = config.run_settings(run_settings)
     resume_path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     state = None if resume_path is None else check_checkpoint(resume_path, settings)
     if config.calibrate_activations and resume_path is None:  # a resumed run loads the trained values instead
