@@ -25,13 +25,16 @@ from surge_hf import cli
 from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
 from surge_hf.distillation import DistillationConfig
-from surge_hf.export import export_run, push_run
+from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
+from surge_hf.output_dir import check_output_dir
 from surge_hf.text_data import load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
+AUTO_TEACHER = "auto"
+TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -56,9 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
     cli.add_shared_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, intermediate_distillation=True)
+    teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
+    teacher.add_argument("--teacher_learning_rate", type=float, default=5e-5)
+    teacher.add_argument("--teacher_num_train_epochs", type=int, default=3)
+    teacher.add_argument("--teacher_max_train_steps", type=int, help="Overrides --teacher_num_train_epochs.")
+    parser.add_argument("--activation_bits_schedule", type=cli.bits_schedule,
+                        help="Progressive precision, e.g. 4,2,1: one stage per entry, each trained for "
+                             "--num_train_epochs (or --max_train_steps) at that many activation bits, started from "
+                             "the previous stage's model; the last entry is the final model's (overrides "
+                             "--activation_bits).")
+    parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0)
     args = parser.parse_args(argv)
     if args.push_only:
         return args
+    if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
+        args.teacher_model_name_or_path = None
+    elif args.teacher_model_name_or_path == "none":
+        args.teacher_model_name_or_path = None
     if args.demo:
         apply_demo_defaults(args)
     validate_args(args)
@@ -92,6 +109,51 @@ def validate_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
     cli.validate_common_args(args)
+
+
+def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The full-precision stage: the same data and model, `--binarize none`, the teacher's learning rate, epochs and
+    steps, written to `output_dir/teacher`, without a teacher of its own, calibration or push."""
+    return argparse.Namespace(**{
+        **vars(args), "binarize": "none", "teacher_model_name_or_path": None,
+        "output_dir": Path(args.output_dir) / TEACHER_DIR, "learning_rate": args.teacher_learning_rate,
+        "num_train_epochs": args.teacher_num_train_epochs, "max_train_steps": args.teacher_max_train_steps,
+        "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None,
+    })
+
+
+def precision_stage_args(args: argparse.Namespace, bits: int, init: str) -> argparse.Namespace:
+    """One stage of progressive precision: `bits` activation bits, started from `init`, in its own folder."""
+    return argparse.Namespace(**{
+        **vars(args), "activation_bits": bits, "model_name_or_path": init, "push_to_hub": False,
+        "output_dir": Path(args.output_dir) / f"stage_a{bits}", "activation_bits_schedule": None,
+    })
+
+
+def run_precision_stages(args: argparse.Namespace) -> None:
+    """Train every stage of `--activation_bits_schedule` but the last (reusing finished ones), then start the final
+    stage from the previous one's train-form model."""
+    init = args.model_name_or_path
+    for bits in args.activation_bits_schedule[:-1]:
+        stage = precision_stage_args(args, bits, init)
+        if not (Path(stage.output_dir) / "all_results.json").exists():
+            print(f"Precision stage W1A{bits} into {stage.output_dir}.")
+            run(stage, final=False)
+        init = str(Path(stage.output_dir) / TRAIN_STATE_DIR)
+    args.model_name_or_path, args.activation_bits = init, args.activation_bits_schedule[-1]
+
+
+def run_teacher_stage(args: argparse.Namespace) -> None:
+    """Fine-tune the full-precision model on the task first (or reuse a finished stage), then point the student's
+    initialisation and its teacher at the result: BiT's recipe starts from, and distils, the task model."""
+    teacher_dir = Path(args.output_dir) / TEACHER_DIR
+    if (teacher_dir / "all_results.json").exists():
+        print(f"Reusing the full-precision teacher in {teacher_dir}.")
+    else:
+        print(f"Stage 1 of 2: fine-tuning the full-precision model into {teacher_dir}.")
+        run(teacher_stage_args(args), final=False)
+        print("Stage 2 of 2: the binary student, initialised from that model and distilled from it.")
+    args.model_name_or_path = args.teacher_model_name_or_path = str(teacher_dir)
 
 
 def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
@@ -138,9 +200,38 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.push_only:
         return cli.push_existing_run(args)
-    run = cli.start_run(args, "glue", cli.recipe_from_args(args), max_length=args.max_length,
-                        pad_to_max_length=args.pad_to_max_length, max_train_samples=args.max_train_samples)
-    recipe, distillation, config = run.recipe, run.distillation, run.training
+    stages = stage_dirs(args)
+    # The final output folder is checked before any stage runs (the stages' own folders in it do not count).
+    check_output_dir(args.output_dir, inputs={"--model_name_or_path": args.model_name_or_path,
+                                              "--teacher_model_name_or_path": args.teacher_model_name_or_path},
+                     overwrite=args.overwrite_output_dir, resume=args.resume_from_checkpoint is not None,
+                     own_folders=stages)
+    if args.teacher_model_name_or_path == AUTO_TEACHER:
+        for stage in (args, teacher_stage_args(args)):  # every stage's settings checked before any work
+            cli.training_config_from_args(stage)
+        cli.recipe_from_args(args)
+        run_teacher_stage(args)
+    if args.activation_bits_schedule:
+        for bits in args.activation_bits_schedule:
+            cli.recipe_from_args(precision_stage_args(args, bits, args.model_name_or_path))
+        run_precision_stages(args)
+    return run(args, own_folders=stages)
+
+
+def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The folders of `--output_dir` that the run's earlier stages (teacher, precision stages) write."""
+    teacher = (TEACHER_DIR,) if args.teacher_model_name_or_path == AUTO_TEACHER else ()
+    return (*teacher, *(f"stage_a{bits}" for bits in (args.activation_bits_schedule or [])[:-1]))
+
+
+def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ...] = ()) -> dict:
+    """One training run (a full-precision model for `--binarize none`), from validated flags. An earlier stage
+    (`final=False`) leaves the process group up for the next one; `own_folders` are the earlier stages' folders in
+    `--output_dir`."""
+    run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
+                              max_length=args.max_length, pad_to_max_length=args.pad_to_max_length,
+                              max_train_samples=args.max_train_samples)
+    recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
     if args.teacher_model_name_or_path:
@@ -171,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       batch_size=args.per_device_eval_batch_size) for split in info.eval_splits}
     metric_fn = functools.partial(compute_metrics, info.metric_config)
     result = train(accelerator, model, train_loader, eval_loaders, config, metric_fn, teacher=teacher,
-                   distillation=distillation, is_regression=info.is_regression, run_settings=run.settings)
+                   distillation=distillation, is_regression=info.is_regression, run_settings=run_setup.settings)
 
     task = get_glue_task(args.task_name) if args.task_name else None
     dataset = {
@@ -180,17 +271,21 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset_config": args.task_name,
         "language": "en",
     }
-    results = export_run(accelerator, model, result, training=config, hub=run.hub, preprocessor=tokenizer,
+    results = export_run(accelerator, model, result, training=config, hub=run_setup.hub, preprocessor=tokenizer,
                          recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
                          base_model=hub_base_model(args), teacher=args.teacher_model_name_or_path,
                          hyperparameters={"max length": args.max_length})
-    if run.hub.push_to_hub:
-        push_run(accelerator, args.output_dir, run.hub)
+    if run_setup.hub.push_to_hub:
+        push_run(accelerator, args.output_dir, run_setup.hub)
     if args.demo and accelerator.is_main_process:
         reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")
-    accelerator.end_training()
+    if final:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return results
 
 

@@ -29,10 +29,10 @@ from .accounting import summary
 from .configuration_surge import SurgeConfig
 from .distillation import DistillationConfig
 from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
+from .output_dir import TRAIN_STATE_DIR
 from .training import TrainingConfig, TrainingResult
 
 STAGING_DIR = ".export.tmp"
-TRAIN_STATE_DIR = "train_state"
 _REPLACED_SUFFIX = ".replaced"
 
 

@@ -12,7 +12,7 @@ RNG states); a run resumed from its last step takes no further step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .binarize import diagnostics
+from .binarize import diagnostics, surge_layers
 from .calibration import calibrate
 from .checkpointing import (
     check_checkpoint,
@@ -73,11 +73,14 @@ class TrainingConfig:
     report_to: str = "none"
     cpu: bool = False
     calibrate_activations: bool = False
+    latent_weight_learning_rate: float | None = None
+    quantizer_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
                     "per_device_train_batch_size", "per_device_eval_batch_size")
-        optional = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm")
+        optional = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm",
+                    "latent_weight_learning_rate", "quantizer_learning_rate")
         for name in (*positive, *(name for name in optional if getattr(self, name) is not None)):
             value = getattr(self, name)
             if not value > 0:
@@ -135,14 +138,44 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: `weight_decay` on `decay_parameter_names(model)`, none on the rest."""
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    latent_weight_learning_rate: float | None = None,
+    quantizer_learning_rate: float | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups: `weight_decay` on `decay_parameter_names(model)`, none on the rest.
+
+    With `latent_weight_learning_rate`, the latent weights of binarized layers (whose signs are the binary weights)
+    form their own group at that learning rate and without weight decay, so that signs can move within a short run
+    whatever the base learning rate. With `quantizer_learning_rate`, the quantizers' thresholds and scales (tau, s,
+    learned alpha) likewise. The scheduler scales every group's learning rate by the same factor.
+    """
+    latent_ids, quantizer_ids = set(), set()
+    for _, layer in surge_layers(model):
+        if layer.surge_config.binarize_weights:
+            latent_ids.add(id(layer.weight))
+        quantizer_ids.update(id(p) for p in (layer.input_threshold, layer.input_scale, layer.weight_scale)
+                             if p is not None)
     decayed = decay_parameter_names(model)
-    decay, no_decay = [], []
+    decay, no_decay, latent, quantizer = [], [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if name in decayed else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if latent_weight_learning_rate is not None and id(param) in latent_ids:
+            latent.append(param)
+        elif quantizer_learning_rate is not None and id(param) in quantizer_ids:
+            quantizer.append(param)
+        elif name in decayed:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if latent:
+        groups.append({"params": latent, "weight_decay": 0.0, "lr": latent_weight_learning_rate})
+    if quantizer:
+        groups.append({"params": quantizer, "weight_decay": 0.0, "lr": quantizer_learning_rate})
+    return groups
 
 
 def evaluate(
@@ -163,17 +196,20 @@ def evaluate(
 
 
 def prepare_run(
-    config: TrainingConfig, run_settings: Mapping[str, Any] | None = None,
-    inputs: Mapping[str, str | None] | None = None
+    config: TrainingConfig,
+    run_settings: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str | None] | None = None,
+    own_folders: Collection[str] = (),
 ) -> dict[str, Any] | None:
     """Check, before any model or data is loaded, that the run may start: the output-folder rules
     (`surge_hf.output_dir`) and, when resuming, that the checkpoint is sound and was written with the same settings
     (`config.run_settings()` and `run_settings`, as `train` stores them).
 
-    Returns the checkpoint's loop state, or None for a fresh run. `inputs` names the model folders the run reads.
+    Returns the checkpoint's loop state, or None for a fresh run. `inputs` names the model folders the run reads,
+    `own_folders` the folders of `output_dir` that the run's earlier stages wrote.
     """
     check_output_dir(config.output_dir, inputs=inputs, overwrite=config.overwrite_output_dir,
-                      resume=config.resume_from_checkpoint is not None)
+                      resume=config.resume_from_checkpoint is not None, own_folders=own_folders)
     path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     return None if path is None else check_checkpoint(path, config.run_settings(run_settings))
 
@@ -240,7 +276,9 @@ def train(
     steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
+                              config.quantizer_learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
                               num_training_steps=max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

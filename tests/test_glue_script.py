@@ -262,7 +262,7 @@ def test_output_dir_equal_to_an_input_model_is_refused(tiny_bert, data_files, tm
     args = run_args(model, data_files, model, "--overwrite_output_dir")
     if flag == "--teacher_model_name_or_path":
         args = run_args(tiny_bert, data_files, model, "--overwrite_output_dir", flag, str(model))
-    with pytest.raises(ValueError, match=rf"--output_dir .*model holds {flag} .*: the run would replace"):
+    with pytest.raises(ValueError, match=rf"--output_dir .*model would overwrite {flag} .*: the run would replace"):
         glue_script.main(args)
     assert folder_bytes(model) == before
 

@@ -90,13 +90,17 @@ def test_run_settings_leave_out_bookkeeping():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_output_dir_may_not_be_or_hold_a_model_the_run_reads(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    for folder in (model, tmp_path):
-        with pytest.raises(ValueError, match=r"holds --teacher_model_name_or_path .*model: the run would replace"):
-            check_output_dir(folder, inputs={"--teacher_model_name_or_path": str(model)}, overwrite=True)
-    check_output_dir(tmp_path / "new", inputs={"--model_name_or_path": str(model), "--x": "org/hub-id"})
+def test_output_dir_may_not_be_or_rewrite_a_model_the_run_reads(tmp_path):
+    for model in (tmp_path / "model", tmp_path / "train_state", tmp_path / "checkpoints" / "step_2"):
+        model.mkdir(parents=True)
+        output_dir = model if model.name == "model" else tmp_path
+        with pytest.raises(ValueError, match=r"would overwrite --teacher_model_name_or_path .*: the run would "
+                                             r"replace the weights it starts from"):
+            check_output_dir(output_dir, inputs={"--teacher_model_name_or_path": str(model)}, overwrite=True)
+    # An earlier stage's model in another subfolder, a Hub id, a new folder: fine.
+    check_output_dir(tmp_path, inputs={"--model_name_or_path": str(tmp_path / "model"), "--x": "org/id"},
+                     overwrite=True)
+    check_output_dir(tmp_path / "new", inputs={"--model_name_or_path": str(tmp_path / "model")})
 
 
 def test_non_empty_output_dir_needs_overwrite_or_resume(tmp_path):
@@ -107,6 +111,9 @@ def test_non_empty_output_dir_needs_overwrite_or_resume(tmp_path):
     check_output_dir(tmp_path, resume=True)
     check_output_dir(tmp_path / "fresh")  # nothing is created
     assert not (tmp_path / "fresh").exists()
+    stage = tmp_path / "stages"
+    (stage / "teacher").mkdir(parents=True)
+    check_output_dir(stage, own_folders=("teacher",))  # the run's own earlier stage does not count
 
 
 def test_output_dir_that_cannot_be_created_is_refused(tmp_path):

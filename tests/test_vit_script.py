@@ -288,5 +288,5 @@ def test_resume_with_another_augmentation_is_refused(surge_run, disk_data, tmp_p
 
 def test_output_dir_equal_to_the_checkpoint_is_refused(surge_run, disk_data, tmp_path):
     _, full = surge_run
-    with pytest.raises(ValueError, match=r"holds --model_name_or_path .*: the run would replace the weights"):
+    with pytest.raises(ValueError, match=r"would overwrite --model_name_or_path .*: the run would replace the weights"):
         vit_script.main(run_args(disk_data, full, "--model_name_or_path", str(full), "--overwrite_output_dir"))
