@@ -404,3 +404,12 @@ def test_a_failed_push_names_the_push_only_command_which_pushes_without_training
     assert folder_bytes(out) == before
     with pytest.raises(FileNotFoundError, match=r"--push_only: .*all_results.json does not exist"):
         glue_script.main(["--push_only", "--output_dir", str(tmp_path / "none"), "--hub_model_id", "org/tiny"])
+
+
+def test_the_folder_of_a_finished_teacher_stage_does_not_make_the_output_dir_non_empty(tiny_bert, data_files,
+                                                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    glue_script.main(run_args(tiny_bert, data_files, out / "teacher", "--binarize", "none"))  # a finished stage 1
+    results = glue_script.main(run_args(tiny_bert, data_files, out))  # --teacher_model_name_or_path auto: reused
+    assert f"Reusing the full-precision teacher in {out / 'teacher'}" in capsys.readouterr().out
+    assert results["completed_steps"] == 4 and results["distillation"] is not None
