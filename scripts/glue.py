@@ -202,10 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         return cli.push_existing_run(args)
     stages = stage_dirs(args)
     # The final output folder is checked before any stage runs (the stages' own folders in it do not count).
-    check_output_dir(args.output_dir, inputs={"--model_name_or_path": args.model_name_or_path,
-                                              "--teacher_model_name_or_path": args.teacher_model_name_or_path},
-                     overwrite=args.overwrite_output_dir, resume=args.resume_from_checkpoint is not None,
-                     own_folders=stages)
+    check_output_dir(args.output_dir, inputs=cli.input_models(args), overwrite=args.overwrite_output_dir,
+                     resume=args.resume_from_checkpoint is not None, own_folders=stages)
     if args.teacher_model_name_or_path == AUTO_TEACHER:
         for stage in (args, teacher_stage_args(args)):  # every stage's settings checked before any work
             cli.training_config_from_args(stage)

@@ -228,6 +228,12 @@ class RunSetup:
     settings: dict[str, Any]
 
 
+def input_models(args: argparse.Namespace) -> dict[str, str | None]:
+    """Flag -> model (folder or Hub id) the run reads: the output folder may not overwrite them."""
+    return {"--model_name_or_path": args.model_name_or_path,
+            "--teacher_model_name_or_path": args.teacher_model_name_or_path}
+
+
 def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, *,
               own_folders: tuple[str, ...] = (), **data: Any) -> RunSetup:
     """Map the shared flags to typed configs and check, before any model or data loads, that the run may start
@@ -242,9 +248,7 @@ def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None,
     training = training_config_from_args(args)
     settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
                 "distillation": None if distillation is None else asdict(distillation), **data}
-    prepare_run(training, settings, inputs={"--model_name_or_path": args.model_name_or_path,
-                                            "--teacher_model_name_or_path": args.teacher_model_name_or_path},
-                own_folders=own_folders)
+    prepare_run(training, settings, inputs=input_models(args), own_folders=own_folders)
     return RunSetup(recipe, distillation, training, hub_config_from_args(args), settings)
 
 
