@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -131,11 +132,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
     """`accelerator.load_state(path)`, with an error that names the checkpoint and the fix when it does not fit."""
     try:
         accelerator.load_state(str(path))
-    except (RuntimeError, KeyError, ValueError, OSError, EOFError) as error:
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(
             f"Checkpoint {path} does not fit this run's model or optimizer ({type(error).__name__}: "
-            f"{str(error)[:500]}). It was written for another model, recipe or script: resume it with the command "
-            "that wrote it, or start again without --resume_from_checkpoint."
+            f"{str(error)[:500]}). Either a file in it is damaged, or it was written for another model, recipe or "
+            "script: resume it with the command that wrote it, resume another checkpoint, or start again without "
+            "--resume_from_checkpoint."
         ) from error
 
 

@@ -241,6 +241,13 @@ def test_max_seq_length_is_an_alias_of_the_anchor_flag_max_length(tiny_bert, dat
     assert glue_script.parse_args(alias).max_length == 16
 
 
+def test_with_tracking_reports_to_every_tracker_unless_report_to_names_one(tiny_bert, data_files, tmp_path):
+    args = run_args(tiny_bert, data_files, tmp_path / "o")
+    report_to = [cli.training_config_from_args(glue_script.parse_args([*args, *extra])).report_to
+                 for extra in ((), ("--with_tracking",), ("--with_tracking", "--report_to", "tensorboard"))]
+    assert report_to == ["none", "all", "tensorboard"]
+
+
 def test_outputs_get_the_usual_permissions(tiny_bert, data_files, tmp_path):
     previous = os.umask(0o022)
     try:
@@ -341,6 +348,12 @@ def test_corrupt_or_foreign_checkpoint_gives_a_clear_error(tiny_bert, data_files
     with pytest.raises(checkpointing.CheckpointError, match=r"step_2 does not fit this run's model [\s\S]* another "
                                                        r"model, recipe or script"):
         glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint), "--binarize", "ste"])
+    optimizer = checkpoint / "optimizer.bin"
+    saved_optimizer = optimizer.read_bytes()
+    optimizer.write_bytes(saved_optimizer[:200])
+    with pytest.raises(checkpointing.CheckpointError, match=r"step_2 does not fit [\s\S]* a file in it is damaged"):
+        glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint)])
+    optimizer.write_bytes(saved_optimizer)
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(checkpointing.CheckpointError, match=rf"corrupt: {weights} does not load"):
