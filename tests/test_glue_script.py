@@ -21,7 +21,7 @@ from transformers import (
 
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import checkpointing, hub
+from surge_hf import checkpointing, cli, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
