@@ -24,10 +24,10 @@ import surge_hf
 from surge_hf import cli
 from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
-from surge_hf.distillation import DistillationConfig
 from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
+from surge_hf.objective import DistillationConfig
 from surge_hf.output_dir import check_output_dir
 from surge_hf.text_data import load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
@@ -36,6 +36,8 @@ DEMO_OUTPUT_DIR = Path("outputs/demo")
 AUTO_TEACHER = "auto"
 TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The demo: the full recipe (teacher stage, then a distilled W1A1 student) at a size that runs in minutes on a CPU.
+DEMO_DEFAULTS = {"max_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
-    cli.add_shared_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, intermediate_distillation=True)
+    cli.add_shared_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, intermediate_distillation=True,
+                             calibrate=True)
     teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
     teacher.add_argument("--teacher_learning_rate", type=float, default=5e-5)
     teacher.add_argument("--teacher_num_train_epochs", type=int, default=3)
@@ -72,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.push_only:
         return args
+    if args.demo:  # the demo's defaults, under any flag the user gave
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
     if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
         args.teacher_model_name_or_path = None
     elif args.teacher_model_name_or_path == "none":
@@ -89,9 +95,6 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
     args.model_name_or_path = args.model_name_or_path or str(demo_model_path())
     if args.task_name is None and args.train_file is None:
         args.train_file, args.validation_file = write_demo_dataset(Path(args.output_dir).parent / "demo_data")
-    args.max_length = min(args.max_length, 64)
-    args.max_train_steps = args.max_train_steps or 60
-    args.logging_steps = min(args.logging_steps, 10)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -25,9 +25,9 @@ from .configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
-from .distillation import DistillationConfig
 from .export import push_run
 from .hub import HubConfig
+from .objective import DistillationConfig
 from .training import TrainingConfig, prepare_run
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
@@ -89,7 +89,7 @@ def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int,
-                           epochs: int, output_dir_required: bool = True) -> None:
+                           epochs: int, output_dir_required: bool = True, calibrate: bool = False) -> None:
     """Optimisation, logging, checkpoint and Accelerate flags (defaults given per script)."""
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=Path, required=output_dir_required)
@@ -118,7 +118,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
                        help="An Accelerate tracker: tensorboard, wandb, ..., all or none (default: none, or all "
                             "with --with_tracking).")
     group.add_argument("--with_tracking", action="store_true", help="Log to the --report_to trackers (default all).")
-    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=calibrate,
                        help="Initialise activation thresholds/scales from the first training batch.")
     group.add_argument("--latent_weight_learning_rate", type=float,
                        help="Learning rate (and no weight decay) for the latent weights of binarized layers.")
@@ -208,11 +208,11 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int, epochs: int,
-                         intermediate_distillation: bool) -> None:
+                         intermediate_distillation: bool, calibrate: bool = False) -> None:
     """The flags both scripts take: recipe, training, distillation and Hub (defaults given per script)."""
     add_recipe_arguments(parser)
     add_training_arguments(parser, learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
-                           output_dir_required=False)
+                           output_dir_required=False, calibrate=calibrate)
     add_distillation_arguments(parser, intermediate=intermediate_distillation)
     add_hub_arguments(parser)
 

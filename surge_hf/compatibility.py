@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .distillation import DistillationConfig
 from .image_data import ImageDataInfo, as_size
+from .objective import DistillationConfig
 from .text_data import TextDataInfo
 
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from .accounting import summary
 from .configuration_surge import SurgeConfig
-from .distillation import DistillationConfig
 from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
+from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
 from .training import TrainingConfig, TrainingResult
 

@@ -34,7 +34,7 @@ from .checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .distillation import DistillationConfig, compute_loss
+from .objective import DistillationConfig, compute_loss
 from .output_dir import check_output_dir
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
