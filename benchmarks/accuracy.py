@@ -53,6 +53,7 @@ HIDDEN_KD = ("--distill_hidden_states_weight", "1")
 ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
 BIT = (*FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
 ALPHA = ("--learnable_weight_scale",)
+SPLIT_LR = ("--learning_rate", "1e-4", "--latent_weight_learning_rate", "5e-4", "--quantizer_learning_rate", "5e-4")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ TEXT = Task(
         "surge_bit": (*_surge("0.1"), *BIT),
         "surge_bit_alpha": (*_surge("0.1"), *BIT, *ALPHA),
         "surge_bit_alpha_latent_lr": (*_surge("0.1"), *BIT, *ALPHA, "--latent_weight_learning_rate", "2e-3"),
+        # the binary layers' latent weights and quantizers at 5e-4, everything else (embeddings, norms, head) at 1e-4
+        "surge_bit_alpha_split_lr": (*_surge("0.1"), *BIT, *ALPHA, *SPLIT_LR),
         "surge_bit_alpha_a8": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "8"),
         "surge_bit_alpha_a4": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "4"),
         "surge_bit_alpha_a2": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "2"),
@@ -119,11 +122,17 @@ TEXT = Task(
                           ("--num_train_epochs", "2", "--max_seq_length", "32", "--per_device_train_batch_size",
                            "32"), teacher_seeds=(0,)),
         "ladder": Suite(("full_precision_3ep", "surge_init", "surge_init_kd_logits", "surge_init_kd_hidden",
-                         "surge_bit", "surge_bit_alpha", "surge_bit_alpha_latent_lr", "surge_bit_alpha_a8",
+                         "surge_bit", "surge_bit_alpha", "surge_bit_alpha_latent_lr", "surge_bit_alpha_split_lr",
+                         "surge_bit_alpha_a8",
                          "surge_bit_alpha_a4", "surge_bit_alpha_a2", "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
                         (0,), {"full_precision": (5e-5,), "binary": (5e-4,)},
                         ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size",
                          "32"), teacher_seeds=(42,), teacher="full_precision_3ep"),
+        # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
+        "ladder_seeds": Suite(("full_precision_3ep", "surge_bit_alpha", "ste_bit_alpha"), (0, 1, 2),
+                              {"full_precision": (5e-5,), "binary": (5e-4,)},
+                              ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size",
+                               "32"), teacher_seeds=(42,), teacher="full_precision_3ep"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
                                                                             "binary": (1e-4,)},
                        ("--num_train_epochs", "1", "--max_seq_length", "16", "--max_train_samples", "64"), (0,)),

