@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TEXT_KD = ("--distill_logits_weight", "1", "--distill_hidden_states_weight", "1", "--distill_label_weight", "1")
 VISION_KD = ("--distill_logits_weight", "1", "--distill_label_weight", "1")
+VISION_SHORTCUTS = ("--shortcuts",)
+VISION_RESNET_KD = ("--train_teacher", "resnet", "--distill_logits_weight", "1", "--distill_label_weight", "0")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ VISION = Task(
         "surge_eta1.0": _surge("1.0"),
         "ste_kd": ("--binarize", "ste", *VISION_KD),
         "surge_kd": (*_surge("0.5"), *VISION_KD),
+        # The binary-ViT ladder (issue: binary ViT close to full precision): shortcuts around every binary Linear,
+        # then logit-only distillation from a small full-precision ResNet that each run trains first.
+        "surge_shortcuts": (*_surge("0.5"), *VISION_SHORTCUTS),
+        "ste_shortcuts_resnet_teacher": ("--binarize", "ste", *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),
@@ -113,6 +120,13 @@ VISION = Task(
                      ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
                       "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding", "2",
                       "--horizontal_flip", "--max_train_samples", "5000")),
+        # The ladder on the CPU: twice the images of "cpu", cosine decay and no weight decay for every rung.
+        "cpu_ladder": Suite(("full_precision", "surge", "surge_shortcuts", "surge_shortcuts_resnet_teacher",
+                             "ste_shortcuts_resnet_teacher"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
+                            ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
+                             "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding",
+                             "2", "--horizontal_flip", "--max_train_samples", "10000", "--lr_scheduler_type",
+                             "cosine", "--weight_decay", "0"), (0,)),
         "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
                        ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
                         "patch_size=7", "--max_train_steps", "4", "--max_train_samples", "256",

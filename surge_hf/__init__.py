@@ -17,6 +17,7 @@ from .modeling_surge_bert import (
     SurgeBertPreTrainedModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
+from .shortcuts import ShortcutLinear, add_shortcuts
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BinaryLinear",
     "BitAccount",
     "LayerAccount",
+    "ShortcutLinear",
     "SurgeBertConfig",
     "SurgeBertForQuestionAnswering",
     "SurgeBertForSequenceClassification",
@@ -40,6 +42,7 @@ __all__ = [
     "SurgeViTForImageClassification",
     "SurgeViTModel",
     "SurgeViTPreTrainedModel",
+    "add_shortcuts",
     "auxiliary_loss",
     "binarize",
     "calibrate",

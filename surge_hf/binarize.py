@@ -1,6 +1,7 @@
 """Turn any PyTorch / transformers model into a SURGE binary network and back.
 
-- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place.
+- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place (inside a
+  `ShortcutLinear` when `config.shortcuts`).
 - `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor).
 - `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
@@ -16,6 +17,7 @@ from torch import nn
 
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
+from .shortcuts import add_shortcuts
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -93,6 +95,8 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
         else:
             replacement = SurgeLinear.from_linear(module, config)
         _set_submodule(model, name, replacement)
+    if config.shortcuts:
+        add_shortcuts(model, config)
     return model
 
 

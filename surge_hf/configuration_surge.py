@@ -70,6 +70,10 @@ class SurgeConfig:
         aux_loss_weight: weight of the auxiliary-branch loss mean((W_a x - f_b)^2) per layer (0 disables it; when on,
             the auxiliary forward product must be computed).
         eps: the epsilon in the AGS denominator.
+        shortcuts: wrap every binarized Linear in a `shortcuts.ShortcutLinear`: LayerNorm of its output plus a
+            (repeat / average-pool) shortcut of its input, a gate and an RPReLU (Bi-Real / ReActNet / BinaryViT).
+        shortcut_gate_init: the gate's initial value: 1 for training from scratch, 0 to keep a trained model's
+            function exactly at step 0.
         version: the recipe format version.
     """
 
@@ -88,6 +92,8 @@ class SurgeConfig:
     scale_aux_grad: bool = False
     aux_loss_weight: float = 0.0
     eps: float = 1e-8
+    shortcuts: bool = False
+    shortcut_gate_init: float = 1.0
     version: int = field(default=SURGE_CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -101,7 +107,7 @@ class SurgeConfig:
         _choice("compensator", self.compensator, COMPENSATORS)
         _choice("aux_weight", self.aux_weight, AUX_WEIGHTS)
         _choice("lambda_placement", self.lambda_placement, LAMBDA_PLACEMENTS)
-        for name in ("eta", "swish_beta", "eps", "aux_loss_weight"):
+        for name in ("eta", "swish_beta", "eps", "aux_loss_weight", "shortcut_gate_init"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SurgeConfig.{name}={value!r} must be a finite number.")
@@ -111,7 +117,7 @@ class SurgeConfig:
             raise ValueError("SurgeConfig.swish_beta and SurgeConfig.eps must be > 0.")
         if self.aux_loss_weight < 0:
             raise ValueError(f"SurgeConfig.aux_loss_weight={self.aux_loss_weight!r} must be >= 0.")
-        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad"):
+        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad", "shortcuts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SurgeConfig.{name}={getattr(self, name)!r} must be True or False.")
         for name in ("target_modules", "exclude_modules"):

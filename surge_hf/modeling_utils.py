@@ -35,6 +35,7 @@ from .configuration_surge import SurgeConfig
 from .configuration_utils import recipe_dict
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
+from .shortcuts import ShortcutLinear, init_shortcut_parameters
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
 
@@ -102,6 +103,8 @@ class SurgePreTrainedMixin:
         super()._init_weights(module)
         if isinstance(module, SURGE_LAYER_TYPES):
             init_surge_parameters(module)
+        elif isinstance(module, ShortcutLinear):
+            init_shortcut_parameters(module)
 
     # -- the two forms ---------------------------------------------------------------------------------------
     def _binarized_layers(self) -> Iterator[tuple[str, nn.Module]]:
