@@ -18,6 +18,7 @@ evaluated. The recipe, distillation (logits), Accelerate and Hub flags are share
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import re
@@ -26,7 +27,13 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import surge_hf
 from surge_hf import cli
@@ -43,8 +50,9 @@ from surge_hf.image_data import (
     detect_dataset_source,
     load_image_classification_data,
 )
+from surge_hf.image_teachers import check_teacher_config, load_image_teacher, small_resnet_config
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
-from surge_hf.training import build_accelerator, train
+from surge_hf.training import TrainingConfig, build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
 DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
@@ -94,10 +102,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_recipe_arguments(parser)
     cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10)
     cli.add_distillation_arguments(parser, intermediate=False)
+    add_binary_vit_arguments(parser)
     cli.add_hub_arguments(parser)
+    preset = _preset_parser().parse_known_args(argv)[0].recipe
+    if preset is not None:
+        parser.set_defaults(**RECIPE_PRESETS[preset])
     args = parser.parse_args(argv)
     validate_args(args)
     return args
+
+
+# -- binary-ViT recipe preset and teacher training -------------------------------------------------------------------
+# `--recipe binary-vit`: the defaults that the binary-ViT ladder in benchmarks/README.md favours (flags given
+# explicitly still win). Without --teacher_model_name_or_path it also trains a small ResNet teacher first.
+RECIPE_PRESETS: dict[str, dict[str, Any]] = {
+    "binary-vit": {"binarize": "surge", "eta": 0.5, "shortcuts": True, "weight_decay": 0.0,
+                   "lr_scheduler_type": "cosine", "distill_logits_weight": 1.0, "distill_label_weight": 0.0},
+}
+TEACHER_ARCHITECTURES = ("resnet", "none")
+TEACHER_DIR = "teacher"
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _preset_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe", choices=list(RECIPE_PRESETS))
+    return parser
+
+
+def add_binary_vit_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--recipe` and the flags that train a distillation teacher before the student."""
+    group = parser.add_argument_group("binary-ViT recipe and teacher training")
+    group.add_argument("--recipe", choices=list(RECIPE_PRESETS),
+                       help="binary-vit: SURGE (eta 0.5) with shortcuts around every binary Linear, logit-only "
+                            "distillation (from a small ResNet trained first unless --teacher_model_name_or_path is "
+                            "given), weight decay 0, cosine decay, no dropout. Explicit flags override it.")
+    group.add_argument("--train_teacher", choices=TEACHER_ARCHITECTURES,
+                       help="resnet: first train a small full-precision ResNet on the same data (saved to "
+                            "OUTPUT_DIR/teacher) and distil from it; none: no teacher. Default: resnet with "
+                            "--recipe binary-vit and no --teacher_model_name_or_path, else none.")
+    group.add_argument("--teacher_num_train_epochs", type=int,
+                       help="Epochs of teacher training (default: --num_train_epochs).")
+    group.add_argument("--teacher_learning_rate", type=float, default=1e-3)
+
+
+def validate_teacher_args(args: argparse.Namespace) -> None:
+    if args.train_teacher is None:
+        wants_teacher = args.recipe == "binary-vit" and args.teacher_model_name_or_path is None
+        args.train_teacher = "resnet" if wants_teacher else "none"
+    if args.train_teacher != "none" and args.teacher_model_name_or_path is not None:
+        raise ValueError("--train_teacher trains a teacher, --teacher_model_name_or_path names one; pass only one.")
+    if args.teacher_num_train_epochs is not None and args.teacher_num_train_epochs < 1:
+        raise ValueError(f"--teacher_num_train_epochs must be >= 1, got {args.teacher_num_train_epochs}.")
+
+
+def train_teacher(args: argparse.Namespace, accelerator, config: TrainingConfig, info: ImageDataInfo,
+                  loaders: dict[str, DataLoader], on_epoch_start, processor) -> Path:
+    """Train the `--train_teacher` model on the student's data and inputs; save it (with the student's image
+    `processor`, and its metrics in all_results.json) to OUTPUT_DIR/teacher. A resumed run reuses a saved teacher."""
+    output_dir = Path(args.output_dir) / TEACHER_DIR
+    if args.resume_from_checkpoint is not None and (output_dir / "config.json").is_file():
+        return output_dir
+    teacher_config = dataclasses.replace(
+        config, output_dir=str(output_dir), learning_rate=args.teacher_learning_rate, max_train_steps=None,
+        num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs, checkpointing_steps=None,
+        resume_from_checkpoint=None, calibrate_activations=False)
+    teacher = ResNetForImageClassification(small_resnet_config(info))
+    result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]}, teacher_config,
+                   functools.partial(compute_glue_metrics, "classification"), on_epoch_start=on_epoch_start)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(teacher).save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(
+            {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
+    accelerator.wait_for_everyone()
+    return output_dir
+# -- end of the binary-ViT block ---------------------------------------------------------------------------------------
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -117,6 +197,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     cli.validate_common_args(args)
+    validate_teacher_args(args)
     augment_config(args)  # validates the augmentation flags
     args.vit_fields = None if args.config is None else parse_vit_config(args.config)
 
@@ -215,24 +296,6 @@ def load_data(args: argparse.Namespace, pretrained: ViTConfig | None) -> ImageCl
     return data
 
 
-def check_teacher(args: argparse.Namespace, info: ImageDataInfo) -> None:
-    """A distillation teacher must take the student's inputs and predict the data's classes."""
-    config = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
-    source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
-    if config.model_type != "vit":
-        raise ValueError(f"{source} is a {config.model_type!r} model; the teacher must be a full-precision ViT "
-                         "(model_type 'vit'), e.g. the output of a --binarize none run.")
-    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if size is None or _side_pair(size) != info.image_size or channels != info.num_channels:
-        raise ValueError(f"{source} takes {channels}-channel {size} images, the student "
-                         f"{info.num_channels}-channel {info.image_size}; use a teacher trained on this data.")
-    generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    label2id = {str(name): int(index) for name, index in config.label2id.items()}
-    if config.num_labels != info.num_labels or label2id not in (generic, info.label2id):
-        raise ValueError(f"{source} predicts {config.num_labels} classes {label2id}, the data has {info.label2id}; "
-                         "use a teacher fine-tuned on the same classes in the same order.")
-
-
 def recipe_with_patch_embedding(recipe: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
     """The recipe with the patch embedding convolution added to its targets."""
     targets = recipe.target_modules
@@ -255,7 +318,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge=recipe))
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
-                  ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)
+                  ignore_mismatched_sizes=pretrained.num_labels != info.num_labels,
+                  **(NO_DROPOUT if args.recipe == "binary-vit" else {}))
     if recipe is None:
         return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)
     return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
@@ -289,26 +353,36 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
-    distillation = cli.distillation_from_args(args)
     config = cli.training_config_from_args(args)
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
     if args.teacher_model_name_or_path:
-        check_teacher(args, info)
+        check_teacher_config(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info,
+                             f"--teacher_model_name_or_path {args.teacher_model_name_or_path}")
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
     model = load_student(args, recipe, info, pretrained)
-    teacher = None
-    if distillation is not None:
-        teacher = ViTForImageClassification.from_pretrained(args.teacher_model_name_or_path, dtype=torch.float32)
     train_collator = ImageCollator(info, mean, std, augment_config(args), seed=args.seed + accelerator.process_index)
     eval_collator = ImageCollator(info, mean, std)
-    train_loader = DataLoader(data.train, shuffle=True, collate_fn=train_collator,
-                              batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers)
-    eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
-                             num_workers=args.dataloader_num_workers)
+
+    def loaders() -> dict[str, DataLoader]:
+        return {"train": DataLoader(data.train, shuffle=True, collate_fn=train_collator,
+                                    batch_size=args.per_device_train_batch_size,
+                                    num_workers=args.dataloader_num_workers),
+                "eval": DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
+                                   num_workers=args.dataloader_num_workers)}
+
+    if args.train_teacher != "none":
+        args.teacher_model_name_or_path = str(train_teacher(args, accelerator, config, info, loaders(),
+                                                            train_collator.set_epoch,
+                                                            build_image_processor(info, mean, std)))
+    distillation = cli.distillation_from_args(args)
+    teacher = None
+    if distillation is not None:
+        teacher = load_image_teacher(args.teacher_model_name_or_path, info, mean, std)
+    train_loader, eval_loader = loaders().values()
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
                    functools.partial(compute_glue_metrics, "classification"),
                    teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch)
