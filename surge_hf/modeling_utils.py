@@ -26,6 +26,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig
 from transformers import initialization as init
 
 from .binarize import binarize, surge_layers
@@ -35,7 +36,7 @@ from .configuration_surge import SurgeConfig
 from .configuration_utils import recipe_dict
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
-from .shortcuts import ShortcutLinear, init_shortcut_parameters
+from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
 
@@ -177,6 +178,9 @@ class SurgePreTrainedMixin:
                 or a packed checkpoint is loaded into trainable layers.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        shortcut_recipe = cls._shortcuts_to_add(pretrained_model_name_or_path, kwargs)
+        if shortcut_recipe is not None:
+            kwargs["surge"] = shortcut_recipe.replace(shortcuts=False)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -188,7 +192,25 @@ class SurgePreTrainedMixin:
                 "force_download=True)."
             ) from error
         model._check_loading(pretrained_model_name_or_path, info)
+        if shortcut_recipe is not None:
+            add_shortcuts(model, shortcut_recipe)
+            model.config.surge = shortcut_recipe
         return (model, info) if output_loading_info else model
+
+    @staticmethod
+    def _shortcuts_to_add(source: str | os.PathLike | None, kwargs: dict[str, Any]) -> SurgeConfig | None:
+        """The recipe passed as `surge=` when it asks for shortcuts that the checkpoint does not have (a plain or
+        shortcut-free SURGE checkpoint): such a checkpoint loads without them and gets them added afterwards (see
+        `shortcuts.add_shortcuts`), so its Linear weights keep their names and, with `shortcut_gate_init=0`, the
+        model keeps its function."""
+        if kwargs.get("surge") is None or source is None:
+            return None
+        recipe = SurgeConfig.from_dict(recipe_dict(kwargs["surge"]))
+        if not recipe.shortcuts:
+            return None
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        saved = getattr(AutoConfig.from_pretrained(source, **hub_kwargs), "surge", None) or {}
+        return None if saved.get("shortcuts", False) else recipe
 
     def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
         """Raise if binarized layers did not load completely (see `from_pretrained`)."""
