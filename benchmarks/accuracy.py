@@ -120,12 +120,13 @@ VISION = Task(
                      ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
                       "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding", "2",
                       "--horizontal_flip", "--max_train_samples", "5000")),
-        # The ladder on the CPU: twice the images of "cpu", cosine decay and no weight decay for every rung.
+        # The ladder on the CPU: the budget of "cpu", with cosine decay and no weight decay for every rung.
         "cpu_ladder": Suite(("full_precision", "surge", "surge_shortcuts", "surge_shortcuts_resnet_teacher",
-                             "ste_shortcuts_resnet_teacher"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
+                             "ste_shortcuts_resnet_teacher"), (0, 1, 2),
+                            {"full_precision": (1e-3,), "binary": (1e-3,)},
                             ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
                              "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding",
-                             "2", "--horizontal_flip", "--max_train_samples", "10000", "--lr_scheduler_type",
+                             "2", "--horizontal_flip", "--max_train_samples", "5000", "--lr_scheduler_type",
                              "cosine", "--weight_decay", "0"), (0,)),
         "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
                        ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--task", choices=list(TASKS), required=True)
     parser.add_argument("--suite", default="cpu")
     parser.add_argument("--recipes", help="Comma-separated subset of the suite's recipes.")
+    parser.add_argument("--seeds", help="Comma-separated seeds for every recipe (default: the suite's).")
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "all-MiniLM-L6-v2", help="text only")
     parser.add_argument("--data_dir", type=Path,
                         help="Rotten Tomatoes csv folder (text) or Fashion-MNIST npz folder (vision); "
@@ -213,6 +215,7 @@ def main() -> None:
         parser.error(f"--suite {args.suite!r}: the {args.task} task has suites {', '.join(task.suites)}")
     suite = task.suites[args.suite]
     recipes = args.recipes.split(",") if args.recipes else list(suite.recipes)
+    seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else None
     args.data_dir = args.data_dir or SHARED / "data" / ("rotten_tomatoes" if args.task == "text" else "fashion_mnist")
     args.runs_dir = args.runs_dir or ROOT / "outputs" / f"{args.task}_accuracy"
     args.vision_dataset = args.runs_dir / "fashion_mnist_dataset"
@@ -226,7 +229,7 @@ def main() -> None:
     def jobs(kd: bool) -> list[tuple[str, float, int]]:
         return [(recipe, lr, seed) for recipe in recipes if recipe.endswith("_kd") == kd
                 for lr in suite.learning_rates["full_precision" if recipe == "full_precision" else "binary"]
-                for seed in (suite.teacher_seeds if recipe == "full_precision" else suite.seeds)]
+                for seed in (seeds or (suite.teacher_seeds if recipe == "full_precision" else suite.seeds))]
 
     start = time.perf_counter()
     records = []
