@@ -22,6 +22,8 @@ import dataclasses
 import functools
 import json
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**RECIPE_PRESETS[preset])
     args = parser.parse_args(argv)
     validate_args(args)
+    args.command = shlex.join(["accelerate", "launch", "scripts/vit.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 

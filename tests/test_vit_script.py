@@ -295,6 +295,8 @@ def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path):
     assert results["completed_steps"] == 6
     packed = AutoModelForImageClassification.from_pretrained(out)
     assert packed.is_packed and isinstance(packed.vit.layers[0].mlp.fc1, ShortcutLinear)
+    card = (out / "README.md").read_text()
+    assert "| recipe preset | binary-vit |" in card and "--recipe binary-vit" in card
 
 
 def test_binary_vit_recipe_sets_defaults_that_flags_override():
