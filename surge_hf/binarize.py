@@ -1,7 +1,7 @@
 """Turn any PyTorch / transformers model into a SURGE binary network and back.
 
 - `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place (inside a
-  `ShortcutLinear` when `config.shortcuts`).
+  `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
 - `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor).
 - `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .binary_attention import add_binary_attention
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
 from .shortcuts import add_shortcuts
@@ -97,6 +98,8 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
         _set_submodule(model, name, replacement)
     if config.shortcuts:
         add_shortcuts(model, config)
+    if config.binarize_attention:
+        add_binary_attention(model, config)
     return model
 
 
