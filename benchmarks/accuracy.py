@@ -167,15 +167,23 @@ def run_one(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed
     out = run_dir(args.runs_dir, recipe, lr, seed)
     results_file = out / "all_results.json"
     start = time.perf_counter()
+    wall_file = out / "benchmark_wall_s.json"  # a reused run reports the time it took when it ran
     if not (args.reuse and results_file.exists()):
         out.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"seed{seed}.log", "w") as log:
             subprocess.run(command(args, suite, recipe, lr, seed), check=True, stdout=log,
                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall_file.write_text(json.dumps(time.perf_counter() - start))
     results = json.loads(results_file.read_text())
     metrics = next(iter(results["eval"].values()))
-    return {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
-            "steps": results["completed_steps"], "wall_s": time.perf_counter() - start, "run_dir": str(out)}
+    record = {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
+              "steps": results["completed_steps"],
+              "wall_s": json.loads(wall_file.read_text()) if wall_file.exists() else time.perf_counter() - start,
+              "run_dir": str(out)}
+    teacher_file = out / "teacher" / "all_results.json"  # runs that trained their own teacher (--train_teacher)
+    if teacher_file.exists():
+        record["teacher_accuracy"] = next(iter(json.loads(teacher_file.read_text())["eval"].values()))["accuracy"]
+    return record
 
 
 def summarize(records: list[dict]) -> list[dict]:
