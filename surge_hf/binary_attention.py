@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers import initialization as init
 from transformers.models.vit.modeling_vit import eager_attention_forward
 
 from .configuration_surge import SurgeConfig
@@ -56,6 +57,11 @@ class BinaryAttentionProbabilities(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.alpha.numel()}, alpha_init={self.alpha_init:g}"
+
+
+def init_binary_attention_parameters(module: BinaryAttentionProbabilities) -> None:
+    """alpha = `alpha_init`, through `transformers.initialization` (loaded values are left untouched)."""
+    init.constant_(module.alpha, module.alpha_init)
 
 
 def _sign(x: Tensor) -> Tensor:

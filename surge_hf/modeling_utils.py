@@ -32,6 +32,7 @@ from transformers import initialization as init
 from .binarize import binarize, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
+from .binary_attention import BinaryAttentionProbabilities, init_binary_attention_parameters
 from .configuration_surge import SurgeConfig
 from .configuration_utils import recipe_dict
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
@@ -106,6 +107,8 @@ class SurgePreTrainedMixin:
             init_surge_parameters(module)
         elif isinstance(module, ShortcutLinear):
             init_shortcut_parameters(module)
+        elif isinstance(module, BinaryAttentionProbabilities):
+            init_binary_attention_parameters(module)
 
     # -- the two forms ---------------------------------------------------------------------------------------
     def _binarized_layers(self) -> Iterator[tuple[str, nn.Module]]:

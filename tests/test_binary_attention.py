@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageClassification, BertConfig, BertModel, ViTConfig
+from transformers import AutoModelForImageClassification, BertConfig, BertModel, ViTConfig, ViTForImageClassification
 
 from surge_hf import SurgeConfig, SurgeViTConfig, SurgeViTForImageClassification, binarize, finalize
 from surge_hf.binary_attention import BinaryAttentionProbabilities, add_binary_attention, binary_attention_forward
@@ -67,6 +67,16 @@ def test_vit_trains_and_finalizes_exactly(tmp_path):
     assert reloaded.config._attn_implementation == "surge_binary"
     assert torch.equal(reloaded(pixel_values=x).logits, expected)
     assert torch.equal(model.finalize()(pixel_values=x).logits, expected)
+
+
+def test_plain_vit_checkpoint_gets_the_initial_alpha(tmp_path):
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32, image_size=8, patch_size=4, num_labels=3)
+                              ).save_pretrained(tmp_path)
+    model = SurgeViTForImageClassification.from_pretrained(
+        tmp_path, surge=SurgeConfig(binarize_attention=True, attention_alpha_init=0.125))
+    assert torch.equal(model.vit.layers[0].attention.binary_attention.alpha, torch.full((2,), 0.125))
 
 
 def test_bert_self_attention_is_binarized_and_finalizes_exactly():
