@@ -110,6 +110,7 @@ VISION = Task(
         "ste_shortcuts_resnet_teacher": ("--binarize", "ste", *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_binary_attention": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD, "--binarize_attention"),
+        "full_precision_resnet_teacher": ("--binarize", "none", *VISION_RESNET_KD),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),
@@ -123,7 +124,8 @@ VISION = Task(
                       "--horizontal_flip", "--max_train_samples", "5000")),
         # The ladder on the CPU: the budget of "cpu", with cosine decay and no weight decay for every rung.
         "cpu_ladder": Suite(("full_precision", "surge", "surge_shortcuts", "surge_shortcuts_resnet_teacher",
-                             "ste_shortcuts_resnet_teacher", "surge_binary_attention"), (0, 1, 2),
+                             "ste_shortcuts_resnet_teacher", "surge_binary_attention",
+                             "full_precision_resnet_teacher"), (0, 1, 2),
                             {"full_precision": (1e-3,), "binary": (1e-3,)},
                             ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
                              "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding",
