@@ -5,12 +5,14 @@ For one head with queries Q, keys K, values V (tokens x head_dim), the scale d^-
 
     S   = sign(Q) sign(K)^T * d^-1/2 + M          Q and K binarized (clipped straight-through gradient)
     P   = softmax(S)                                row-wise, in float32
-    P_b = alpha * round(clip(P / alpha, 0, 1))      the probabilities binarized to {0, alpha} (half rounds up)
+    P_b = alpha * round(clip(P / alpha, 0, 1))      the probabilities binarized to {0, alpha} (round half to even)
     O   = P_b V
 
 with alpha a learnable scale per head (initialised to `SurgeConfig.attention_alpha_init`). P_b is 0 where
-P / alpha < 1/2 and alpha elsewhere, so `P_b V` adds up the selected value rows and scales them once. Gradients
-(straight-through inside the clip range, as BiT's elastic binarizer):
+P / alpha < 1/2 and alpha where P / alpha > 1/2, so `P_b V` adds up the selected value rows and scales them once.
+Gradients
+(straight-through inside the clip range and LSQ for alpha, as BiT's elastic binarizer; both binarizers are the
+shared `quantizers.ActivationQuantizer`):
 
     dP_b/dP     = 1[0 <= P <= alpha]
     dP_b/dalpha = round(P / alpha) - P / alpha   for 0 <= P <= alpha,   1 for P > alpha
@@ -35,9 +37,11 @@ from transformers import initialization as init
 from transformers.models.vit.modeling_vit import eager_attention_forward
 
 from .configuration_surge import SurgeConfig
-from .quantizers import ActivationBinarizer
+from .quantizers import ActivationQuantizer, ActivationSpec
 
 ATTENTION_IMPLEMENTATION = "surge_binary"
+SIGN = ActivationSpec()  # sign(x), clipped straight-through gradient
+UNSIGNED_BINARY = ActivationSpec(bits=1, signed=False)  # codes round(clip(x / alpha, 0, 1)), LSQ gradients
 
 
 class BinaryAttentionProbabilities(nn.Module):
@@ -50,10 +54,7 @@ class BinaryAttentionProbabilities(nn.Module):
 
     def forward(self, probabilities: Tensor) -> Tensor:
         alpha = self.alpha.to(probabilities.dtype).reshape(1, -1, 1, 1)  # (batch, heads, queries, keys)
-        ratio = (probabilities / alpha).clamp(0, 1)
-        rounded = (ratio >= 0.5).to(ratio.dtype)  # round half up
-        # ratio + (rounded - ratio) equals `rounded` exactly for ratio in [0, 1] (Sterbenz).
-        return alpha * (ratio + (rounded - ratio).detach())
+        return ActivationQuantizer.apply(probabilities, None, alpha, UNSIGNED_BINARY) * alpha
 
     def extra_repr(self) -> str:
         return f"heads={self.alpha.numel()}, alpha_init={self.alpha_init:g}"
@@ -65,7 +66,7 @@ def init_binary_attention_parameters(module: BinaryAttentionProbabilities) -> No
 
 
 def _sign(x: Tensor) -> Tensor:
-    return ActivationBinarizer.apply(x, None, None, "clipped_ste", 1.0)
+    return ActivationQuantizer.apply(x, None, None, SIGN)
 
 
 def binary_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
