@@ -162,9 +162,11 @@ def validate_teacher_args(args: argparse.Namespace) -> None:
 def train_teacher(args: argparse.Namespace, accelerator, config: TrainingConfig, info: ImageDataInfo,
                   loaders: dict[str, DataLoader], on_epoch_start, processor) -> Path:
     """Train the `--train_teacher` model on the student's data and inputs; save it (with the student's image
-    `processor`, and its metrics in all_results.json) to OUTPUT_DIR/teacher. A resumed run reuses a saved teacher."""
+    `processor`, and its metrics in all_results.json) to OUTPUT_DIR/teacher. A finished teacher there is reused (as
+    `scripts/glue.py` reuses its teacher stage)."""
     output_dir = Path(args.output_dir) / TEACHER_DIR
-    if args.resume_from_checkpoint is not None and (output_dir / "config.json").is_file():
+    if (output_dir / "all_results.json").is_file():
+        accelerator.print(f"Reusing the teacher in {output_dir}.")
         return output_dir
     teacher_config = dataclasses.replace(
         config, output_dir=str(output_dir), learning_rate=args.teacher_learning_rate, max_train_steps=None,

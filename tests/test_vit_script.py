@@ -297,6 +297,10 @@ def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path):
     assert packed.is_packed and isinstance(packed.vit.layers[0].mlp.fc1, ShortcutLinear)
     card = (out / "README.md").read_text()
     assert "| recipe preset | binary-vit |" in card and "--recipe binary-vit" in card
+    again = vit_script.main(run_args(disk_data, out, "--config", sizes, "--recipe", "binary-vit",
+                                     "--max_train_steps", "1", "--teacher_num_train_epochs", "1"))
+    assert json.loads((out / "teacher" / "all_results.json").read_text()) == teacher  # reused, not retrained
+    assert again["completed_steps"] == 1
 
 
 def test_binary_vit_recipe_sets_defaults_that_flags_override():
