@@ -8,7 +8,6 @@ from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
 from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
-from .losses import auxiliary_loss
 from .modeling_surge_bert import (
     SurgeBertForQuestionAnswering,
     SurgeBertForSequenceClassification,
@@ -17,7 +16,9 @@ from .modeling_surge_bert import (
     SurgeBertPreTrainedModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
+from .objective import DistillationConfig, collect_auxiliary_loss, compute_loss
 from .shortcuts import ShortcutLinear, add_shortcuts
+from .trainer import SurgeTrainer
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BinaryConv2d",
     "BinaryLinear",
     "BitAccount",
+    "DistillationConfig",
     "LayerAccount",
     "ShortcutLinear",
     "SurgeBertConfig",
@@ -38,12 +40,14 @@ __all__ = [
     "SurgeConfig",
     "SurgeConv2d",
     "SurgeLinear",
+    "SurgeTrainer",
     "SurgeViTConfig",
     "SurgeViTForImageClassification",
     "SurgeViTModel",
     "SurgeViTPreTrainedModel",
     "add_shortcuts",
-    "auxiliary_loss",
+    "collect_auxiliary_loss",
+    "compute_loss",
     "binarize",
     "calibrate",
     "diagnostics",

@@ -27,15 +27,14 @@ import torch
 from torch import nn
 
 from .binarize import surge_layers
-from .layers import SurgeConv2d
+from .layers import layer_kind
 from .quantizers import activation_codes, sign
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input as (samples, features): channels of a conv input, the last dim of a linear input."""
-    if isinstance(layer, SurgeConv2d):
-        return x.transpose(0, 1).reshape(x.shape[1], -1).t()
-    return x.reshape(-1, x.shape[-1])
+    """The input as (samples, features): the layer kind's feature dim moved last, every other dim pooled."""
+    features = x.movedim(layer_kind(layer).feature_dim, -1)
+    return features.reshape(-1, features.shape[-1])
 
 
 @torch.no_grad()

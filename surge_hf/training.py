@@ -30,7 +30,7 @@ from transformers import get_scheduler
 
 from .binarize import diagnostics, surge_layers
 from .calibration import calibrate
-from .distillation import DistillationConfig, compute_loss
+from .objective import DistillationConfig, compute_loss
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -46,7 +46,7 @@ def tiny_vit(recipe: SurgeConfig) -> SurgeViTForImageClassification:
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                        image_size=8, patch_size=4, num_labels=3)
-    return SurgeViTForImageClassification(SurgeViTConfig.from_vit_config(config, surge=recipe))
+    return SurgeViTForImageClassification(SurgeViTConfig.from_vit_config(config, surge_config=recipe))
 
 
 def test_vit_trains_and_finalizes_exactly(tmp_path):

@@ -3,6 +3,7 @@ target/exclude checks that need a model (`resolve_targets`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -70,11 +71,11 @@ def test_activation_bits_allowed_values(bits) -> None:
 
 
 @pytest.mark.parametrize(("changes", "shown"), [
-    ({"activation_bits": 4}, "activation_bits=4"),
+    ({"activation_bits": 4, "activation_binarizer": "rsign"}, "activation_bits=4"),
     ({"unsigned_activation_modules": ["output.dense"], "activation_binarizer": "sign"}, "activation_bits=1"),
 ])
 def test_uniform_activations_need_a_step(changes: dict, shown: str) -> None:
-    binarizer = changes.get("activation_binarizer", "rsign")
+    binarizer = changes["activation_binarizer"]
     message = (
         f"SurgeConfig.{shown} / unsigned_activation_modules need a learnable step size, but "
         f"activation_binarizer={binarizer!r} has none; set activation_binarizer='elastic'."
@@ -118,8 +119,28 @@ def test_bad_target_lists(field: str, value) -> None:
         SurgeConfig(**{field: value})
 
 
-def test_target_tuple_becomes_list() -> None:
-    assert SurgeConfig(target_modules=("query", "key")).target_modules == ["query", "key"]
+def test_target_list_is_held_as_a_tuple_and_written_as_a_list() -> None:
+    config = SurgeConfig(target_modules=["query", "key"])
+    assert config.target_modules == ("query", "key")
+    assert config.to_dict()["target_modules"] == ["query", "key"]
+    assert SurgeConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_recipe_is_frozen_after_validation() -> None:
+    config = SurgeConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'eta'"):
+        config.eta = -3
+    assert config.eta == 0.1 and config.replace(eta=0.5).eta == 0.5
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_invalid_regular_expression_names_the_field(field: str) -> None:
+    message = (
+        f"SurgeConfig.{field}='encoder.(layer' is not a valid regular expression (missing ), unterminated "
+        "subpattern at position 8); fix the pattern, or pass a list of module-name suffixes instead."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(**{field: "encoder.(layer"})
 
 
 def test_wrong_version() -> None:
@@ -146,7 +167,7 @@ def test_defaults() -> None:
     cfg = SurgeConfig()
     assert cfg.to_dict() == {
         "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
-        "weight_scale": "channel", "activation_binarizer": "rsign", "surrogate": "clipped_ste", "swish_beta": 5.0,
+        "weight_scale": "channel", "activation_binarizer": "elastic", "surrogate": "clipped_ste", "swish_beta": 5.0,
         "compensator": "surge", "eta": 0.1, "aux_weight": "separate", "lambda_placement": "fork",
         "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "shortcuts": False, "shortcut_gate_init": 1.0,
         "binarize_attention": False, "attention_alpha_init": 0.05, "version": 1,
@@ -235,7 +256,7 @@ def test_exclude_entry_matching_nothing_names_field() -> None:
 
 def test_everything_excluded() -> None:
     message = (
-        "SurgeConfig.target_modules=['query'] (minus exclude_modules) selects no Linear/Conv2d module; "
+        "SurgeConfig.target_modules=('query',) (minus exclude_modules) selects no Linear/Conv2d module; "
         "this model has: block.query, block.value, head."
     )
     with pytest.raises(ValueError, match=_exact(message)):

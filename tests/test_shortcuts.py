@@ -119,14 +119,14 @@ def test_plain_vit_checkpoint_keeps_its_function_and_weights_at_step_zero(tmp_pa
     with_shortcuts = SurgeViTForImageClassification.from_pretrained(
         tmp_path, surge=SurgeConfig(shortcuts=True, shortcut_gate_init=0.0)).eval()
     q_proj = with_shortcuts.vit.layers[0].attention.q_proj
-    assert isinstance(q_proj, ShortcutLinear) and with_shortcuts.config.surge_recipe.shortcuts
+    assert isinstance(q_proj, ShortcutLinear) and with_shortcuts.config.surge_config.shortcuts
     assert torch.equal(q_proj.layer.weight, without.vit.layers[0].attention.q_proj.weight)
     assert torch.equal(with_shortcuts(pixel_values=x).logits, without(pixel_values=x).logits)
 
 
 def trained_shortcut_vit() -> SurgeViTForImageClassification:
     torch.manual_seed(0)
-    config = SurgeViTConfig.from_vit_config(vit_config(), surge=SurgeConfig(shortcuts=True))
+    config = SurgeViTConfig.from_vit_config(vit_config(), surge_config=SurgeConfig(shortcuts=True))
     model = SurgeViTForImageClassification(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
@@ -137,7 +137,8 @@ def trained_shortcut_vit() -> SurgeViTForImageClassification:
 
 
 def test_fresh_model_starts_from_the_initial_values():
-    config = SurgeViTConfig.from_vit_config(vit_config(), surge=SurgeConfig(shortcuts=True, shortcut_gate_init=0.25))
+    recipe = SurgeConfig(shortcuts=True, shortcut_gate_init=0.25)
+    config = SurgeViTConfig.from_vit_config(vit_config(), surge_config=recipe)
     fc1 = SurgeViTForImageClassification(config).vit.layers[0].mlp.fc1
     assert (fc1.shortcut_kind, fc1.shortcut_factor) == ("repeat", 2)
     assert torch.equal(fc1.gate, torch.full((32,), 0.25))
