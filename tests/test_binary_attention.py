@@ -86,6 +86,8 @@ def test_bert_self_attention_is_binarized_and_finalizes_exactly():
     binarize(model, SurgeConfig(binarize_attention=True))
     assert model.encoder.layer[0].attention.self.binary_attention.alpha.shape == (2,)
     ids = torch.tensor([[1, 2, 3, 4]])
+    model.train()(input_ids=ids).last_hidden_state.square().sum().backward()
+    assert model.encoder.layer[0].attention.self.binary_attention.alpha.grad.abs().sum() > 0  # the path is used
     expected = model.eval()(input_ids=ids).last_hidden_state
     assert torch.equal(finalize(model)(input_ids=ids).last_hidden_state, expected)
 
