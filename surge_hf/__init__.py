@@ -17,6 +17,7 @@ from .modeling_surge_bert import (
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
 from .objective import DistillationConfig, collect_auxiliary_loss, compute_loss
+from .shortcuts import ShortcutLinear, add_shortcuts
 from .trainer import SurgeTrainer
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "BitAccount",
     "DistillationConfig",
     "LayerAccount",
+    "ShortcutLinear",
     "SurgeBertConfig",
     "SurgeBertForQuestionAnswering",
     "SurgeBertForSequenceClassification",
@@ -43,6 +45,7 @@ __all__ = [
     "SurgeViTForImageClassification",
     "SurgeViTModel",
     "SurgeViTPreTrainedModel",
+    "add_shortcuts",
     "collect_auxiliary_loss",
     "compute_loss",
     "binarize",
