@@ -1,0 +1,157 @@
+"""The CPU kernel behind packed W1A1 layers: XNOR-popcount products on bit-packed signs.
+
+For +-1 vectors `a`, `w` of length `K` whose signs are stored as bits (1 for +1, 0 for -1), the dot product is the
+integer `a . w = K - 2 * popcount(bits(a) xor bits(w))`. A packed `BinaryLinear` with sign activations computes
+
+    y = float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j
+
+so the kernel packs the activations into bits on the fly (`x - tau >= 0`), takes XOR + popcount against the packed
+weight rows, and applies the scales and the bias in that order (each product rounded to float32 on its own), which
+is exactly what the reference path computes.
+
+The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `torch.utils.cpp_extension.load` into
+torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
+The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++; work
+is split over `torch.get_num_threads()` threads. Where it cannot be built (no C++ compiler, no ninja), packed layers
+use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
+kernel off.
+
+Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
+(on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
+`(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DISABLE_ENV = "SURGE_HF_DISABLE_KERNELS"
+_SOURCES = ("xnor_ops.cpp", "xnor_avx512.cpp", "xnor_avx2.cpp", "xnor_portable.cpp")
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_state: dict[str, bool | None] = {"loaded": None, "enabled": True}
+
+
+def _ninja_on_path() -> None:
+    """Put the `ninja` PyPI package's binary on PATH when no ninja is there (torch's builder calls `ninja`)."""
+    if shutil.which("ninja") is not None:
+        return
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> bool:
+    """Compile (or reuse the cached build of) the extension and register `torch.ops.surge_hf`; False on failure."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ninja_on_path()
+        load(
+            name="surge_hf_xnor",
+            sources=[str(_CSRC / source) for source in _SOURCES],
+            extra_cflags=["-O3", "-ffp-contract=off"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the reference path
+        warnings.warn(
+            f"surge_hf could not build its CPU kernel ({type(error).__name__}: {str(error).strip()[:300]}); packed "
+            "binary layers use the slower reference path (unpack + F.linear). Install a C++ compiler and the "
+            "`ninja` package to get the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether the kernel is enabled and built (building it on the first call)."""
+    if not _state["enabled"] or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False
+    if _state["loaded"] is None:
+        _state["loaded"] = _build()
+    return bool(_state["loaded"])
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the kernel on or off for this process (off: packed layers use the reference path)."""
+    _state["enabled"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run a block with the kernel turned off."""
+    previous = _state["enabled"]
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def _ops():
+    if not available():
+        raise RuntimeError(f"The surge_hf CPU kernel is not available (disabled, or it could not be built; "
+                           f"unset {DISABLE_ENV} and see the warning raised on first use).")
+    return torch.ops.surge_hf
+
+
+def isa() -> str:
+    """The instruction set the kernel runs with: `avx512_vpopcntdq`, `avx2` or `portable`."""
+    return _ops().xnor_isa()
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU can run, fastest first."""
+    return list(_ops().xnor_supported_isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run a block with the kernel forced to instruction set `name` (one of `supported_isas()`)."""
+    previous = _ops().xnor_set_isa(name)
+    try:
+        yield
+    finally:
+        _ops().xnor_set_isa(previous)
+
+
+def pack_weight_panels(weight_packed: Tensor, in_features: int) -> Tensor:
+    """Weight panels (see the module docstring) from `packing.pack_signs` rows `(N, ceil(K / 8))` uint8."""
+    return _ops().pack_weight_panels(weight_packed, in_features)
+
+
+def pack_activation_bits(x: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """The sign bits of `x - threshold` (`x` float32 `(M, K)`): int64 `(M, ceil(K / 64))`, 1 where `x - tau >= 0`."""
+    return _ops().pack_activation_bits(x.contiguous(), None if threshold is None else threshold.contiguous())
+
+
+def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The exact +-1 dot products `K - 2 * popcount(a xor w)`, int32 of shape `(M, N)`."""
+    return _ops().xnor_gemm(activation_bits, weight_panels, out_features, in_features)
+
+
+def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                  input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j` for float32 `x` of shape `(..., K)` (see the module
+    docstring); tau, s and b optional. Returns float32 of shape `(..., N)`."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = _ops().binary_linear(
+        rows, _contiguous(threshold), weight_panels, out_features, alpha.contiguous(), _contiguous(input_scale),
+        _contiguous(bias),
+    )
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach().contiguous()
