@@ -1,6 +1,6 @@
 """What the SURGE model configs share: the recipe stored as a plain dict and the packed-weights flag.
 
-A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with two more
+A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with three more
 fields:
 
 - `surge`: the `SurgeConfig` recipe as a plain JSON dict (a dataclass on a transformers config breaks saving). Any
@@ -8,6 +8,8 @@ fields:
   (the default recipe) and is validated by `SurgeConfig.from_dict`, so unknown recipe keys are an error.
 - `surge_packed`: True when the binarized layers hold packed sign bits (`BinaryLinear`), False when they hold
   trainable latent weights (`SurgeLinear`).
+- `surge_int8_embeddings`: the embedding modules that a packed model stores in int8 with per-row scales
+  (`surge_hf.embeddings`), or None.
 
 A plain checkpoint of the wrapped architecture loads into the SURGE config unchanged (its `model_type` is accepted);
 any other `model_type` is an error.
@@ -51,6 +53,10 @@ class SurgeConfigMixin:
             value = recipe_dict(value)
         elif key == "surge_packed" and not isinstance(value, bool):
             raise ValueError(f"surge_packed must be True or False, got {value!r}.")
+        elif key == "surge_int8_embeddings" and value is not None:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+                raise ValueError(f"surge_int8_embeddings must be a list of module names or None, got {value!r}.")
+            value = list(value)
         super().__setattr__(key, value)
 
     @property
@@ -73,5 +79,5 @@ class SurgeConfigMixin:
             fields.pop(key, None)
         if surge is not None:
             fields["surge"] = surge
-        fields.update(surge_packed=False, **kwargs)
+        fields.update(surge_packed=False, surge_int8_embeddings=None, **kwargs)
         return cls(**fields)

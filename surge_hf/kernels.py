@@ -24,6 +24,7 @@ Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import warnings
@@ -44,13 +45,21 @@ def _ninja_on_path() -> None:
     if shutil.which("ninja") is not None:
         return
     with contextlib.suppress(ImportError):
-        import ninja
-
+        ninja = importlib.import_module("ninja")  # not `import ninja`: custom-code checks would then require it
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _build() -> bool:
     """Compile (or reuse the cached build of) the extension and register `torch.ops.surge_hf`; False on failure."""
+    if not all((_CSRC / source).is_file() for source in _SOURCES):
+        warnings.warn(
+            f"The C++ sources of surge_hf's CPU kernel are not in {_CSRC} (custom code copied with a checkpoint "
+            "ships without them); packed binary layers use the slower reference path (unpack + F.linear). Install "
+            "the surge_hf package to get the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
     try:
         from torch.utils.cpp_extension import load
 
@@ -144,10 +153,38 @@ def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int,
 def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
                   input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """`float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j` for float32 `x` of shape `(..., K)` (see the module
-    docstring); tau, s and b optional. Returns float32 of shape `(..., N)`."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    docstring); tau, s and b optional. Returns float32 of shape `(..., N)`.
+
+    Differentiable like the reference path: no gradient reaches `x` or tau (the sign comparison cuts the graph),
+    s gets `sum(g * float(dots) * alpha)` and b gets `sum(g)`."""
+    return _BinaryLinear.apply(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+
+
+class _BinaryLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: Tensor | None, panels: Tensor, out_features: int, alpha: Tensor,
+                scale: Tensor | None, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, threshold, panels, alpha)
+        ctx.out_features = out_features
+        return _binary_linear(x, threshold, panels, out_features, alpha, scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x, threshold, panels, alpha = ctx.saved_tensors
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[5]:
+            unscaled = _binary_linear(x, threshold, panels, ctx.out_features, alpha, None, None)
+            grad_scale = (grad_output * unscaled).sum().reshape(1)
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
+        return None, None, None, None, None, grad_scale, grad_bias
+
+
+def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                   input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
     out = _ops().binary_linear(
-        rows, _contiguous(threshold), weight_panels, out_features, alpha.contiguous(), _contiguous(input_scale),
+        rows, _contiguous(threshold), weight_panels, out_features, _contiguous(alpha), _contiguous(input_scale),
         _contiguous(bias),
     )
     return out.reshape(*x.shape[:-1], out_features)

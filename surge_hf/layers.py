@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_surge import SurgeConfig
+from .kernels import available as kernels_available
+from .kernels import binary_linear, pack_weight_panels
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
     ActivationBinarizer,
@@ -330,7 +332,17 @@ class BinaryLayerMixin(nn.Module):
                 "trained. Call `surge_hf.unfinalize(model)` to rebuild trainable SURGE layers from the bits, or "
                 "load the train-form checkpoint; call `model.eval()` for inference."
             )
+        if self.uses_kernel(x):
+            return self.kernel_forward(x)
         return self.add_bias(self.binary_op(self.binary_input(x), self.dequantized_weight()))
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference
+        path; the layer kinds that have a kernel override `uses_kernel` and `kernel_forward`."""
+        return False
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
 
 
 class BinaryLinear(BinaryLayerMixin):
@@ -348,6 +360,30 @@ class BinaryLinear(BinaryLayerMixin):
     reshape_threshold = SurgeLinear.reshape_threshold
     binary_op = SurgeLinear.binary_op
     add_bias = SurgeLinear.add_bias
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """W1A1 on float32 CPU inputs, when the kernel is built and enabled (see `surge_hf.kernels`); not under
+        `torch.compile`, which compiles the reference path."""
+        recipe = self.surge_config
+        return (
+            recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
+            and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
+            and not torch.compiler.is_compiling() and kernels_available()
+        )
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        """`float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j` from the packed bits, without unpacking them."""
+        return binary_linear(x, self.input_threshold, self.weight_panels(), self.out_features,
+                                     self.weight_scale, self.input_scale, self.bias)
+
+    def weight_panels(self) -> Tensor:
+        """The packed weight in the kernel's panel layout, rebuilt when `weight_packed` is replaced or changed."""
+        packed = self.weight_packed
+        key = (packed.data_ptr(), None if packed.is_inference() else packed._version)
+        if self.__dict__.get("_panels_key") != key:
+            self._panels = pack_weight_panels(packed, self.in_features)
+            self._panels_key = key
+        return self._panels
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -10,6 +10,8 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   binarized layer, `weight_packed` (uint8, 8 signs per byte, see `packing`) and `weight_scale` (alpha), and no
   auxiliary weight. `model.finalize()` turns a trained model into this form in memory;
   `model.save_pretrained(path, packed=True)` writes it without changing the in-memory model.
+  `model.quantize_embeddings()` (after `finalize`) also stores the embedding tables in int8 with per-row scales
+  (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), kept int8 in memory after loading.
 
 Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
 with a tensor of the wrong shape, is an error (never a model with random bits), and so is loading a packed
@@ -33,10 +35,11 @@ from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
 from .configuration_surge import SurgeConfig
 from .configuration_utils import recipe_dict
+from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
 
-PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
+PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
 
 
 def init_surge_parameters(module: nn.Module) -> None:
@@ -95,6 +98,8 @@ class SurgePreTrainedMixin:
         binarize(self, self.config.surge_recipe)
         if self.config.surge_packed:
             finalize_layers(self)
+        if self.config.surge_int8_embeddings:
+            int8_embedding_placeholders(self, self.config.surge_int8_embeddings)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -126,11 +131,25 @@ class SurgePreTrainedMixin:
         self.config.surge_packed = True
         return self
 
+    def quantize_embeddings(self, names: list[str] | None = None):
+        """Store the embedding tables `names` (default: every `nn.Embedding`) in int8 with per-row scales, in place
+        (`surge_hf.embeddings`); a packed model only. `save_pretrained` then writes them in int8 and
+        `from_pretrained` keeps them int8 in memory. Returns the model."""
+        if not self.is_packed:
+            raise ValueError("quantize_embeddings() applies to a packed (inference) model; call model.finalize() "
+                             "first.")
+        swapped = quantize_embeddings(self, names)
+        self.config.surge_int8_embeddings = [*(self.config.surge_int8_embeddings or []), *swapped]
+        return self
+
     def unfinalize(self, surge: SurgeConfig | dict[str, Any] | None = None):
-        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W), in place, so a
-        packed checkpoint can be trained further. `surge` replaces the recipe (default: the saved one)."""
+        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; int8 embeddings
+        become float embeddings holding their dequantised rows), in place, so a packed checkpoint can be trained
+        further. `surge` replaces the recipe (default: the saved one)."""
         recipe = None if surge is None else SurgeConfig.from_dict(recipe_dict(surge))
         unfinalize_layers(self, recipe)
+        dequantize_embeddings(self)
+        self.config.surge_int8_embeddings = None
         if recipe is not None:
             self.config.surge = recipe
         self.config.surge_packed = False
@@ -190,7 +209,8 @@ class SurgePreTrainedMixin:
     def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
         """Raise if binarized layers did not load completely (see `from_pretrained`)."""
         if self.is_packed:
-            prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
+            int8_embeddings = self.config.surge_int8_embeddings or []
+            prefixes = tuple(f"{name}." for name in [*(name for name, _ in self._binarized_layers()), *int8_embeddings])
             mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
             bad = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
             if bad:
