@@ -86,12 +86,15 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     config = config or SurgeConfig()
     if any(isinstance(m, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES) for m in model.modules()):
         raise ValueError("This model is already binarized; binarize() applies once. Start from the float model.")
-    for name in resolve_targets(model, config):
+    targets = resolve_targets(model, config)
+    _check_every_entry_matches("unsigned_activation_modules", config.unsigned_activation_modules, targets)
+    for name in targets:
         module = model.get_submodule(name)
+        unsigned = config.unsigned_activation_modules is not None and _matches(name, config.unsigned_activation_modules)
         if isinstance(module, nn.Conv2d):
-            replacement = SurgeConv2d.from_conv(module, config)
+            replacement = SurgeConv2d.from_conv(module, config, unsigned)
         else:
-            replacement = SurgeLinear.from_linear(module, config)
+            replacement = SurgeLinear.from_linear(module, config, unsigned)
         _set_submodule(model, name, replacement)
     return model
 
@@ -141,9 +144,12 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
         plain.weight.copy_(weight)
         if packed.bias is not None:
             plain.bias.copy_(packed.bias)
-        layer = SurgeConv2d.from_conv(plain, recipe) if isinstance(plain, nn.Conv2d) else SurgeLinear.from_linear(
-            plain, recipe)
-        for name_ in ("input_threshold", "input_scale"):
+        unsigned = not packed.activation_spec.signed
+        if isinstance(plain, nn.Conv2d):
+            layer = SurgeConv2d.from_conv(plain, recipe, unsigned)
+        else:
+            layer = SurgeLinear.from_linear(plain, recipe, unsigned)
+        for name_ in ("input_threshold", "input_scale", "weight_scale"):
             source, target = getattr(packed, name_), getattr(layer, name_)
             if source is not None and target is not None:
                 target.copy_(source)

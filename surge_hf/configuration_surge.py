@@ -20,6 +20,7 @@ ACTIVATION_BINARIZERS = ("sign", "rsign", "elastic")
 WEIGHT_SCALES = ("channel", "tensor", "none")
 AUX_WEIGHTS = ("separate", "shared")
 LAMBDA_PLACEMENTS = ("fork", "previous")
+ACTIVATION_BITS = (1, 2, 4, 8)
 
 # Per-architecture default targets: regular expressions matched (re.fullmatch) against module names.
 # Every Linear inside a transformer block (attention projections and FFN, whatever their names in a
@@ -56,6 +57,15 @@ class SurgeConfig:
         activation_binarizer: `"sign"` is sign(x); `"rsign"` is sign(x - tau) with a learnable threshold tau per
             input feature/channel (ReActNet); `"elastic"` is s * sign(x - tau) with a learnable scale s as well
             (BiT).
+        activation_bits: bits k of the layer inputs, one of 1, 2, 4, 8 (W1A{k}). k > 1 quantizes uniformly,
+            s * clamp(round((x - tau) / s), -2^(k-1), 2^(k-1) - 1), with a learnable step s and threshold tau
+            (needs `activation_binarizer="elastic"`); W1A8 is BinaryBERT's deployment point.
+        unsigned_activation_modules: modules (same matching rules as `target_modules`) whose inputs are
+            non-negative, e.g. after ReLU/GELU: their codes are clamp(round((x - tau) / s), 0, 2^k - 1), which for
+            k = 1 is BiT's {0, s} binarizer (needs `activation_binarizer="elastic"`).
+        learnable_weight_scale: make alpha a trained parameter per output channel (or per tensor), initialised
+            from the weight (`weight_scale`) and set from data by `calibrate`; else alpha is recomputed from the
+            latent weight at every step.
         surrogate: the surrogate derivative of `sign` used for activations (see `quantizers.SURROGATES`).
         swish_beta: the sharpness beta of the `swish_sign` surrogate.
         compensator: `"surge"` adds the auxiliary branch with lam from the Adaptive Gradient Scaler; `"fixed"` adds
@@ -79,6 +89,9 @@ class SurgeConfig:
     binarize_activations: bool = True
     weight_scale: str = "channel"
     activation_binarizer: str = "rsign"
+    activation_bits: int = 1
+    unsigned_activation_modules: str | list[str] | None = None
+    learnable_weight_scale: bool = False
     surrogate: str = "clipped_ste"
     swish_beta: float = 5.0
     compensator: str = "surge"
@@ -111,10 +124,27 @@ class SurgeConfig:
             raise ValueError("SurgeConfig.swish_beta and SurgeConfig.eps must be > 0.")
         if self.aux_loss_weight < 0:
             raise ValueError(f"SurgeConfig.aux_loss_weight={self.aux_loss_weight!r} must be >= 0.")
-        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad"):
+        if isinstance(self.activation_bits, bool) or self.activation_bits not in ACTIVATION_BITS:
+            raise ValueError(
+                f"SurgeConfig.activation_bits={self.activation_bits!r} is not valid; allowed values: "
+                f"{', '.join(map(str, ACTIVATION_BITS))}."
+            )
+        uniform = self.activation_bits > 1 or self.unsigned_activation_modules is not None
+        if uniform and self.activation_binarizer != "elastic":
+            raise ValueError(
+                f"SurgeConfig.activation_bits={self.activation_bits} / unsigned_activation_modules need a learnable "
+                f"step size, but activation_binarizer={self.activation_binarizer!r} has none; set "
+                "activation_binarizer='elastic'."
+            )
+        if self.learnable_weight_scale and self.weight_scale == "none":
+            raise ValueError(
+                "SurgeConfig.learnable_weight_scale=True needs weight_scale='channel' or 'tensor' (the shape and "
+                "initial value of the learned scale), not 'none'."
+            )
+        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SurgeConfig.{name}={getattr(self, name)!r} must be True or False.")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "unsigned_activation_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue

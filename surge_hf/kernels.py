@@ -3,11 +3,12 @@
 For +-1 vectors `a`, `w` of length `K` whose signs are stored as bits (1 for +1, 0 for -1), the dot product is the
 integer `a . w = K - 2 * popcount(bits(a) xor bits(w))`. A packed `BinaryLinear` with sign activations computes
 
-    y = float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j
+    y = float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j
 
 so the kernel packs the activations into bits on the fly (`x - tau >= 0`), takes XOR + popcount against the packed
-weight rows, and applies the scales and the bias in that order (each product rounded to float32 on its own), which
-is exactly what the reference path computes.
+weight rows, and applies the scales and the bias in that order, each operation rounded to float32 on its own (the
+extension is compiled without fused multiply-adds): exactly what the reference path computes
+(`quantizers.output_scale`), so both agree bit for bit in float32.
 
 The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `torch.utils.cpp_extension.load` into
 torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
@@ -152,7 +153,7 @@ def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int,
 
 def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
                   input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
-    """`float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j` for float32 `x` of shape `(..., K)` (see the module
+    """`float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j` for float32 `x` of shape `(..., K)` (see the module
     docstring); tau, s and b optional. Returns float32 of shape `(..., N)`.
 
     Differentiable like the reference path: no gradient reaches `x` or tau (the sign comparison cuts the graph),

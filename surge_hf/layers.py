@@ -2,11 +2,14 @@
 
 A SURGE layer computes, for input `x`, latent weight `W`, bias `b`:
 
-    f_b = op(Q_x(x), Q_w(W)) + b          the binary branch (op: linear or conv2d)
+    f_b = op(q_x, sign(W)) * (s * alpha) + b      the binary branch (op: linear or conv2d), integer product first
     f_a = op(x, W_a)                      the auxiliary full-precision branch (Dual-Path Gradient Compensator)
     y   = f_b - stopgrad(lam * f_a) + lam * f_a
 
-with `Q_w(W) = alpha * sign(W)` and `Q_x(x) = s * sign(x - tau)` (see `quantizers`). In value `y == f_b` exactly,
+with `Q_w(W) = alpha * sign(W)` and `Q_x(x) = s * q_x`, `q_x` the integer activation codes (`sign(x - tau)` at one
+bit, `clamp(round((x - tau) / s), Q_n, Q_p)` at k bits; see `quantizers`). The product of codes and signs is a sum
+of integers, exact in float32 below 2^24, so scaling it afterwards makes every path (training, eval, packed, a
+popcount kernel) agree bit for bit; in bf16/fp16 sums beyond 256/2048 round. In value `y == f_b` exactly,
 so `f_a` is never computed: the auxiliary branch costs only its two backward products,
 
     g_a  = J_x(op(x, W_a))^T g_y          (sent to the input through the fork, scaled by lam: see `scaler`)
@@ -29,13 +32,28 @@ from .kernels import available as kernels_available
 from .kernels import binary_linear, pack_weight_panels
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
-    ActivationBinarizer,
-    WeightBinarizer,
-    binarize_activation_values,
+    ActivationQuantizer,
+    ActivationSpec,
+    WeightSign,
+    activation_codes,
     binary_weight,
+    output_scale,
     weight_scale,
 )
 from .scaler import DualPathFork, ScalerStats
+
+
+def activation_spec(config: SurgeConfig, unsigned_input: bool = False) -> ActivationSpec:
+    """The activation quantizer of a layer: the recipe's bits and surrogate; unsigned for non-negative inputs."""
+    return ActivationSpec(bits=config.activation_bits, signed=not unsigned_input, surrogate=config.surrogate,
+                          beta=config.swish_beta)
+
+
+def bit_widths(layer: nn.Module) -> str:
+    """`W1A1`, `W1A8`, `W32A1`, ...: the weight and activation bits of a binary layer."""
+    recipe = layer.surge_config
+    activation_bits = recipe.activation_bits if recipe.binarize_activations else 32
+    return f"W{1 if recipe.binarize_weights else 32}A{activation_bits}"
 
 
 class AuxiliaryGradient(torch.autograd.Function):
@@ -75,8 +93,9 @@ class SurgeLayerMixin(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_surge(self, config: SurgeConfig) -> None:
+    def _init_surge(self, config: SurgeConfig, unsigned_input: bool = False) -> None:
         self.surge_config = config
+        self.activation_spec = activation_spec(config, unsigned_input)
         num_inputs = self.threshold_shape()
         if config.binarize_activations and config.activation_binarizer in ("rsign", "elastic"):
             self.input_threshold = nn.Parameter(torch.zeros(num_inputs, dtype=self.weight.dtype))
@@ -86,6 +105,11 @@ class SurgeLayerMixin(nn.Module):
             self.input_scale = nn.Parameter(torch.ones(1, dtype=self.weight.dtype))
         else:
             self.register_parameter("input_scale", None)
+        if config.binarize_weights and config.learnable_weight_scale:
+            alpha = weight_scale(self.weight, config.weight_scale).reshape(-1).clone()
+            self.weight_scale = nn.Parameter(alpha)
+        else:
+            self.register_parameter("weight_scale", None)
         if config.has_aux_branch and config.aux_weight == "separate":
             self.aux_weight = nn.Parameter(self.weight.detach().clone())
         else:
@@ -98,30 +122,44 @@ class SurgeLayerMixin(nn.Module):
 
     @torch.no_grad()
     def reset_surge_parameters(self) -> None:
-        """Initialise the SURGE-only state: W_a = W, tau = 0, s = 1, previous lam = 0."""
+        """Initialise the SURGE-only state: W_a = W, tau = 0, s = 1, learned alpha = mean |W|, previous lam = 0."""
         if self.aux_weight is not None:
             self.aux_weight.copy_(self.weight)
         if self.input_threshold is not None:
             self.input_threshold.zero_()
         if self.input_scale is not None:
             self.input_scale.fill_(1.0)
+        if self.weight_scale is not None:
+            self.weight_scale.copy_(weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1))
         if hasattr(self, "previous_lambda"):
             self.previous_lambda.zero_()
 
     # -- the binary branch -------------------------------------------------------------------------------------
-    def binary_input(self, x: Tensor) -> Tensor:
-        """Q_x(x), differentiable through the configured surrogate."""
+    def input_codes(self, x: Tensor) -> Tensor:
+        """The activation codes q_x, differentiable through the configured surrogate (x itself at full precision)."""
         if not self.surge_config.binarize_activations:
             return x
         threshold = None if self.input_threshold is None else self.reshape_threshold(self.input_threshold)
-        recipe = self.surge_config
-        return ActivationBinarizer.apply(x, threshold, self.input_scale, recipe.surrogate, recipe.swish_beta)
+        return ActivationQuantizer.apply(x, threshold, self.input_scale, self.activation_spec)
 
-    def binary_weight(self) -> Tensor:
-        """Q_w(W), differentiable through the clipped straight-through estimator."""
+    def weight_signs(self) -> Tensor:
+        """sign(W) with the clipped straight-through estimator (the latent weight at full precision)."""
         if not self.surge_config.binarize_weights:
             return self.weight
-        return WeightBinarizer.apply(self.weight, self.surge_config.weight_scale)
+        return WeightSign.apply(self.weight)
+
+    def weight_alpha(self) -> Tensor | None:
+        """alpha per output channel (or one value): learned, or mean |W| of the latent weight (a constant)."""
+        if not self.surge_config.binarize_weights:
+            return None
+        if self.weight_scale is not None:
+            return self.weight_scale
+        return weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1)
+
+    def binary_branch(self, x: Tensor) -> Tensor:
+        """f_b = op(q_x, sign(W)) * (s * alpha) + b."""
+        product = self.binary_op(self.input_codes(x), self.weight_signs())
+        return self.add_bias(self.apply_output_scale(product, output_scale(self.input_scale, self.weight_alpha())))
 
     def compensated(self) -> bool:
         """Whether this call adds the auxiliary branch (training with gradients and a DPGC recipe)."""
@@ -130,10 +168,10 @@ class SurgeLayerMixin(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.last_aux_loss = None
         if not self.compensated():
-            return self.add_bias(self.binary_op(self.binary_input(x), self.binary_weight()))
+            return self.binary_branch(x)
         raw_aux_weight = self.weight if self.aux_weight is None else self.aux_weight
         x_binary, x_aux, aux_weight = DualPathFork.apply(x, raw_aux_weight, self)
-        binary_output = self.add_bias(self.binary_op(self.binary_input(x_binary), self.binary_weight()))
+        binary_output = self.binary_branch(x_binary)
         if self.surge_config.aux_loss_weight > 0:
             # Not through the fork: lam scales the task gradient of W_a (scale_aux_grad), never this loss's.
             aux_output = self.binary_op(x.detach(), raw_aux_weight)
@@ -162,8 +200,7 @@ class SurgeLayerMixin(nn.Module):
 
     def extra_repr(self) -> str:
         recipe = self.surge_config
-        bits = f"W{1 if recipe.binarize_weights else 32}A{1 if recipe.binarize_activations else 32}"
-        return f"{super().extra_repr()}, {bits}, compensator={recipe.compensator}, eta={recipe.eta}"
+        return f"{super().extra_repr()}, {bit_widths(self)}, compensator={recipe.compensator}, eta={recipe.eta}"
 
 
 class SurgeLinear(SurgeLayerMixin, nn.Linear):
@@ -174,17 +211,18 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
     (s, shape `(1,)`) as the recipe asks.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: SurgeConfig, **kwargs):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: SurgeConfig,
+                 unsigned_input: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self._init_surge(config)
+        self._init_surge(config, unsigned_input)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: SurgeConfig) -> SurgeLinear:
+    def from_linear(cls, linear: nn.Linear, config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config,
                     device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer._init_surge(config)
+        layer._init_surge(config, unsigned_input)
         return layer
 
     def threshold_shape(self) -> tuple[int, ...]:
@@ -199,6 +237,9 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
     def add_bias(self, output: Tensor) -> Tensor:
         return output if self.bias is None else output + self.bias.to(output.dtype)
 
+    def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
+        return product if scale is None else product * scale.to(product.dtype)
+
     def aux_input_grad(self, grad_output: Tensor, aux_weight: Tensor, input_shape: torch.Size) -> Tensor:
         return grad_output @ aux_weight
 
@@ -212,14 +253,14 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
     The activation threshold tau has one value per input channel. Only `padding_mode="zeros"` is supported.
     """
 
-    def __init__(self, *args, config: SurgeConfig, **kwargs):
+    def __init__(self, *args, config: SurgeConfig, unsigned_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}.")
-        self._init_surge(config)
+        self._init_surge(config, unsigned_input)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, config: SurgeConfig) -> SurgeConv2d:
+    def from_conv(cls, conv: nn.Conv2d, config: SurgeConfig, unsigned_input: bool = False) -> SurgeConv2d:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
@@ -228,7 +269,7 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, config=config, device="meta",
         )
         layer.weight, layer.bias = conv.weight, conv.bias
-        layer._init_surge(config)
+        layer._init_surge(config, unsigned_input)
         return layer
 
     def threshold_shape(self) -> tuple[int, ...]:
@@ -242,6 +283,9 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
 
     def add_bias(self, output: Tensor) -> Tensor:
         return output if self.bias is None else output + self.bias.to(output.dtype).reshape(1, -1, 1, 1)
+
+    def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
+        return product if scale is None else product * scale.to(product.dtype).reshape(1, -1, 1, 1)
 
     def aux_input_grad(self, grad_output: Tensor, aux_weight: Tensor, input_shape: torch.Size) -> Tensor:
         return torch.nn.grad.conv2d_input(
@@ -257,7 +301,7 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
 class BinaryLayerMixin(nn.Module):
     """Inference-only binary layer: packed sign bits (`weight_packed`, uint8) and per-channel scales
     (`weight_scale`) instead of a latent weight; no auxiliary branch. Outputs equal the SURGE layer's eval outputs
-    exactly, because both compute `op(s * sign(x - tau), alpha * sign(W)) + b` with the same operations."""
+    exactly, because both compute `op(q_x, sign(W)) * (s * alpha) + b` with the same operations in the same order."""
 
     weight_shape: tuple[int, ...]
 
@@ -274,8 +318,10 @@ class BinaryLayerMixin(nn.Module):
             return self.dequantized_weight()
         return super().__getattr__(name)
 
-    def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int, recipe: SurgeConfig):
+    def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int, recipe: SurgeConfig,
+                     unsigned_input: bool):
         self.surge_config = recipe
+        self.activation_spec = activation_spec(recipe, unsigned_input)
         self.weight_shape = tuple(weight_shape)
         if recipe.binarize_weights:
             num_columns = math.prod(weight_shape[1:])
@@ -293,7 +339,8 @@ class BinaryLayerMixin(nn.Module):
     @classmethod
     def from_surge(cls, layer: SurgeLayerMixin) -> BinaryLayerMixin:
         """The packed counterpart of a trained SURGE layer, on the layer's device."""
-        binary = cls(*cls.layout_of(layer), layer.bias is not None, layer.surge_config)
+        binary = cls(*cls.layout_of(layer), layer.bias is not None, layer.surge_config,
+                     unsigned_input=not layer.activation_spec.signed)
         binary.to(layer.weight.device)
         binary.load_from_surge(layer)
         return binary
@@ -303,7 +350,7 @@ class BinaryLayerMixin(nn.Module):
         """Pack the trained layer's signs and scales; copy bias, threshold and scale."""
         if self.surge_config.binarize_weights:
             self.weight_packed.copy_(pack_signs(layer.weight))
-            self.weight_scale = weight_scale(layer.weight, self.surge_config.weight_scale).reshape(-1).clone()
+            self.weight_scale = layer.weight_alpha().detach().clone()
         else:
             self.weight = nn.Parameter(layer.weight.detach().clone())
         for name in ("bias", "input_threshold", "input_scale"):
@@ -311,19 +358,24 @@ class BinaryLayerMixin(nn.Module):
             if source is not None:
                 setattr(self, name, nn.Parameter(source.detach().clone(), requires_grad=False))
 
+    def weight_signs(self) -> Tensor:
+        """sign(W) unpacked from the bits (the full-precision weight when weights are not binarized)."""
+        if not self.surge_config.binarize_weights:
+            return self.weight
+        return unpack_signs(self.weight_packed, self.weight_shape, dtype=self.weight_scale.dtype)
+
     def dequantized_weight(self) -> Tensor:
         """alpha * sign(W), unpacked from the bits."""
         if not self.surge_config.binarize_weights:
             return self.weight
-        signs = unpack_signs(self.weight_packed, self.weight_shape, dtype=self.weight_scale.dtype)
         alpha = self.weight_scale.reshape([-1] + [1] * (len(self.weight_shape) - 1))
-        return binary_weight(signs, alpha)
+        return binary_weight(self.weight_signs(), alpha)
 
-    def binary_input(self, x: Tensor) -> Tensor:
+    def input_codes(self, x: Tensor) -> Tensor:
         if not self.surge_config.binarize_activations:
             return x
         threshold = None if self.input_threshold is None else self.reshape_threshold(self.input_threshold)
-        return binarize_activation_values(x, threshold, self.input_scale)
+        return activation_codes(x, threshold, self.input_scale, self.activation_spec)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled():
@@ -334,7 +386,9 @@ class BinaryLayerMixin(nn.Module):
             )
         if self.uses_kernel(x):
             return self.kernel_forward(x)
-        return self.add_bias(self.binary_op(self.binary_input(x), self.dequantized_weight()))
+        alpha = self.weight_scale if self.surge_config.binarize_weights else None
+        product = self.binary_op(self.input_codes(x), self.weight_signs())
+        return self.add_bias(self.apply_output_scale(product, output_scale(self.input_scale, alpha)))
 
     def uses_kernel(self, x: Tensor) -> bool:
         """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference
@@ -348,10 +402,11 @@ class BinaryLayerMixin(nn.Module):
 class BinaryLinear(BinaryLayerMixin):
     """Packed inference counterpart of `SurgeLinear`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, recipe: SurgeConfig):
+    def __init__(self, in_features: int, out_features: int, bias: bool, recipe: SurgeConfig, *,
+                 unsigned_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_binary((out_features, in_features), bias, in_features, recipe)
+        self._init_binary((out_features, in_features), bias, in_features, recipe, unsigned_input)
 
     @staticmethod
     def layout_of(layer: SurgeLinear) -> tuple:
@@ -360,19 +415,22 @@ class BinaryLinear(BinaryLayerMixin):
     reshape_threshold = SurgeLinear.reshape_threshold
     binary_op = SurgeLinear.binary_op
     add_bias = SurgeLinear.add_bias
+    apply_output_scale = SurgeLinear.apply_output_scale
 
     def uses_kernel(self, x: Tensor) -> bool:
-        """W1A1 on float32 CPU inputs, when the kernel is built and enabled (see `surge_hf.kernels`); not under
-        `torch.compile`, which compiles the reference path."""
+        """W1A1 (sign activations) on float32 CPU inputs, when the kernel is built and enabled (see
+        `surge_hf.kernels`); not under CPU autocast (the reference path computes in its dtype) nor under
+        `torch.compile` (which compiles the reference path)."""
         recipe = self.surge_config
         return (
-            recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
-            and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
-            and not torch.compiler.is_compiling() and kernels_available()
+            recipe.binarize_weights and recipe.binarize_activations and self.activation_spec.is_sign
+            and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and kernels_available()
         )
 
     def kernel_forward(self, x: Tensor) -> Tensor:
-        """`float(sign(x - tau) . sign(W_j)) * alpha_j * s + b_j` from the packed bits, without unpacking them."""
+        """`float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j` from the packed bits, without unpacking them:
+        the reference path's operations in the reference path's order."""
         return binary_linear(x, self.input_threshold, self.weight_panels(), self.out_features,
                                      self.weight_scale, self.input_scale, self.bias)
 
@@ -386,19 +444,20 @@ class BinaryLinear(BinaryLayerMixin):
         return self._panels
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{bit_widths(self)}")
 
 
 class BinaryConv2d(BinaryLayerMixin):
     """Packed inference counterpart of `SurgeConv2d`."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding, dilation,
-                 groups: int, bias: bool, recipe: SurgeConfig):
+                 groups: int, bias: bool, recipe: SurgeConfig, *, unsigned_input: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_binary(shape, bias, in_channels, recipe)
+        self._init_binary(shape, bias, in_channels, recipe, unsigned_input)
 
     @staticmethod
     def layout_of(layer: SurgeConv2d) -> tuple:
@@ -408,10 +467,11 @@ class BinaryConv2d(BinaryLayerMixin):
     reshape_threshold = SurgeConv2d.reshape_threshold
     binary_op = SurgeConv2d.binary_op
     add_bias = SurgeConv2d.add_bias
+    apply_output_scale = SurgeConv2d.apply_output_scale
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}")
+                f"padding={self.padding}, {bit_widths(self)}")
 
 
 SURGE_LAYER_TYPES = (SurgeLinear, SurgeConv2d)

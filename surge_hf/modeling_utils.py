@@ -38,13 +38,15 @@ from .configuration_utils import recipe_dict
 from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
 from .losses import auxiliary_loss
+from .quantizers import weight_scale
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
 
 
 def init_surge_parameters(module: nn.Module) -> None:
     """Initialise the SURGE-only tensors of a SURGE layer that were not loaded from a checkpoint:
-    W_a = W (the latent weight, loaded or freshly initialised), tau = 0, s = 1, previous lam = 0.
+    W_a = W (the latent weight, loaded or freshly initialised), tau = 0, s = 1, learned alpha = mean |W|,
+    previous lam = 0.
 
     Uses `transformers.initialization`, which leaves tensors that `from_pretrained` loaded untouched."""
     if module.aux_weight is not None:
@@ -53,6 +55,8 @@ def init_surge_parameters(module: nn.Module) -> None:
         init.zeros_(module.input_threshold)
     if module.input_scale is not None:
         init.ones_(module.input_scale)
+    if module.weight_scale is not None:
+        init.copy_(module.weight_scale, weight_scale(module.weight, module.surge_config.weight_scale).reshape(-1))
     if hasattr(module, "previous_lambda"):
         init.zeros_(module.previous_lambda)
 

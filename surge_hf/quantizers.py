@@ -18,6 +18,7 @@ values with the very same operations (which makes a finalized model exact, not m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -84,62 +85,112 @@ def binary_weight(signs: Tensor, alpha: Tensor) -> Tensor:
     return signs * alpha
 
 
-def binarize_activation_values(x: Tensor, threshold: Tensor | None, scale: Tensor | None) -> Tensor:
-    """Forward value of the activation binarizer: `s * sign(x - tau)` (tau = 0 and s = 1 when absent)."""
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What an activation quantizer needs to know: its bit width, its range and its surrogate.
+
+    `bits = 1, signed`: codes sign(x - tau) in {-1, +1} (the classic binary activation, surrogate gradient);
+    otherwise uniform codes clamp(round((x - tau) / s), Q_n, Q_p) with Q_n = -2^(k-1), Q_p = 2^(k-1) - 1 (signed)
+    or Q_n = 0, Q_p = 2^k - 1 (unsigned: inputs after ReLU/GELU; k = 1 gives BiT's {0, s} binarizer).
+    """
+
+    bits: int = 1
+    signed: bool = True
+    surrogate: str = "clipped_ste"
+    beta: float = 5.0
+
+    @property
+    def is_sign(self) -> bool:
+        return self.bits == 1 and self.signed
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        """(Q_n, Q_p), the smallest and largest code."""
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+
+def activation_codes(x: Tensor, threshold: Tensor | None, scale: Tensor | None, spec: ActivationSpec) -> Tensor:
+    """The integer codes q of the activation quantizer, as floats (the value it stands for is q * s).
+
+    Sign: `q = sign(x - tau)`. Uniform: `q = clamp(round((x - tau) / s), Q_n, Q_p)` (round half to even).
+    tau = 0 when absent; the uniform quantizer needs its step `s`.
+    """
     u = x if threshold is None else x - threshold
-    out = sign(u)
-    return out if scale is None else out * scale
+    if spec.is_sign:
+        return sign(u)
+    q_n, q_p = spec.levels
+    return torch.round(u / scale).clamp_(q_n, q_p)
 
 
-class WeightBinarizer(torch.autograd.Function):
-    """Q_w(W) = alpha * sign(W).
+def output_scale(activation_scale: Tensor | None, weight_alpha: Tensor | None) -> Tensor | None:
+    """The scale that multiplies the integer product: s * alpha (a vector over output channels, or one number).
 
-    Forward: `alpha * sign(W)` with alpha from `weight_scale` (treated as a constant, as in BiT and ReActNet).
-    Backward: `dL/dW = dL/dQ * 1[|W| <= 1]` (clipped straight-through, no alpha factor).
+    Every path (training, eval, packed, kernel) forms it in this order and applies it after the product, so their
+    outputs agree bit for bit."""
+    if activation_scale is None:
+        return weight_alpha
+    if weight_alpha is None:
+        return activation_scale
+    return weight_alpha * activation_scale
+
+
+class WeightSign(torch.autograd.Function):
+    """sign(W) with the clipped straight-through estimator.
+
+    Forward: `sign(W)` (+-1, never 0). Backward: `dL/dW = dL/dsign(W) * 1[|W| <= 1]`. The layer multiplies the
+    product by alpha afterwards, so the latent weight receives `alpha * dL/dQ_w * 1[|W| <= 1]` for
+    `Q_w = alpha * sign(W)` (alpha treated as a constant unless it is a learned parameter).
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, scale_mode: str) -> Tensor:
+    def forward(ctx, weight: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
-        return binary_weight(sign(weight.detach()), weight_scale(weight, scale_mode))
+        return sign(weight.detach())
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad_output: Tensor) -> Tensor:
         (weight,) = ctx.saved_tensors
-        return grad_output * (weight.abs() <= 1).to(grad_output.dtype), None
+        return grad_output * (weight.abs() <= 1).to(grad_output.dtype)
 
 
-class ActivationBinarizer(torch.autograd.Function):
-    """Q_x(x) = s * sign(x - tau) with a surrogate gradient.
+class ActivationQuantizer(torch.autograd.Function):
+    """The codes q of `activation_codes` with a surrogate gradient (the value q * s is formed after the product).
 
-    Forward: `s * sign(u)`, `u = x - tau` (tau: threshold broadcast over x, s: scalar scale; each optional).
-    Backward, with `d` the surrogate derivative at `u` and `g = dL/dQ`:
-        dL/dx   = g * s * d(u)
-        dL/dtau = -sum(g * s * d(u))     (summed over the dims that tau is broadcast along)
-        dL/ds   = sum(g * sign(u))
-    Only `x`, `tau` and `s` are saved; `u` is recomputed in the backward pass.
+    With `g = dL/dq`:
+      sign (1 bit, signed), `u = x - tau`, `d` the surrogate derivative of sign at u:
+        dL/dx = g * d(u),   dL/dtau = -sum(g * d(u)),   no gradient to s through q
+      uniform, `u = (x - tau) / s`, `m = 1[Q_n <= u <= Q_p]` (straight-through inside the range, LSQ):
+        dL/dx = g * m / s,  dL/dtau = -sum(g * m / s),  dL/ds = sum(g * (-u / s) * m)
+    Together with the explicit factor s after the product (`dL/ds += sum(g_v * q)`, `g_v = g / s`), the step
+    gets the LSQ gradient `sum(g_v * (q - u * m))`; the scale of the sign quantizer gets `sum(g_v * q)`.
+    Sums run over the dims that tau and s are broadcast along.
     """
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, threshold: Tensor | None, scale: Tensor | None, surrogate: str, beta: float
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, threshold: Tensor | None, scale: Tensor | None, spec: ActivationSpec) -> Tensor:
         ctx.save_for_backward(x, threshold, scale)
-        ctx.surrogate, ctx.beta = surrogate, beta
-        return binarize_activation_values(x.detach(), threshold, scale)
+        ctx.spec = spec
+        return activation_codes(x.detach(), threshold, scale, spec)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         x, threshold, scale = ctx.saved_tensors
+        spec: ActivationSpec = ctx.spec
         u = x if threshold is None else x - threshold
-        grad_u = grad_output * surrogate_derivative(ctx.surrogate, u, ctx.beta)
-        if scale is not None:
-            grad_u = grad_u * scale
+        grad_scale = None
+        if spec.is_sign:
+            grad_u = grad_output * surrogate_derivative(spec.surrogate, u, spec.beta)
+        else:
+            u = u / scale
+            q_n, q_p = spec.levels
+            inside = ((u >= q_n) & (u <= q_p)).to(grad_output.dtype)
+            grad_u = grad_output * inside / scale
+            if ctx.needs_input_grad[2]:
+                grad_scale = (-grad_u * u).sum_to_size(scale.shape).to(scale.dtype)
         grad_x = grad_u.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_threshold = None
         if threshold is not None and ctx.needs_input_grad[1]:
             grad_threshold = (-grad_u).sum_to_size(threshold.shape).to(threshold.dtype)
-        grad_scale = None
-        if scale is not None and ctx.needs_input_grad[2]:
-            grad_scale = (grad_output * sign(u)).sum_to_size(scale.shape).to(scale.dtype)
-        return grad_x, grad_threshold, grad_scale, None, None
+        return grad_x, grad_threshold, grad_scale, None

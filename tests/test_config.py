@@ -62,7 +62,46 @@ def test_negative_aux_loss_weight() -> None:
         SurgeConfig(aux_loss_weight=-1.0)
 
 
-@pytest.mark.parametrize("field", ["binarize_weights", "binarize_activations", "scale_aux_grad"])
+@pytest.mark.parametrize("bits", [0, 3, 16, True, "8"])
+def test_activation_bits_allowed_values(bits) -> None:
+    message = f"SurgeConfig.activation_bits={bits!r} is not valid; allowed values: 1, 2, 4, 8."
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(activation_bits=bits, activation_binarizer="elastic")
+
+
+@pytest.mark.parametrize(("changes", "shown"), [
+    ({"activation_bits": 4}, "activation_bits=4"),
+    ({"unsigned_activation_modules": ["output.dense"], "activation_binarizer": "sign"}, "activation_bits=1"),
+])
+def test_uniform_activations_need_a_step(changes: dict, shown: str) -> None:
+    binarizer = changes.get("activation_binarizer", "rsign")
+    message = (
+        f"SurgeConfig.{shown} / unsigned_activation_modules need a learnable step size, but "
+        f"activation_binarizer={binarizer!r} has none; set activation_binarizer='elastic'."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(**changes)
+
+
+def test_learnable_weight_scale_needs_a_scale_shape() -> None:
+    message = ("SurgeConfig.learnable_weight_scale=True needs weight_scale='channel' or 'tensor' (the shape and "
+               "initial value of the learned scale), not 'none'.")
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(learnable_weight_scale=True, weight_scale="none")
+
+
+def test_unsigned_modules_must_be_binarized_targets() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    cfg = SurgeConfig(target_modules=["0"], unsigned_activation_modules=["2"], activation_binarizer="elastic")
+    with pytest.raises(ValueError, match=r"^SurgeConfig.unsigned_activation_modules entry '2' matches no"):
+        binarize(model, cfg)
+    cfg = cfg.replace(target_modules=["0", "2"])
+    binarize(model, cfg)
+    assert model[0].activation_spec.signed and not model[2].activation_spec.signed
+
+
+@pytest.mark.parametrize("field", ["binarize_weights", "binarize_activations", "scale_aux_grad",
+                                   "learnable_weight_scale"])
 def test_flags_must_be_bool(field: str) -> None:
     with pytest.raises(ValueError, match=_exact(f"SurgeConfig.{field}=1 must be True or False.")):
         SurgeConfig(**{field: 1})
@@ -110,6 +149,7 @@ def test_defaults() -> None:
         "weight_scale": "channel", "activation_binarizer": "rsign", "surrogate": "clipped_ste", "swish_beta": 5.0,
         "compensator": "surge", "eta": 0.1, "aux_weight": "separate", "lambda_placement": "fork",
         "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "version": 1,
+        "activation_bits": 1, "unsigned_activation_modules": None, "learnable_weight_scale": False,
     }
 
 
@@ -134,9 +174,10 @@ def test_json_round_trip(changes: dict) -> None:
 
 def test_from_dict_unknown_keys_list_known_keys() -> None:
     message = (
-        "Unknown SURGE recipe key(s) ['lam', 'zeta']; known keys: activation_binarizer, aux_loss_weight, "
-        "aux_weight, binarize_activations, binarize_weights, compensator, eps, eta, exclude_modules, "
-        "lambda_placement, scale_aux_grad, surrogate, swish_beta, target_modules, version, weight_scale. "
+        "Unknown SURGE recipe key(s) ['lam', 'zeta']; known keys: activation_binarizer, activation_bits, "
+        "aux_loss_weight, aux_weight, binarize_activations, binarize_weights, compensator, eps, eta, "
+        "exclude_modules, lambda_placement, learnable_weight_scale, scale_aux_grad, surrogate, swish_beta, "
+        "target_modules, unsigned_activation_modules, version, weight_scale. "
         "Remove or rename them."
     )
     with pytest.raises(ValueError, match=_exact(message)):

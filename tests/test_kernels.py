@@ -5,12 +5,17 @@ path where the kernel cannot be built or is turned off."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
 
-from surge_hf import kernels
+from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
+from surge_hf.layers import BinaryLayerMixin, BinaryLinear
 from surge_hf.packing import pack_signs
+
+MINILM = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "all-MiniLM-L6-v2"
 
 # (M rows, K inputs, N outputs): M = 1, K and N not multiples of 64 / 16, a K below one word, a partial row block.
 SHAPES = [(1, 384, 384), (3, 65, 17), (9, 100, 33), (17, 64, 16), (8, 1, 1), (2, 200, 40)]
@@ -68,7 +73,7 @@ def test_binary_linear_scales_after_the_integer_product(isas):
     for isa in isas:
         with kernels.use_isa(isa):
             full = kernels.binary_linear(x, threshold, panels, n, alpha, scale, bias)
-            assert torch.equal(full, dots * alpha * scale + bias), isa
+            assert torch.equal(full, dots * (alpha * scale) + bias), isa
             tensor_scale = kernels.binary_linear(x.reshape(1, m, k), threshold, panels, n, alpha[:1], None, None)
             assert torch.equal(tensor_scale, (dots * alpha[:1]).reshape(1, m, n)), isa
 
@@ -130,3 +135,118 @@ def test_a_failed_build_warns_once_and_reports_unavailable(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not kernels.available()  # no second warning
+
+
+# -- packed layers and models on the kernel ------------------------------------------------------------------------
+def _packed_linear(in_features: int, out_features: int, bias: bool, **recipe) -> BinaryLinear:
+    torch.manual_seed(0)
+    layer = SurgeLinear(in_features, out_features, bias=bias, config=SurgeConfig(**recipe))
+    with torch.no_grad():
+        if layer.input_threshold is not None:
+            layer.input_threshold.normal_(0, 0.3)
+        if layer.input_scale is not None:
+            layer.input_scale.fill_(0.37)
+    return BinaryLinear.from_surge(layer).eval()
+
+
+def _forbid_unpacking(monkeypatch) -> None:
+    def unpack(self):
+        raise AssertionError("the kernel path unpacked the weight")
+
+    monkeypatch.setattr(BinaryLayerMixin, "weight_signs", unpack)
+    monkeypatch.setattr(BinaryLayerMixin, "dequantized_weight", unpack)
+
+
+@pytest.mark.parametrize("binarizer", ["sign", "rsign", "elastic"])
+@pytest.mark.parametrize("scale", ["channel", "tensor", "none"])
+def test_packed_linear_on_the_kernel_equals_the_reference_path(monkeypatch, isas, binarizer, scale):
+    for bias in (True, False):
+        layer = _packed_linear(100, 33, bias, activation_binarizer=binarizer, weight_scale=scale)
+        for x in (torch.randn(1, 100), torch.randn(2, 5, 100)):
+            with kernels.disabled():
+                expected = layer(x)
+            with monkeypatch.context() as patch:
+                _forbid_unpacking(patch)
+                for isa in isas:
+                    with kernels.use_isa(isa):
+                        assert torch.equal(layer(x), expected), (isa, bias, tuple(x.shape))
+
+
+def test_gradients_through_the_kernel_path_match_the_reference_path(isas):
+    layer = _packed_linear(70, 9, True, activation_binarizer="elastic")
+    layer.requires_grad_(True)
+    x, grad = torch.randn(4, 70), torch.randn(4, 9)
+    grads = []
+    for use_kernel in (True, False):
+        layer.zero_grad()
+        kernels.set_enabled(use_kernel)
+        try:
+            layer(x).backward(grad)
+        finally:
+            kernels.set_enabled(True)
+        grads.append((layer.bias.grad.clone(), layer.input_scale.grad.clone(), layer.input_threshold.grad))
+    (bias, scale, threshold), (bias_ref, scale_ref, threshold_ref) = grads
+    assert torch.equal(bias, bias_ref) and threshold is None and threshold_ref is None
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_other_inputs_take_the_reference_path(isas):
+    layer = _packed_linear(20, 7, True)
+    x = torch.randn(3, 20)
+    assert layer.uses_kernel(x)
+    assert not layer.uses_kernel(x.double()) and not layer.uses_kernel(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.uses_kernel(x)
+    with kernels.disabled():
+        assert not layer.uses_kernel(x)
+    uniform = _packed_linear(20, 7, True, activation_binarizer="elastic", activation_bits=4)
+    assert not uniform.uses_kernel(x)
+
+
+def test_weight_panels_follow_the_loaded_bits(isas):
+    layer = _packed_linear(20, 7, False)
+    x = torch.randn(3, 20)
+    before = layer(x)
+    other = _packed_linear(20, 7, False, weight_scale="tensor")
+    with torch.no_grad():
+        layer.weight_packed.copy_(other.weight_packed.flip(0))  # in place: the cached panels must be rebuilt
+    with kernels.disabled():
+        expected = layer(x)
+    assert torch.equal(layer(x), expected) and not torch.equal(expected, before)
+
+
+@pytest.fixture(scope="module")
+def packed_bert_dir(tmp_path_factory, isas) -> Path:
+    """A tiny packed BERT classifier with the MiniLM tokenizer's vocabulary, saved with that tokenizer."""
+    if not MINILM.is_dir():
+        pytest.skip(f"{MINILM} is absent")
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=70, num_labels=2)
+    torch.manual_seed(0)
+    model = SurgeBertForSequenceClassification(SurgeBertConfig.from_bert_config(
+        config, surge=SurgeConfig(activation_binarizer="elastic")))
+    for layer in model.modules():
+        if isinstance(layer, SurgeLinear):
+            torch.nn.init.normal_(layer.input_threshold, 0, 0.2)
+    path = tmp_path_factory.mktemp("packed-bert")
+    model.save_pretrained(path, packed=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_packed_bert_from_pretrained_and_pipeline_run_on_the_kernel(monkeypatch, packed_bert_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(packed_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(packed_bert_dir)
+    texts = ["a gripping, beautifully shot film", "dull", "neither here nor there, but with a long tail of words"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # padded rows
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
+    with torch.no_grad(), kernels.disabled():
+        expected_logits = model(**batch).logits
+        expected_scores = classifier(texts)
+    with monkeypatch.context() as patch:
+        _forbid_unpacking(patch)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, expected_logits)
+        assert classifier(texts) == expected_scores

@@ -5,9 +5,11 @@ and fp16 safety.
 The reference (`_reference_step`) recomputes everything with plain torch ops on detached tensors:
 
     u = x - tau,  x_q = s * sign(u),  W_q = alpha * sign(W),  y = op(x_q, W_q) + b
+    (k-bit: v = u / s, q = clamp(round(v), Q_n, Q_p), x_q = s * q, m = 1[Q_n <= v <= Q_p])
     (g_xq, g_Wq) = vjp of op at (x_q, W_q) with g_y
-    g_b   = g_xq * s * d(u)                       d: the surrogate derivative
-    dtau  = -sum(g_b),  ds = sum(g_xq * sign(u)),  dW = g_Wq * 1[|W| <= 1],  db = sum(g_y)
+    g_b   = g_xq * s * d(u)                       d: the surrogate derivative (k-bit: g_xq * m)
+    dtau  = -sum(g_b),  ds = sum(g_xq * sign(u))  (k-bit: sum(g_xq * (q - v * m)))
+    dW    = alpha * g_Wq * 1[|W| <= 1],  dalpha = sum(g_Wq * sign(W)) (learned alpha),  db = sum(g_y)
     (g_a, G_a) = vjp of op at (x, W_a) with g_y     (W_a = W for aux_weight="shared")
     lam   = eta * ||g_b|| / (||g_a|| + 1e-8)  (surge, fork) | eta (fixed) | lam of the previous step (previous)
     dx    = g_b + lam * g_a,   dW_a = G_a (* lam when scale_aux_grad), added to dW when W_a is W.
@@ -77,7 +79,8 @@ def _norm32(g: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_step(kind: str, params: dict[str, torch.Tensor], cfg: SurgeConfig, x: torch.Tensor,
-                    g_y: torch.Tensor, previous_lam: float, bounds: dict[str, torch.Tensor] | None = None):
+                    g_y: torch.Tensor, previous_lam: float, bounds: dict[str, torch.Tensor] | None = None,
+                    unsigned: bool = False):
     """Expected output, parameter/input gradients and (lam, ||g_b||, ||g_a||, this step's ratio).
 
     `bounds`, when given, receives for the summed gradients (bias, tau, s) the sum of the absolute values of their
@@ -87,20 +90,31 @@ def _reference_step(kind: str, params: dict[str, torch.Tensor], cfg: SurgeConfig
     params = {k: v.detach().clone() for k, v in params.items()}
     W = params["weight"]
     tau, s = params.get("input_threshold"), params.get("input_scale")
+    multi_bit = cfg.activation_bits > 1 or unsigned
     if cfg.binarize_activations:
         u = x - _channel(kind, tau) if tau is not None else x
         s_value = s if s is not None else torch.ones(1)
-        x_q = s_value * _sgn(u)
-        d = _surrogate(cfg.surrogate, u, cfg.swish_beta)
+        if multi_bit:
+            q_n, q_p = (0, 2**cfg.activation_bits - 1) if unsigned else (
+                -(2 ** (cfg.activation_bits - 1)), 2 ** (cfg.activation_bits - 1) - 1)
+            v = u / s_value
+            q = torch.round(v).clamp(q_n, q_p)
+            x_q, d = s_value * q, ((v >= q_n) & (v <= q_p)).float()
+        else:
+            x_q = s_value * _sgn(u)
+            d = _surrogate(cfg.surrogate, u, cfg.swish_beta)
     else:
         x_q = x
     if cfg.binarize_weights:
-        alpha = {
-            "channel": W.abs().flatten(1).mean(1).reshape(-1, *[1] * (W.ndim - 1)),
-            "tensor": W.abs().mean(),
-            "none": torch.tensor(1.0),
-        }[cfg.weight_scale]
-        W_q, w_mask = alpha * _sgn(W), (W.abs() <= 1).float()
+        if "weight_scale" in params:
+            alpha = params["weight_scale"].reshape(-1, *[1] * (W.ndim - 1))
+        else:
+            alpha = {
+                "channel": W.abs().flatten(1).mean(1).reshape(-1, *[1] * (W.ndim - 1)),
+                "tensor": W.abs().mean(),
+                "none": torch.tensor(1.0),
+            }[cfg.weight_scale]
+        W_q, w_mask = alpha * _sgn(W), alpha * (W.abs() <= 1).float()
     else:
         W_q, w_mask = W, torch.ones_like(W)
     y = _op(kind, x_q, W_q)
@@ -109,16 +123,18 @@ def _reference_step(kind: str, params: dict[str, torch.Tensor], cfg: SurgeConfig
 
     g_xq, g_wq = _vjp(kind, x_q, W_q, g_y)
     grads: dict[str, torch.Tensor] = {"weight": g_wq * w_mask}
+    if "weight_scale" in params:
+        grads["weight_scale"] = (g_wq * _sgn(W)).sum_to_size(alpha.shape).reshape(params["weight_scale"].shape)
     if "bias" in params:
         grads["bias"] = g_y.sum(dim=_non_channel_dims(kind, g_y))
         bounds["bias"] = g_y.abs().sum(dim=_non_channel_dims(kind, g_y))
     if cfg.binarize_activations:
-        g_b = g_xq * s_value * d
+        g_b = g_xq * d if multi_bit else g_xq * s_value * d
         if tau is not None:
             grads["input_threshold"] = -g_b.sum(dim=_non_channel_dims(kind, g_b))
             bounds["input_threshold"] = g_b.abs().sum(dim=_non_channel_dims(kind, g_b))
         if s is not None:
-            grads["input_scale"] = (g_xq * _sgn(u)).sum().reshape(1)
+            grads["input_scale"] = (g_xq * (q - v * d if multi_bit else _sgn(u))).sum().reshape(1)
             bounds["input_scale"] = g_xq.abs().sum().reshape(1)
     else:
         g_b = g_xq
@@ -151,13 +167,13 @@ LINEAR_TAU = torch.tensor([0.0, 0.5, -0.25, 1.0, 0.125, -1.0])
 CONV_TAU = torch.tensor([0.0, 0.5, -0.25, 1.0])
 
 
-def _make_layer(kind: str, cfg: SurgeConfig, seed: int = 0) -> SurgeLinear | SurgeConv2d:
+def _make_layer(kind: str, cfg: SurgeConfig, seed: int = 0, unsigned: bool = False) -> SurgeLinear | SurgeConv2d:
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
-        layer = SurgeLinear(6, 5, config=cfg)
+        layer = SurgeLinear(6, 5, config=cfg, unsigned_input=unsigned)
         tau = LINEAR_TAU
     else:
-        layer = SurgeConv2d(4, 6, 3, config=cfg, **CONV_KWARGS)
+        layer = SurgeConv2d(4, 6, 3, config=cfg, unsigned_input=unsigned, **CONV_KWARGS)
         tau = CONV_TAU
     with torch.no_grad():
         w = torch.randn(layer.weight.shape, generator=g) * 0.9
@@ -171,6 +187,8 @@ def _make_layer(kind: str, cfg: SurgeConfig, seed: int = 0) -> SurgeLinear | Sur
             layer.input_threshold.copy_(tau)
         if layer.input_scale is not None:
             layer.input_scale.fill_(1.25)
+        if layer.weight_scale is not None:  # learned alpha, away from mean |W|
+            layer.weight_scale.copy_(torch.rand(layer.weight_scale.shape, generator=g) + 0.5)
     return layer
 
 
@@ -267,7 +285,14 @@ VARIANTS = [
     {"binarize_activations": False},
     {"binarize_activations": False, "compensator": "ste"},
     {"aux_weight": "shared", "scale_aux_grad": True, "activation_binarizer": "elastic", "surrogate": "approx_sign"},
+    {"learnable_weight_scale": True},
+    {"learnable_weight_scale": True, "weight_scale": "tensor", "compensator": "ste"},
 ]
+QUANTIZER_VARIANTS = [
+    ({"activation_bits": bits, "activation_binarizer": "elastic", **extra}, unsigned)
+    for bits in (1, 2, 4, 8) for unsigned in (False, True) for extra in ({}, {"compensator": "ste"})
+    if bits > 1 or unsigned
+] + [({"activation_bits": 4, "activation_binarizer": "elastic", "learnable_weight_scale": True}, False)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_mode_id)
@@ -280,6 +305,29 @@ def test_gradients_match_reference_variants(kind: str, variant: dict) -> None:
     y_ref, expected, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y, 0.0)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     _assert_grads(grads, expected)
+
+
+@pytest.mark.parametrize(("variant", "unsigned"), QUANTIZER_VARIANTS,
+                         ids=[f"{_mode_id(v)}-{'unsigned' if u else 'signed'}" for v, u in QUANTIZER_VARIANTS])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_multi_bit_and_unsigned_activations(kind: str, variant: dict, unsigned: bool) -> None:
+    """k-bit and unsigned inputs: gradients against the reference, and train == eval == packed bit for bit."""
+    cfg = SurgeConfig(eta=ETA, **variant)
+    layer = _make_layer(kind, cfg, unsigned=unsigned)
+    with torch.no_grad():  # a step that puts inputs on both sides of the clamp range
+        layer.input_scale.fill_(0.3)
+    x, g_y = _make_input(kind, 0), _output_grad(kind, 0)
+    y, grads = _train_step(layer, x, g_y)
+    params = dict(layer.named_parameters())
+    y_ref, expected, _ = _reference_step(kind, params, cfg, x, g_y, 0.0, unsigned=unsigned)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    _assert_grads(grads, expected)
+    y_eval = layer.eval()(x)
+    assert torch.equal(y, y_eval)
+    packed = _finalized(layer)
+    assert torch.equal(packed(x), y_eval)
+    assert f"W1A{cfg.activation_bits}" in repr(layer) and f"W1A{cfg.activation_bits}" in repr(packed)
+    assert packed.activation_spec.signed is not unsigned
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -376,6 +424,7 @@ FORWARD_MODES = [
     {"compensator": "surge", "weight_scale": "none", "surrogate": "swish_sign"},
     {"compensator": "surge", "binarize_weights": False},
     {"compensator": "surge", "binarize_activations": False},
+    {"compensator": "surge", "learnable_weight_scale": True},
 ]
 
 

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from surge_hf.quantizers import (
-    ActivationBinarizer,
-    WeightBinarizer,
+    ActivationQuantizer,
+    ActivationSpec,
+    WeightSign,
+    activation_codes,
+    output_scale,
     sign,
     surrogate_derivative,
     weight_scale,
@@ -113,14 +116,14 @@ W_MASK = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])  # 1[|W| <= 
     ("mode", "alpha"),
     [("channel", torch.tensor([[0.625], [1.5]])), ("tensor", torch.tensor([[1.0625]])), ("none", torch.ones(1, 1))],
 )
-def test_weight_binarizer_forward_backward(mode: str, alpha: torch.Tensor) -> None:
+def test_weight_sign_forward_backward(mode: str, alpha: torch.Tensor) -> None:
     weight = W.clone().requires_grad_(True)
-    out = WeightBinarizer.apply(weight, mode)
-    assert torch.equal(out, W_SIGNS * alpha)
+    out = WeightSign.apply(weight)
+    assert torch.equal(out, W_SIGNS)
     assert torch.equal(weight_scale(W, mode), alpha)
     grad = torch.arange(1.0, 9.0).reshape(2, 4)
     out.backward(grad)
-    # clipped straight-through, no alpha factor, and no gradient through alpha
+    # clipped straight-through
     assert torch.equal(weight.grad, grad * W_MASK)
 
 
@@ -155,40 +158,37 @@ def _activation_input() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("surrogate", ["identity", "clipped_ste", "approx_sign", "swish_sign"])
-@pytest.mark.parametrize("kind", ["sign", "rsign", "elastic"])
-def test_activation_binarizer(kind: str, surrogate: str) -> None:
+@pytest.mark.parametrize("kind", ["sign", "rsign"])
+def test_sign_activation_quantizer(kind: str, surrogate: str) -> None:
     beta = 3.0
+    spec = ActivationSpec(surrogate=surrogate, beta=beta)
     x_value = _activation_input()
     x = x_value.clone().requires_grad_(True)
     tau = TAU.clone().requires_grad_(True) if kind != "sign" else None
-    scale = torch.tensor([1.25], requires_grad=True) if kind == "elastic" else None
-    out = ActivationBinarizer.apply(x, tau, scale, surrogate, beta)
+    out = ActivationQuantizer.apply(x, tau, None, spec)
     grad = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(11))
     out.backward(grad)
 
     u = x_value - (TAU if kind != "sign" else 0.0)
-    s = 1.25 if kind == "elastic" else 1.0
     if surrogate == "swish_sign":
         d = _swish_derivative_autograd(u.flatten(), beta).float().reshape(u.shape)
     else:
         d = _ref_surrogate(surrogate, u.flatten(), beta).reshape(u.shape)
-    assert torch.equal(out, s * _ref_sign(u))
-    assert (out[1, 0] == s).all() if kind == "sign" else (out[0, 0] == s).all()  # zeros and ties give +s
-    torch.testing.assert_close(x.grad, grad * s * d, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, _ref_sign(u))
+    assert (out[1, 0] == 1).all() if kind == "sign" else (out[0, 0] == 1).all()  # zeros and ties give +1
+    torch.testing.assert_close(x.grad, grad * d, rtol=1e-6, atol=1e-6)
     if tau is not None:
-        torch.testing.assert_close(tau.grad, -(grad * s * d).sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
-    if scale is not None:
-        torch.testing.assert_close(scale.grad, (grad * _ref_sign(u)).sum().reshape(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tau.grad, -(grad * d).sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
-def test_activation_binarizer_conv_layout() -> None:
+def test_sign_quantizer_conv_layout() -> None:
     """tau broadcast as (1, C, 1, 1): its gradient sums over batch and space."""
     x_value = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(5))
     x_value[0, :, 0, 0] = torch.tensor([0.0, 0.25, 1.25])  # ties (u = 0), u = 0, u = 1
     tau_value = torch.tensor([0.0, 0.25, 0.25])
     x = x_value.clone().requires_grad_(True)
     tau = tau_value.clone().requires_grad_(True)
-    out = ActivationBinarizer.apply(x, tau.reshape(1, 3, 1, 1), None, "clipped_ste", 5.0)
+    out = ActivationQuantizer.apply(x, tau.reshape(1, 3, 1, 1), None, ActivationSpec())
     grad = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(6))
     out.backward(grad)
     u = x_value - tau_value.reshape(1, 3, 1, 1)
@@ -198,16 +198,67 @@ def test_activation_binarizer_conv_layout() -> None:
     torch.testing.assert_close(tau.grad, -(grad * mask).sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
 
 
-def test_activation_binarizer_only_needed_grads() -> None:
-    """A frozen threshold gets no gradient; a frozen input still lets tau and s learn."""
+def test_sign_quantizer_only_needed_grads() -> None:
+    """A frozen input still lets tau learn."""
     x = _activation_input()
     tau = TAU.clone().requires_grad_(True)
-    scale = torch.tensor([2.0], requires_grad=True)
-    out = ActivationBinarizer.apply(x, tau, scale, "clipped_ste", 5.0)
+    out = ActivationQuantizer.apply(x, tau, None, ActivationSpec())
     out.sum().backward()
     u = x - TAU
-    assert torch.equal(tau.grad, -(2.0 * (u.abs() <= 1).float()).sum(dim=(0, 1)))
-    assert scale.grad.item() == _ref_sign(u).sum().item()
+    assert torch.equal(tau.grad, -((u.abs() <= 1).float()).sum(dim=(0, 1)))
+
+
+# -- uniform (multi-bit and unsigned) quantizers -----------------------------------------------------------------------
+# u = (x - tau) / s with tau = 0.25, s = 0.5: x = [-2, -0.75, -0.125, 0.25, 0.5, 0.625, 0.875, 1.25, 3]
+UNIFORM_X = torch.tensor([-2.0, -0.75, -0.125, 0.25, 0.5, 0.625, 0.875, 1.25, 3.0])
+UNIFORM_U = torch.tensor([-4.5, -2.0, -0.75, 0.0, 0.5, 0.75, 1.25, 2.0, 5.5])
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "codes"),
+    [
+        # round half to even: 0.5 -> 0, -0.75 -> -1, 1.25 -> 1
+        (2, True, [-2.0, -2.0, -1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
+        (4, True, [-4.0, -2.0, -1.0, 0.0, 0.0, 1.0, 1.0, 2.0, 6.0]),
+        (1, False, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
+        (2, False, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0, 3.0]),
+    ],
+)
+def test_uniform_quantizer_codes_and_gradients(bits: int, signed: bool, codes: list[float]) -> None:
+    spec = ActivationSpec(bits=bits, signed=signed)
+    q_n, q_p = spec.levels
+    assert (q_n, q_p) == ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    x = UNIFORM_X.clone().requires_grad_(True)
+    tau = torch.tensor([0.25], requires_grad=True)
+    s = torch.tensor([0.5], requires_grad=True)
+    out = ActivationQuantizer.apply(x, tau, s, spec)
+    assert out.tolist() == codes
+    assert torch.equal(activation_codes(UNIFORM_X, torch.tensor([0.25]), torch.tensor([0.5]), spec), out.detach())
+    g = torch.arange(1.0, 10.0)
+    out.backward(g)
+    inside = ((UNIFORM_U >= q_n) & (UNIFORM_U <= q_p)).float()
+    assert torch.equal(x.grad, g * inside / 0.5)
+    assert torch.equal(tau.grad, -(g * inside / 0.5).sum().reshape(1))
+    torch.testing.assert_close(s.grad, (g * inside * -UNIFORM_U / 0.5).sum().reshape(1))
+
+
+def test_uniform_quantizer_step_gets_lsq_gradient_through_the_value() -> None:
+    """With the value s * q formed afterwards, ds = sum(g_v * (q - u * 1[inside])) (LSQ)."""
+    spec = ActivationSpec(bits=2)
+    s = torch.tensor([0.5], requires_grad=True)
+    value = ActivationQuantizer.apply(UNIFORM_X, torch.tensor([0.25]), s, spec) * s
+    g_v = torch.arange(1.0, 10.0)
+    value.backward(g_v)
+    q = activation_codes(UNIFORM_X, torch.tensor([0.25]), torch.tensor([0.5]), spec)
+    inside = ((UNIFORM_U >= -2) & (UNIFORM_U <= 1)).float()
+    torch.testing.assert_close(s.grad, (g_v * (q - UNIFORM_U * inside)).sum().reshape(1))
+
+
+def test_output_scale_order() -> None:
+    alpha, s = torch.tensor([0.5, 2.0]), torch.tensor([3.0])
+    assert output_scale(None, None) is None
+    assert output_scale(s, None) is s and output_scale(None, alpha) is alpha
+    assert output_scale(s, alpha).tolist() == [1.5, 6.0]
 
 
 @pytest.mark.parametrize("mode", ["channel", "tensor"])

@@ -14,8 +14,8 @@ namespace surge_xnor {
 constexpr int64_t kPanelWidth = 16;  // output channels per weight panel
 constexpr int64_t kRowBlock = 8;     // activation rows per micro-tile
 
-// y = float(dot) * alpha[j] (alpha[0] when not per channel), then * input_scale, then + bias[j]; each step rounded
-// to float32 on its own (no fused multiply-add), as the reference path computes it.
+// y = float(dot) * (alpha[j] * input_scale) + bias[j] (alpha[0] when not per channel; input_scale and bias
+// optional), each operation rounded to float32 on its own (no fused multiply-add): the reference path's order.
 struct Epilogue {
   const float* alpha = nullptr;
   bool alpha_per_channel = false;

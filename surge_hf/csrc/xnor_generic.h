@@ -53,14 +53,10 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
       continue;
     }
     float* out = p.out_float + (row0 + r) * p.n + col0;
-    if (e.alpha_per_channel) {
-      for (int64_t l = 0; l < cols; ++l) out[l] = static_cast<float>(dots[l]) * e.alpha[col0 + l];
-    } else {
-      for (int64_t l = 0; l < cols; ++l) out[l] = static_cast<float>(dots[l]) * e.alpha[0];
-    }
-    if (e.input_scale) {
-      const float s = *e.input_scale;
-      for (int64_t l = 0; l < cols; ++l) out[l] = out[l] * s;
+    for (int64_t l = 0; l < cols; ++l) {
+      float scale = e.alpha[e.alpha_per_channel ? col0 + l : 0];
+      if (e.input_scale) scale = scale * *e.input_scale;
+      out[l] = static_cast<float>(dots[l]) * scale;
     }
     if (e.bias) {
       for (int64_t l = 0; l < cols; ++l) out[l] = out[l] + e.bias[col0 + l];
