@@ -1,7 +1,10 @@
 """The CPU kernel behind packed W1A1 layers: XNOR-popcount products on bit-packed signs.
 
 For +-1 vectors `a`, `w` of length `K` whose signs are stored as bits (1 for +1, 0 for -1), the dot product is the
-integer `a . w = K - 2 * popcount(bits(a) xor bits(w))`. A packed `BinaryLinear` with sign activations computes
+integer `a . w = K - 2 * popcount(bits(a) xor bits(w))`. Integer codes `q` in `[q_min, q_max]` (k-bit and unsigned
+activations) are taken bit-serially: with the bit planes `c_b` of `q - q_min`,
+`q . w = sum_b 2^b (2 popcount(c_b and w) - popcount(c_b)) + q_min (2 popcount(w) - K)`, k AND-popcount products.
+A packed `BinaryLinear` with sign activations computes
 
     y = float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j
 
@@ -146,9 +149,29 @@ def pack_activation_bits(x: Tensor, threshold: Tensor | None = None) -> Tensor:
     return _ops().pack_activation_bits(x.contiguous(), None if threshold is None else threshold.contiguous())
 
 
+def weight_row_counts(weight_packed: Tensor) -> Tensor:
+    """The number of +1 signs of each packed weight row, int32 `(N,)` (needed by the code products)."""
+    return _ops().weight_row_counts(weight_packed)
+
+
+def pack_activation_codes(x: Tensor, threshold: Tensor | None, step: float, q_min: int, q_max: int
+                          ) -> tuple[Tensor, Tensor]:
+    """The bit planes of `c = q - q_min`, `q = clamp(round((x - tau) / step), q_min, q_max)` (`x` float32 `(M, K)`):
+    int64 `(M * k, ceil(K / 64))` with plane `b` of row `m` at row `m * k + b`, and each plane's popcount (int32)."""
+    return _ops().pack_activation_codes(x.contiguous(), _contiguous(threshold), step, q_min, q_max)
+
+
 def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int, in_features: int) -> Tensor:
     """The exact +-1 dot products `K - 2 * popcount(a xor w)`, int32 of shape `(M, N)`."""
     return _ops().xnor_gemm(activation_bits, weight_panels, out_features, in_features)
+
+
+def code_gemm(planes: Tensor, plane_counts: Tensor, weight_panels: Tensor, weight_counts: Tensor, out_features: int,
+              in_features: int, q_min: int, q_max: int) -> Tensor:
+    """The exact products `q . sign(W_j)` of integer codes with sign weights, bit-serial (module docstring), int32
+    of shape `(M, N)`."""
+    return _ops().code_gemm(planes, plane_counts, weight_panels, weight_counts, out_features, in_features, q_min,
+                            q_max)
 
 
 def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
@@ -188,6 +211,17 @@ def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, o
         rows, _contiguous(threshold), weight_panels, out_features, _contiguous(alpha), _contiguous(input_scale),
         _contiguous(bias),
     )
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,
+                     weight_counts: Tensor, out_features: int, alpha: Tensor, bias: Tensor | None) -> Tensor:
+    """`float(q . sign(W_j)) * (alpha_j * s) + b_j` with the codes `q = clamp(round((x - tau) / s), q_min, q_max)`
+    (`levels = (q_min, q_max)`, 2, 4, 16 or 256 levels) of float32 `x` of shape `(..., K)`, bit-serial. Returns
+    float32 of shape `(..., N)`. Inference only (no gradient)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    out = _ops().quantized_linear(rows, _contiguous(threshold), _contiguous(step), levels[0], levels[1],
+                                  weight_panels, weight_counts, out_features, _contiguous(alpha), _contiguous(bias))
     return out.reshape(*x.shape[:-1], out_features)
 
 

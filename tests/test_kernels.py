@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
 from surge_hf.layers import BinaryLayerMixin, BinaryLinear
 from surge_hf.packing import pack_signs
+from surge_hf.quantizers import ActivationSpec, activation_codes
 
 MINILM = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "all-MiniLM-L6-v2"
 
@@ -62,6 +63,43 @@ def test_xnor_gemm_equals_the_integer_product_of_signs(isas):
                 dots = kernels.xnor_gemm(kernels.pack_activation_bits(x, threshold), panels, n, k)
                 expected = (_pm1(x - threshold) @ _pm1(weight).T).to(torch.int32)
                 assert dots.dtype == torch.int32 and torch.equal(dots, expected), (isa, m, k, n)
+
+
+# (q_min, q_max): unsigned 1 bit (BiT's {0, 1}), signed 2, 4 and 8 bits, unsigned 4 bits.
+LEVELS = [(0, 1), (-2, 1), (-8, 7), (-128, 127), (0, 15)]
+
+
+def _codes(x: torch.Tensor, threshold: torch.Tensor, step: float, levels: tuple[int, int]) -> torch.Tensor:
+    spec = ActivationSpec(bits=(levels[1] - levels[0] + 1).bit_length() - 1, signed=levels[0] < 0)
+    return activation_codes(x, threshold, torch.tensor([step]), spec).to(torch.int64)
+
+
+def test_code_planes_hold_the_quantizer_codes(isas):
+    m, k = 5, 100
+    x, _, threshold = _operands(m, k, 1)
+    for isa in isas:
+        with kernels.use_isa(isa):
+            for levels in LEVELS:
+                planes, counts = kernels.pack_activation_codes(x, threshold, 0.37, *levels)
+                num_planes = planes.shape[0] // m
+                bits = torch.stack([(planes.view(torch.uint8)[:, : (k + 7) // 8] >> j) & 1 for j in range(8)], -1)
+                bits = bits.reshape(m, num_planes, -1)[:, :, :k].to(torch.int64)
+                codes = levels[0] + sum(bits[:, b] << b for b in range(num_planes))
+                assert torch.equal(codes, _codes(x, threshold, 0.37, levels)), (isa, levels)
+                assert torch.equal(counts, bits.sum(-1).reshape(-1).to(torch.int32)), (isa, levels)
+
+
+def test_code_gemm_equals_the_integer_product_of_codes_and_signs(isas):
+    for isa in isas:
+        with kernels.use_isa(isa):
+            for (m, k, n), levels in zip(SHAPES * 2, LEVELS * 3):
+                x, weight, threshold = _operands(m, k, n)
+                packed = pack_signs(weight)
+                planes, counts = kernels.pack_activation_codes(x, threshold, 0.21, *levels)
+                dots = kernels.code_gemm(planes, counts, kernels.pack_weight_panels(packed, k),
+                                         kernels.weight_row_counts(packed), n, k, *levels)
+                expected = (_codes(x, threshold, 0.21, levels) @ _pm1(weight).T).to(torch.int32)
+                assert torch.equal(dots, expected), (isa, m, k, n, levels)
 
 
 def test_binary_linear_scales_after_the_integer_product(isas):
@@ -140,7 +178,8 @@ def test_a_failed_build_warns_once_and_reports_unavailable(monkeypatch):
 # -- packed layers and models on the kernel ------------------------------------------------------------------------
 def _packed_linear(in_features: int, out_features: int, bias: bool, **recipe) -> BinaryLinear:
     torch.manual_seed(0)
-    layer = SurgeLinear(in_features, out_features, bias=bias, config=SurgeConfig(**recipe))
+    unsigned = recipe.get("unsigned_activation_modules") is not None
+    layer = SurgeLinear(in_features, out_features, bias=bias, config=SurgeConfig(**recipe), unsigned_input=unsigned)
     with torch.no_grad():
         if layer.input_threshold is not None:
             layer.input_threshold.normal_(0, 0.3)
@@ -172,6 +211,24 @@ def test_packed_linear_on_the_kernel_equals_the_reference_path(monkeypatch, isas
                         assert torch.equal(layer(x), expected), (isa, bias, tuple(x.shape))
 
 
+@pytest.mark.parametrize("recipe", [{"activation_bits": 2}, {"activation_bits": 4}, {"activation_bits": 8},
+                                    {"unsigned_activation_modules": ".*"},
+                                    {"activation_bits": 4, "unsigned_activation_modules": ".*"}])
+def test_packed_linear_with_codes_on_the_kernel_equals_the_reference_path(monkeypatch, isas, recipe):
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = _packed_linear(100, 33, bias, activation_binarizer="elastic", **recipe)
+        for x in (torch.randn(1, 100), torch.randn(2, 5, 100)):
+            with torch.no_grad():
+                with kernels.disabled():
+                    expected = layer(x)
+                with monkeypatch.context() as patch:
+                    _forbid_unpacking(patch)
+                    for isa in isas:
+                        with kernels.use_isa(isa):
+                            assert torch.equal(layer(x), expected), (isa, bias, tuple(x.shape))
+
+
 def test_gradients_through_the_kernel_path_match_the_reference_path(isas):
     layer = _packed_linear(70, 9, True, activation_binarizer="elastic")
     layer.requires_grad_(True)
@@ -200,7 +257,9 @@ def test_other_inputs_take_the_reference_path(isas):
     with kernels.disabled():
         assert not layer.uses_kernel(x)
     uniform = _packed_linear(20, 7, True, activation_binarizer="elastic", activation_bits=4)
-    assert not uniform.uses_kernel(x)
+    assert not uniform.uses_kernel(x)  # the reference path gives its step a gradient
+    with torch.no_grad():
+        assert uniform.uses_kernel(x)
 
 
 def test_weight_panels_follow_the_loaded_bits(isas):

@@ -1,5 +1,6 @@
-// AVX-512 variant (x86-64 with AVX-512 F/BW/DQ/VL and VPOPCNTDQ): 8 activation rows x 16 output channels per
-// micro-tile, 64-bit popcounts of XORed words in 512-bit vectors, activations compared 16 floats at a time.
+// AVX-512 variant (x86-64 with AVX-512 F/BW/DQ/VL and VPOPCNTDQ): 8 bit rows x 16 output channels per micro-tile,
+// 64-bit popcounts of XORed (signs) or ANDed (code planes) words in 512-bit vectors, signs compared 16 floats at a
+// time; code planes are packed by the scalar routine compiled for AVX-512.
 #include "xnor.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -12,7 +13,7 @@
 namespace surge_xnor {
 namespace avx512 {
 
-SURGE_XNOR_TARGET static void pack_rows_avx512(const float* x, const float* threshold, int64_t k, int64_t kw,
+SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* threshold, int64_t k, int64_t kw,
                                                uint64_t* bits, int64_t row_begin, int64_t row_end) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t i = row_begin; i < row_end; ++i) {
@@ -34,7 +35,7 @@ SURGE_XNOR_TARGET static void pack_rows_avx512(const float* x, const float* thre
   }
 }
 
-template <int MR>
+template <int MR, bool kAnd>
 struct VectorTile {
   SURGE_XNOR_TARGET static void run(const GemmProblem& p, int64_t row0, int64_t panel) {
     const uint64_t* weights = p.panels + panel * p.kw * kPanelWidth;
@@ -46,8 +47,10 @@ struct VectorTile {
       const __m512i w1 = _mm512_loadu_si512(weights + t * kPanelWidth + 8);
       for (int r = 0; r < MR; ++r) {
         const __m512i word = _mm512_set1_epi64(static_cast<long long>(a[r * p.kw + t]));
-        low[r] = _mm512_add_epi64(low[r], _mm512_popcnt_epi64(_mm512_xor_si512(word, w0)));
-        high[r] = _mm512_add_epi64(high[r], _mm512_popcnt_epi64(_mm512_xor_si512(word, w1)));
+        const __m512i b0 = kAnd ? _mm512_and_si512(word, w0) : _mm512_xor_si512(word, w0);
+        const __m512i b1 = kAnd ? _mm512_and_si512(word, w1) : _mm512_xor_si512(word, w1);
+        low[r] = _mm512_add_epi64(low[r], _mm512_popcnt_epi64(b0));
+        high[r] = _mm512_add_epi64(high[r], _mm512_popcnt_epi64(b1));
       }
     }
     int32_t counts[MR][kPanelWidth];
@@ -66,7 +69,8 @@ SURGE_XNOR_TARGET static void gemm_tiles_avx512(const GemmProblem& p, int64_t ti
 }  // namespace avx512
 
 const Isa* avx512_isa() {
-  static const Isa isa{"avx512_vpopcntdq", avx512::pack_rows_avx512, avx512::gemm_tiles_avx512};
+  static const Isa isa{"avx512_vpopcntdq", avx512::pack_signs_avx512, avx512::pack_codes,
+                        avx512::gemm_tiles_avx512};
   return &isa;
 }
 

@@ -1,6 +1,7 @@
 // The scalar-word implementation, included by each translation unit that compiles it for one instruction set:
 // define SURGE_XNOR_NS (a namespace name) and SURGE_XNOR_TARGET (a function attribute, possibly empty) first.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "xnor.h"
@@ -19,8 +20,9 @@ SURGE_XNOR_TARGET static inline int popcount64(uint64_t word) {
 #endif
 }
 
-[[maybe_unused]] SURGE_XNOR_TARGET static void pack_rows(const float* x, const float* threshold, int64_t k, int64_t kw, uint64_t* bits,
-                                        int64_t row_begin, int64_t row_end) {
+[[maybe_unused]] SURGE_XNOR_TARGET static void pack_signs(const float* x, const float* threshold, int64_t k,
+                                                          int64_t kw, uint64_t* bits, int64_t row_begin,
+                                                          int64_t row_end) {
   for (int64_t i = row_begin; i < row_end; ++i) {
     const float* row = x + i * k;
     for (int64_t w = 0; w < kw; ++w) {
@@ -36,23 +38,63 @@ SURGE_XNOR_TARGET static inline int popcount64(uint64_t word) {
   }
 }
 
-// Writes rows [row0, row0 + MR) x columns of `panel` from the popcounts of the tile.
+// The code planes of rows [row_begin, row_end): c = q - q_min, q = clamp(nearbyint((x - tau) / step), q_min, q_max)
+// (round half to even, the default rounding mode, as torch.round), plane b of row i at bit row i * planes + b.
+SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold, const CodeSpec& spec, int64_t k,
+                                         int64_t kw, uint64_t* planes, int32_t* plane_counts, int64_t row_begin,
+                                         int64_t row_end) {
+  const float low = static_cast<float>(spec.q_min), high = static_cast<float>(spec.q_max);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const float* row = x + i * k;
+    uint64_t* out = planes + i * spec.planes * kw;
+    int32_t* counts = plane_counts + i * spec.planes;
+    for (int b = 0; b < spec.planes; ++b) counts[b] = 0;
+    for (int64_t w = 0; w < kw; ++w) {
+      const int64_t base = w * 64;
+      const int64_t count = std::min<int64_t>(64, k - base);
+      uint64_t words[8] = {};
+      for (int64_t j = 0; j < count; ++j) {
+        const float u = threshold ? row[base + j] - threshold[base + j] : row[base + j];
+        const float q = std::min(std::max(std::nearbyint(u / spec.step), low), high);
+        const auto code = static_cast<uint32_t>(static_cast<int32_t>(q) - spec.q_min);
+        for (int b = 0; b < spec.planes; ++b) words[b] |= static_cast<uint64_t>((code >> b) & 1u) << j;
+      }
+      for (int b = 0; b < spec.planes; ++b) {
+        out[b * kw + w] = words[b];
+        counts[b] += popcount64(words[b]);
+      }
+    }
+  }
+}
+
+// Writes the outputs of bit rows [row0, row0 + MR) x the columns of `panel` from the popcounts of the tile.
 template <int MR>
 SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int64_t panel,
                                          const int32_t (&counts)[MR][kPanelWidth]) {
   const int64_t col0 = panel * kPanelWidth;
   const int64_t cols = std::min<int64_t>(kPanelWidth, p.n - col0);
   const int32_t k = static_cast<int32_t>(p.k);
+  const int planes = p.planes > 0 ? p.planes : 1;
   const Epilogue& e = p.epilogue;
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < MR; r += planes) {
     int32_t dots[kPanelWidth];
-    for (int64_t l = 0; l < kPanelWidth; ++l) dots[l] = k - 2 * counts[r][l];
+    if (p.planes == 0) {
+      for (int64_t l = 0; l < cols; ++l) dots[l] = k - 2 * counts[r][l];
+    } else {
+      const int32_t* plane_counts = p.plane_counts + row0 + r;
+      for (int64_t l = 0; l < cols; ++l) {
+        int32_t dot = p.q_min * (2 * p.weight_counts[col0 + l] - k);
+        for (int b = 0; b < planes; ++b) dot += (2 * counts[r + b][l] - plane_counts[b]) * (1 << b);
+        dots[l] = dot;
+      }
+    }
+    const int64_t out_row = (row0 + r) / planes;
     if (p.out_int) {
-      int32_t* out = p.out_int + (row0 + r) * p.n + col0;
+      int32_t* out = p.out_int + out_row * p.n + col0;
       for (int64_t l = 0; l < cols; ++l) out[l] = dots[l];
       continue;
     }
-    float* out = p.out_float + (row0 + r) * p.n + col0;
+    float* out = p.out_float + out_row * p.n + col0;
     for (int64_t l = 0; l < cols; ++l) {
       float scale = e.alpha[e.alpha_per_channel ? col0 + l : 0];
       if (e.input_scale) scale = scale * *e.input_scale;
@@ -64,46 +106,58 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
   }
 }
 
-template <int MR>
-SURGE_XNOR_TARGET static void micro_tile(const GemmProblem& p, int64_t row0, int64_t panel) {
-  const uint64_t* weights = p.panels + panel * p.kw * kPanelWidth;
-  int32_t counts[MR][kPanelWidth] = {};
-  for (int64_t t = 0; t < p.kw; ++t) {
-    const uint64_t* w = weights + t * kPanelWidth;
-    for (int r = 0; r < MR; ++r) {
-      const uint64_t a = p.a[(row0 + r) * p.kw + t];
-      for (int64_t l = 0; l < kPanelWidth; ++l) counts[r][l] += popcount64(a ^ w[l]);
-    }
-  }
-  store_tile<MR>(p, row0, panel, counts);
+// AND (bit-serial codes) or XOR (signs) of an activation word with a weight word.
+template <bool kAnd>
+SURGE_XNOR_TARGET static inline uint64_t combine(uint64_t a, uint64_t w) {
+  return kAnd ? (a & w) : (a ^ w);
 }
 
-// Runs `Tile<MR>::run(p, row0, panel)` over tiles [tile_begin, tile_end) with MR = the rows left in the block.
-template <template <int> class Tile>
+template <int MR, bool kAnd>
+struct ScalarTile {
+  SURGE_XNOR_TARGET static void run(const GemmProblem& p, int64_t row0, int64_t panel) {
+    const uint64_t* weights = p.panels + panel * p.kw * kPanelWidth;
+    int32_t counts[MR][kPanelWidth] = {};
+    for (int64_t t = 0; t < p.kw; ++t) {
+      const uint64_t* w = weights + t * kPanelWidth;
+      for (int r = 0; r < MR; ++r) {
+        const uint64_t a = p.a[(row0 + r) * p.kw + t];
+        for (int64_t l = 0; l < kPanelWidth; ++l) counts[r][l] += popcount64(combine<kAnd>(a, w[l]));
+      }
+    }
+    store_tile<MR>(p, row0, panel, counts);
+  }
+};
+
+// Runs `Tile<MR, kAnd>::run(p, row0, panel)` over tiles [tile_begin, tile_end), MR = the bit rows left in the block
+// (a multiple of the plane count, which divides kRowBlock), kAnd for code planes.
+template <template <int, bool> class Tile>
 SURGE_XNOR_TARGET static void for_each_tile(const GemmProblem& p, int64_t tile_begin, int64_t tile_end) {
-  const int64_t row_blocks = (p.m + kRowBlock - 1) / kRowBlock;
+  const int64_t row_blocks = (p.rows + kRowBlock - 1) / kRowBlock;
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t panel = t / row_blocks;
     const int64_t row0 = (t % row_blocks) * kRowBlock;
-    switch (std::min<int64_t>(kRowBlock, p.m - row0)) {
-      case 1: Tile<1>::run(p, row0, panel); break;
-      case 2: Tile<2>::run(p, row0, panel); break;
-      case 3: Tile<3>::run(p, row0, panel); break;
-      case 4: Tile<4>::run(p, row0, panel); break;
-      case 5: Tile<5>::run(p, row0, panel); break;
-      case 6: Tile<6>::run(p, row0, panel); break;
-      case 7: Tile<7>::run(p, row0, panel); break;
-      default: Tile<8>::run(p, row0, panel); break;
+    const int64_t rows = std::min<int64_t>(kRowBlock, p.rows - row0);
+#define SURGE_XNOR_TILE(R)                                                        \
+  case R:                                                                         \
+    p.planes ? Tile<R, true>::run(p, row0, panel) : Tile<R, false>::run(p, row0, panel); \
+    break;
+    switch (rows) {
+      SURGE_XNOR_TILE(1)
+      SURGE_XNOR_TILE(2)
+      SURGE_XNOR_TILE(3)
+      SURGE_XNOR_TILE(4)
+      SURGE_XNOR_TILE(5)
+      SURGE_XNOR_TILE(6)
+      SURGE_XNOR_TILE(7)
+      default:
+        p.planes ? Tile<8, true>::run(p, row0, panel) : Tile<8, false>::run(p, row0, panel);
     }
+#undef SURGE_XNOR_TILE
   }
 }
 
-template <int MR>
-struct ScalarTile {
-  SURGE_XNOR_TARGET static void run(const GemmProblem& p, int64_t row0, int64_t panel) { micro_tile<MR>(p, row0, panel); }
-};
-
-[[maybe_unused]] SURGE_XNOR_TARGET static void gemm_tiles(const GemmProblem& p, int64_t tile_begin, int64_t tile_end) {
+[[maybe_unused]] SURGE_XNOR_TARGET static void gemm_tiles(const GemmProblem& p, int64_t tile_begin,
+                                                          int64_t tile_end) {
   for_each_tile<ScalarTile>(p, tile_begin, tile_end);
 }
 

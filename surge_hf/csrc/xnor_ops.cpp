@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "xnor.h"
@@ -45,32 +46,69 @@ constexpr int64_t kMinWorkPerThread = 1 << 15;
 
 int64_t words_per_row(int64_t k) { return (k + 63) / 64; }
 
-at::Tensor pack_activation_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
+const float* threshold_data(const c10::optional<at::Tensor>& threshold, int64_t k) {
+  if (!threshold.has_value()) return nullptr;
+  TORCH_CHECK(threshold->scalar_type() == at::kFloat && threshold->is_contiguous() && threshold->numel() == k,
+              "surge_hf: the threshold must be a contiguous float32 tensor of ", k, " values, got ",
+              threshold->scalar_type(), " of shape ", threshold->sizes());
+  return threshold->data_ptr<float>();
+}
+
+void check_activations(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "surge_hf: activations must be a contiguous 2-D float32 CPU tensor, got ", x.scalar_type(), " of shape ",
               x.sizes());
+}
+
+int64_t pack_grain(int64_t k) { return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(k, 1)); }
+
+at::Tensor pack_sign_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
+  check_activations(x);
   const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
-  const float* tau = nullptr;
-  if (threshold.has_value()) {
-    TORCH_CHECK(threshold->scalar_type() == at::kFloat && threshold->is_contiguous() && threshold->numel() == k,
-                "surge_hf: the threshold must be a contiguous float32 tensor of ", k, " values, got ",
-                threshold->scalar_type(), " of shape ", threshold->sizes());
-    tau = threshold->data_ptr<float>();
-  }
+  const float* tau = threshold_data(threshold, k);
   at::Tensor bits = at::empty({m, kw}, x.options().dtype(at::kLong));
   const float* data = x.data_ptr<float>();
   auto* out = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
   const Isa* isa = active();
-  at::parallel_for(0, m, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(k, 1)),
-                   [&](int64_t begin, int64_t end) { isa->pack_rows(data, tau, k, kw, out, begin, end); });
+  at::parallel_for(0, m, pack_grain(k),
+                   [&](int64_t begin, int64_t end) { isa->pack_signs(data, tau, k, kw, out, begin, end); });
   return bits;
+}
+
+CodeSpec code_spec(double step, int64_t q_min, int64_t q_max) {
+  const int64_t levels = q_max - q_min + 1;
+  CodeSpec spec;
+  spec.step = static_cast<float>(step);
+  spec.q_min = static_cast<int32_t>(q_min);
+  spec.q_max = static_cast<int32_t>(q_max);
+  spec.planes = levels == 2 ? 1 : levels == 4 ? 2 : levels == 16 ? 4 : levels == 256 ? 8 : 0;
+  TORCH_CHECK(spec.planes > 0 && q_min <= 0, "surge_hf: codes [", q_min, ", ", q_max,
+              "] must span 2, 4, 16 or 256 levels from q_min <= 0");
+  return spec;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_code_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold,
+                                                  const CodeSpec& spec) {
+  check_activations(x);
+  const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
+  const float* tau = threshold_data(threshold, k);
+  at::Tensor planes = at::empty({m * spec.planes, kw}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({m * spec.planes}, x.options().dtype(at::kInt));
+  const float* data = x.data_ptr<float>();
+  auto* out = reinterpret_cast<uint64_t*>(planes.data_ptr<int64_t>());
+  int32_t* out_counts = counts.data_ptr<int32_t>();
+  const Isa* isa = active();
+  at::parallel_for(0, m, pack_grain(k * spec.planes), [&](int64_t begin, int64_t end) {
+    isa->pack_codes(data, tau, spec, k, kw, out, out_counts, begin, end);
+  });
+  return {planes, counts};
 }
 
 void check_panels(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
   TORCH_CHECK(k > 0 && n > 0, "surge_hf: k and n must be positive, got k=", k, ", n=", n);
   const int64_t kw = words_per_row(k);
   TORCH_CHECK(bits.dim() == 2 && bits.scalar_type() == at::kLong && bits.is_contiguous() && bits.size(1) == kw,
-              "surge_hf: activation bits must be contiguous int64 of shape (m, ", kw, "), got ", bits.sizes());
+              "surge_hf: activation bits must be contiguous int64 of shape (rows, ", kw, "), got ", bits.sizes());
   const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
   TORCH_CHECK(panels.scalar_type() == at::kLong && panels.is_contiguous() &&
                   panels.sizes() == at::IntArrayRef({num_panels, kw, kPanelWidth}),
@@ -78,11 +116,11 @@ void check_panels(const at::Tensor& bits, const at::Tensor& panels, int64_t n, i
               "), got ", panels.sizes());
 }
 
-void run_gemm(GemmProblem& problem) {
-  if (problem.m == 0) return;
-  const int64_t row_blocks = (problem.m + kRowBlock - 1) / kRowBlock;
+void run_gemm(const GemmProblem& problem) {
+  if (problem.rows == 0) return;
+  const int64_t row_blocks = (problem.rows + kRowBlock - 1) / kRowBlock;
   const int64_t tiles = row_blocks * ((problem.n + kPanelWidth - 1) / kPanelWidth);
-  const int64_t work_per_tile = std::min(problem.m, kRowBlock) * problem.kw * kPanelWidth;
+  const int64_t work_per_tile = std::min(problem.rows, kRowBlock) * problem.kw * kPanelWidth;
   const Isa* isa = active();
   at::parallel_for(0, tiles, std::max<int64_t>(1, kMinWorkPerThread / work_per_tile),
                    [&](int64_t begin, int64_t end) { isa->gemm_tiles(problem, begin, end); });
@@ -92,11 +130,29 @@ GemmProblem make_problem(const at::Tensor& bits, const at::Tensor& panels, int64
   GemmProblem problem;
   problem.a = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   problem.panels = reinterpret_cast<const uint64_t*>(panels.data_ptr<int64_t>());
-  problem.m = bits.size(0);
+  problem.rows = bits.size(0);
   problem.n = n;
   problem.k = k;
   problem.kw = words_per_row(k);
   return problem;
+}
+
+// The bit-serial part of a code product: plane popcounts and weight-row popcounts.
+void set_code_planes(GemmProblem& problem, const CodeSpec& spec, const at::Tensor& plane_counts,
+                     const at::Tensor& weight_counts) {
+  TORCH_CHECK(problem.rows % spec.planes == 0, "surge_hf: ", problem.rows, " bit rows are not whole codes of ",
+              spec.planes, " planes");
+  TORCH_CHECK(plane_counts.scalar_type() == at::kInt && plane_counts.is_contiguous() &&
+                  plane_counts.numel() == problem.rows,
+              "surge_hf: plane counts must be contiguous int32 of ", problem.rows, " values");
+  TORCH_CHECK(weight_counts.scalar_type() == at::kInt && weight_counts.is_contiguous() &&
+                  weight_counts.numel() == problem.n,
+              "surge_hf: weight row counts must be contiguous int32 of ", problem.n, " values, got ",
+              weight_counts.sizes());
+  problem.planes = spec.planes;
+  problem.q_min = spec.q_min;
+  problem.plane_counts = plane_counts.data_ptr<int32_t>();
+  problem.weight_counts = weight_counts.data_ptr<int32_t>();
 }
 
 const float* optional_float(const c10::optional<at::Tensor>& tensor, int64_t size, const char* what) {
@@ -105,6 +161,18 @@ const float* optional_float(const c10::optional<at::Tensor>& tensor, int64_t siz
               "surge_hf: ", what, " must be a contiguous float32 tensor of ", size, " values, got ",
               tensor->scalar_type(), " of shape ", tensor->sizes());
   return tensor->data_ptr<float>();
+}
+
+
+void set_epilogue(GemmProblem& problem, const at::Tensor& alpha, const float* input_scale,
+                  const c10::optional<at::Tensor>& bias) {
+  const int64_t n = problem.n;
+  TORCH_CHECK(alpha.numel() == n || alpha.numel() == 1, "surge_hf: alpha must hold 1 or ", n, " values, got ",
+              alpha.numel());
+  problem.epilogue.alpha = optional_float(alpha, alpha.numel(), "alpha");
+  problem.epilogue.alpha_per_channel = alpha.numel() == n && n > 1;
+  problem.epilogue.input_scale = input_scale;
+  problem.epilogue.bias = optional_float(bias, n, "the bias");
 }
 
 }  // namespace
@@ -135,8 +203,26 @@ at::Tensor pack_weight_panels(const at::Tensor& packed, int64_t k) {
   return panels;
 }
 
+at::Tensor weight_row_counts(const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.device().is_cpu(),
+              "surge_hf: packed signs must be a 2-D uint8 CPU tensor, got ", packed.scalar_type(), " of shape ",
+              packed.sizes());
+  const at::Tensor rows = packed.contiguous();
+  at::Tensor counts = at::zeros({rows.size(0)}, packed.options().dtype(at::kInt));
+  const uint8_t* src = rows.data_ptr<uint8_t>();
+  int32_t* dst = counts.data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) dst[i / rows.size(1)] += __builtin_popcount(src[i]);
+  return counts;
+}
+
 at::Tensor pack_activation_bits(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
-  return pack_activation_rows(x, threshold);
+  return pack_sign_rows(x, threshold);
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_activation_codes(const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& threshold, double step,
+                                                         int64_t q_min, int64_t q_max) {
+  return pack_code_rows(x, threshold, code_spec(step, q_min, q_max));
 }
 
 at::Tensor xnor_gemm(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
@@ -148,21 +234,45 @@ at::Tensor xnor_gemm(const at::Tensor& bits, const at::Tensor& panels, int64_t n
   return out;
 }
 
+at::Tensor code_gemm(const at::Tensor& planes, const at::Tensor& plane_counts, const at::Tensor& panels,
+                     const at::Tensor& weight_counts, int64_t n, int64_t k, int64_t q_min, int64_t q_max) {
+  const CodeSpec spec = code_spec(1.0, q_min, q_max);
+  check_panels(planes, panels, n, k);
+  GemmProblem problem = make_problem(planes, panels, n, k);
+  set_code_planes(problem, spec, plane_counts, weight_counts);
+  at::Tensor out = at::empty({planes.size(0) / spec.planes, n}, planes.options().dtype(at::kInt));
+  problem.out_int = out.data_ptr<int32_t>();
+  run_gemm(problem);
+  return out;
+}
+
 at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
                          int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& input_scale,
                          const c10::optional<at::Tensor>& bias) {
-  const at::Tensor bits = pack_activation_rows(x, threshold);
+  const at::Tensor bits = pack_sign_rows(x, threshold);
   const int64_t k = x.size(1);
   check_panels(bits, panels, n, k);
-  TORCH_CHECK(alpha.numel() == n || alpha.numel() == 1, "surge_hf: alpha must hold 1 or ", n, " values, got ",
-              alpha.numel());
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   GemmProblem problem = make_problem(bits, panels, n, k);
   problem.out_float = out.data_ptr<float>();
-  problem.epilogue.alpha = optional_float(alpha, alpha.numel(), "alpha");
-  problem.epilogue.alpha_per_channel = alpha.numel() == n && n > 1;
-  problem.epilogue.input_scale = optional_float(input_scale, 1, "the input scale");
-  problem.epilogue.bias = optional_float(bias, n, "the bias");
+  set_epilogue(problem, alpha, optional_float(input_scale, 1, "the input scale"), bias);
+  run_gemm(problem);
+  return out;
+}
+
+at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& step,
+                            int64_t q_min, int64_t q_max, const at::Tensor& panels, const at::Tensor& weight_counts,
+                            int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias) {
+  const float* step_data = optional_float(step, 1, "the step size");
+  const CodeSpec spec = code_spec(*step_data, q_min, q_max);
+  auto [planes, plane_counts] = pack_code_rows(x, threshold, spec);
+  const int64_t k = x.size(1);
+  check_panels(planes, panels, n, k);
+  GemmProblem problem = make_problem(planes, panels, n, k);
+  set_code_planes(problem, spec, plane_counts, weight_counts);
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  problem.out_float = out.data_ptr<float>();
+  set_epilogue(problem, alpha, step_data, bias);
   run_gemm(problem);
   return out;
 }
@@ -192,9 +302,15 @@ std::string set_isa(const std::string& name) {
 TORCH_LIBRARY(surge_hf, m) {
   m.def("pack_weight_panels(Tensor packed, int k) -> Tensor");
   m.def("pack_activation_bits(Tensor x, Tensor? threshold) -> Tensor");
+  m.def("weight_row_counts(Tensor packed) -> Tensor");
+  m.def("pack_activation_codes(Tensor x, Tensor? threshold, float step, int q_min, int q_max) -> (Tensor, Tensor)");
   m.def("xnor_gemm(Tensor bits, Tensor panels, int n, int k) -> Tensor");
+  m.def("code_gemm(Tensor planes, Tensor plane_counts, Tensor panels, Tensor weight_counts, int n, int k, int q_min, "
+        "int q_max) -> Tensor");
   m.def("binary_linear(Tensor x, Tensor? threshold, Tensor panels, int n, Tensor alpha, Tensor? input_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("quantized_linear(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
+        "Tensor weight_counts, int n, Tensor alpha, Tensor? bias) -> Tensor");
   m.def("xnor_isa() -> str", &surge_xnor::isa);
   m.def("xnor_supported_isas() -> str[]", &surge_xnor::supported_isas);
   m.def("xnor_set_isa(str name) -> str", &surge_xnor::set_isa);
@@ -203,6 +319,10 @@ TORCH_LIBRARY(surge_hf, m) {
 TORCH_LIBRARY_IMPL(surge_hf, CPU, m) {
   m.impl("pack_weight_panels", &surge_xnor::pack_weight_panels);
   m.impl("pack_activation_bits", &surge_xnor::pack_activation_bits);
+  m.impl("weight_row_counts", &surge_xnor::weight_row_counts);
+  m.impl("pack_activation_codes", &surge_xnor::pack_activation_codes);
   m.impl("xnor_gemm", &surge_xnor::xnor_gemm);
+  m.impl("code_gemm", &surge_xnor::code_gemm);
   m.impl("binary_linear", &surge_xnor::binary_linear);
+  m.impl("quantized_linear", &surge_xnor::quantized_linear);
 }

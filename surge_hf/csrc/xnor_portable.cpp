@@ -6,7 +6,7 @@
 namespace surge_xnor {
 
 const Isa* portable_isa() {
-  static const Isa isa{"portable", portable::pack_rows, portable::gemm_tiles};
+  static const Isa isa{"portable", portable::pack_signs, portable::pack_codes, portable::gemm_tiles};
   return &isa;
 }
 
