@@ -181,7 +181,9 @@ def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, ou
 
     Differentiable like the reference path: no gradient reaches `x` or tau (the sign comparison cuts the graph),
     s gets `sum(g * float(dots) * alpha)` and b gets `sum(g)`."""
-    return _BinaryLinear.apply(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input_scale, bias)):
+        return _BinaryLinear.apply(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+    return _binary_linear(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
 
 
 class _BinaryLinear(torch.autograd.Function):

@@ -48,7 +48,8 @@ struct CodeSpec {
 
 // One instruction-set variant: pack rows [row_begin, row_end) of x (m, k) float32, row-major, with an optional
 // threshold (k), as sign bits or as code planes (also writing each plane's popcount); compute the micro-tiles
-// [tile_begin, tile_end) of a product (tile t: panel t / row_blocks, row block t % row_blocks).
+// [tile_begin, tile_end) of a product (tile t: row block t / num_panels, panel t % num_panels: a row block's outputs
+// are written row by row while the weight panels, at most a few hundred KB, stay in cache).
 struct Isa {
   const char* name;
   void (*pack_signs)(const float* x, const float* threshold, int64_t k, int64_t kw, uint64_t* bits,

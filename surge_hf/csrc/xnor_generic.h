@@ -76,10 +76,18 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
   const int32_t k = static_cast<int32_t>(p.k);
   const int planes = p.planes > 0 ? p.planes : 1;
   const Epilogue& e = p.epilogue;
+  float scale[kPanelWidth] = {}, bias[kPanelWidth] = {};
+  if (p.out_float) {
+    for (int64_t l = 0; l < cols; ++l) {
+      scale[l] = e.alpha[e.alpha_per_channel ? col0 + l : 0];
+      if (e.input_scale) scale[l] = scale[l] * *e.input_scale;
+      if (e.bias) bias[l] = e.bias[col0 + l];
+    }
+  }
   for (int r = 0; r < MR; r += planes) {
-    int32_t dots[kPanelWidth];
+    int32_t dots[kPanelWidth] = {};
     if (p.planes == 0) {
-      for (int64_t l = 0; l < cols; ++l) dots[l] = k - 2 * counts[r][l];
+      for (int64_t l = 0; l < kPanelWidth; ++l) dots[l] = k - 2 * counts[r][l];
     } else {
       const int32_t* plane_counts = p.plane_counts + row0 + r;
       for (int64_t l = 0; l < cols; ++l) {
@@ -90,19 +98,15 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
     }
     const int64_t out_row = (row0 + r) / planes;
     if (p.out_int) {
-      int32_t* out = p.out_int + out_row * p.n + col0;
-      for (int64_t l = 0; l < cols; ++l) out[l] = dots[l];
+      std::copy(dots, dots + cols, p.out_int + out_row * p.n + col0);
       continue;
     }
-    float* out = p.out_float + out_row * p.n + col0;
-    for (int64_t l = 0; l < cols; ++l) {
-      float scale = e.alpha[e.alpha_per_channel ? col0 + l : 0];
-      if (e.input_scale) scale = scale * *e.input_scale;
-      out[l] = static_cast<float>(dots[l]) * scale;
-    }
+    float y[kPanelWidth];
+    for (int64_t l = 0; l < kPanelWidth; ++l) y[l] = static_cast<float>(dots[l]) * scale[l];
     if (e.bias) {
-      for (int64_t l = 0; l < cols; ++l) out[l] = out[l] + e.bias[col0 + l];
+      for (int64_t l = 0; l < kPanelWidth; ++l) y[l] = y[l] + bias[l];
     }
+    std::copy(y, y + cols, p.out_float + out_row * p.n + col0);
   }
 }
 
@@ -132,10 +136,10 @@ struct ScalarTile {
 // (a multiple of the plane count, which divides kRowBlock), kAnd for code planes.
 template <template <int, bool> class Tile>
 SURGE_XNOR_TARGET static void for_each_tile(const GemmProblem& p, int64_t tile_begin, int64_t tile_end) {
-  const int64_t row_blocks = (p.rows + kRowBlock - 1) / kRowBlock;
+  const int64_t num_panels = (p.n + kPanelWidth - 1) / kPanelWidth;
   for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t panel = t / row_blocks;
-    const int64_t row0 = (t % row_blocks) * kRowBlock;
+    const int64_t panel = t % num_panels;
+    const int64_t row0 = (t / num_panels) * kRowBlock;
     const int64_t rows = std::min<int64_t>(kRowBlock, p.rows - row0);
 #define SURGE_XNOR_TILE(R)                                                        \
   case R:                                                                         \
