@@ -7,6 +7,8 @@ from .calibration import calibrate
 from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
+from .deployment import DeploymentReport, measure_deployment
+from .embeddings import Int8Embedding, quantize_embeddings
 from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
 from .losses import auxiliary_loss
 from .modeling_surge_bert import (
@@ -26,6 +28,8 @@ __all__ = [
     "BinaryConv2d",
     "BinaryLinear",
     "BitAccount",
+    "DeploymentReport",
+    "Int8Embedding",
     "LayerAccount",
     "SurgeBertConfig",
     "SurgeBertForQuestionAnswering",
@@ -45,6 +49,8 @@ __all__ = [
     "calibrate",
     "diagnostics",
     "finalize",
+    "measure_deployment",
+    "quantize_embeddings",
     "register_auto_classes",
     "resolve_targets",
     "summary",
