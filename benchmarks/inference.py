@@ -248,27 +248,30 @@ def memory_and_files(folders: dict) -> dict:
     return results
 
 
+def timing_rows(rows: list[dict], label: Callable[[dict], str], digits: int) -> list[str]:
+    """Markdown rows: label, threads, the four candidates' ms and the binary kernel's speed-ups."""
+    lines = []
+    for row in rows:
+        ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
+        times = " | ".join(f"{ms[form]:.{digits}f}" for form in FORMS)
+        ratios = " | ".join(f"{ratio[form]:.2f}x" for form in FORMS if form != "binary_kernel")
+        lines.append(f"| {label(row)} | {row['threads']} | {times} | {ratios} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
+    columns = "threads | float32 | int8 dyn. | binary kernel | binary reference | vs float32 | vs int8 | vs reference |"
+    rule = "| --- " * 10 + "|"
     lines = [f"# CPU inference: `{report['command']}`", "",
              f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
              "Medians of round-robin rounds on a shared machine: read the ratios.", "",
              "## Layer level (ms per call; speed-up of the binary kernel over each)", "",
-             "| shape (in x out) | M | threads | float32 | int8 dyn. | binary kernel | binary reference | vs float32 "
-             "| vs int8 | vs reference |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["layers"]:
-        ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
-        lines.append(f"| {row['family']} {row['in_features']}x{row['out_features']} | {row['rows']} | "
-                     f"{row['threads']} | {ms['float32']:.3f} | {ms['int8_dynamic']:.3f} | {ms['binary_kernel']:.3f} | "
-                     f"{ms['binary_reference']:.3f} | {ratio['float32']:.1f}x | {ratio['int8_dynamic']:.1f}x | "
-                     f"{ratio['binary_reference']:.1f}x |")
-    lines += ["", "## End to end, sequence classification (ms per batch)", "",
-              "| model | batch x tokens | threads | float32 | int8 dyn. | binary kernel | binary reference | "
-              "vs float32 | vs int8 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["end_to_end"]:
-        ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
-        lines.append(f"| {row['model']} | {row['batch']} x {row['tokens']} | {row['threads']} | "
-                     f"{ms['float32']:.1f} | {ms['int8_dynamic']:.1f} | {ms['binary_kernel']:.1f} | "
-                     f"{ms['binary_reference']:.1f} | {ratio['float32']:.2f}x | {ratio['int8_dynamic']:.2f}x |")
+             f"| shape (in x out) | M | {columns}", rule,
+             *timing_rows(report["layers"], lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | "
+                          f"{r['rows']}", 3),
+             "", "## End to end, sequence classification (ms per batch)", "",
+             f"| model | batch x tokens | {columns}", rule,
+             *timing_rows(report["end_to_end"], lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
     lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
               "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
               "| --- | --- | --- | --- | --- |"]
