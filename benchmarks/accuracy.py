@@ -12,8 +12,10 @@ Fashion-MNIST (`--task vision`, `scripts/vit.py`).
         --output benchmarks/results/vision_accuracy_cpu.json
 
 Every recipe of a suite gets the same data, steps, batch size and learning rates (the learning rate is chosen on
-validation for STE and SURGE alike). A recipe named `*_kd` distils from the full-precision run of the same seed (or
-of the suite's first teacher seed), which is trained first. Each run keeps its outputs (packed model, card,
+validation for STE and SURGE alike); a recipe's own flags come last and override the suite's. `{teacher}` in a
+recipe's flags stands for the full-precision run of the same seed (or of the suite's first teacher seed), which is
+trained first: `--teacher_model_name_or_path {teacher}` distils from it, `--model_name_or_path {teacher}` starts
+the binary student from the task-fine-tuned model. Each run keeps its outputs (packed model, card,
 `training_history.json`) under `--runs_dir/<recipe>/lr<lr>/seed<seed>/`. The result file holds one record per run
 and a summary (mean, standard deviation, min, max per recipe and learning rate); `report.py` makes tables and plots.
 """
@@ -34,8 +36,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-TEXT_KD = ("--distill_logits_weight", "1", "--distill_hidden_states_weight", "1", "--distill_label_weight", "1")
-VISION_KD = ("--distill_logits_weight", "1", "--distill_label_weight", "1")
+TEACHER = "{teacher}"
+TEXT_KD = ("--distill_logits_weight", "1", "--distill_hidden_states_weight", "1", "--distill_label_weight", "1",
+           "--teacher_model_name_or_path", TEACHER)
+VISION_KD = ("--distill_logits_weight", "1", "--distill_label_weight", "1", "--teacher_model_name_or_path", TEACHER)
+# The recipe ladder of the text suite `ladder`: a binary student started from the task-fine-tuned teacher, then one
+# element added at a time (BiT-style distillation of logits and every hidden state, calibrated elastic activations,
+# learned weight scales, activation bits).
+FROM_TEACHER = ("--model_name_or_path", TEACHER)
+LADDER_KD = ("--teacher_model_name_or_path", TEACHER, "--distill_logits_weight", "1")
+HIDDEN_KD = ("--distill_hidden_states_weight", "1")
+ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
+BIT = (*FROM_TEACHER, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Suite:
     learning_rates: dict[str, tuple[float, ...]]  # "full_precision" and "binary"
     flags: tuple[str, ...]
     teacher_seeds: tuple[int, ...] = (0, 1, 2)
+    teacher: str = "full_precision"  # the full-precision recipe that `{teacher}` names
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,17 @@ TEXT = Task(
         "surge_eta0.3": _surge("0.3"),
         "ste_kd": ("--binarize", "ste", *TEXT_KD),
         "surge_kd": (*_surge("0.1"), *TEXT_KD),
+        "full_precision_3ep": ("--binarize", "none", "--num_train_epochs", "3"),
+        "surge_init": (*_surge("0.1"), *FROM_TEACHER),
+        "surge_init_kd_logits": (*_surge("0.1"), *FROM_TEACHER, *LADDER_KD),
+        "surge_init_kd_hidden": (*_surge("0.1"), *FROM_TEACHER, *LADDER_KD, *HIDDEN_KD),
+        "surge_bit": (*_surge("0.1"), *BIT),
+        "ste_bit": ("--binarize", "ste", *BIT),
+        "surge_bit_alpha": (*_surge("0.1"), *BIT, "--learnable_weight_scale"),
+        "surge_bit_latent_lr": (*_surge("0.1"), *BIT, "--latent_weight_learning_rate", "2e-3"),
+        "surge_bit_a8": (*_surge("0.1"), *BIT, "--activation_bits", "8"),
+        "surge_bit_a4": (*_surge("0.1"), *BIT, "--activation_bits", "4"),
+        "surge_bit_a2": (*_surge("0.1"), *BIT, "--activation_bits", "2"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -86,6 +110,12 @@ TEXT = Task(
         "cpu_long": Suite(("ste", "surge"), (0, 1), {"full_precision": (1e-4,), "binary": (1e-4,)},
                           ("--num_train_epochs", "2", "--max_seq_length", "32", "--per_device_train_batch_size",
                            "32"), teacher_seeds=(0,)),
+        "ladder": Suite(("full_precision_3ep", "surge_init", "surge_init_kd_logits", "surge_init_kd_hidden",
+                         "surge_bit", "surge_bit_alpha", "surge_bit_latent_lr", "surge_bit_a8", "surge_bit_a4",
+                         "surge_bit_a2", "ste_bit"), (0,),
+                        {"full_precision": (5e-5,), "binary": (5e-4,)},
+                        ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size",
+                         "32"), teacher_seeds=(42,), teacher="full_precision_3ep"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
                                                                             "binary": (1e-4,)},
                        ("--num_train_epochs", "1", "--max_seq_length", "16", "--max_train_samples", "64"), (0,)),
@@ -135,16 +165,19 @@ def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> list[str]:
     task = TASKS[args.task]
+    teacher_seed = seed if seed in suite.teacher_seeds else suite.teacher_seeds[0]
+    teacher = run_dir(args.runs_dir, suite.teacher, suite.learning_rates["full_precision"][0], teacher_seed)
+    recipe_flags = [str(teacher) if flag == TEACHER else flag for flag in task.recipes[recipe]]
     flags = [sys.executable, str(ROOT / "scripts" / task.script), *data_flags(args), *suite.flags,
              "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--learning_rate", f"{lr:g}",
-             "--seed", str(seed), "--logging_steps", "25", *task.recipes[recipe]]
+             "--seed", str(seed), "--logging_steps", "25", *recipe_flags]
     if args.mixed_precision:
         flags += ["--mixed_precision", args.mixed_precision]
-    if recipe.endswith("_kd"):
-        teacher_seed = seed if seed in suite.teacher_seeds else suite.teacher_seeds[0]
-        teacher = run_dir(args.runs_dir, "full_precision", suite.learning_rates["full_precision"][0], teacher_seed)
-        flags += ["--teacher_model_name_or_path", str(teacher)]
     return flags
+
+
+def uses_teacher(task: Task, recipe: str) -> bool:
+    return TEACHER in task.recipes[recipe]
 
 
 def run_one(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> dict:
@@ -210,9 +243,9 @@ def main() -> None:
         prepare_vision_dataset(args)
 
     def jobs(kd: bool) -> list[tuple[str, float, int]]:
-        return [(recipe, lr, seed) for recipe in recipes if recipe.endswith("_kd") == kd
-                for lr in suite.learning_rates["full_precision" if recipe == "full_precision" else "binary"]
-                for seed in (suite.teacher_seeds if recipe == "full_precision" else suite.seeds)]
+        return [(recipe, lr, seed) for recipe in recipes if uses_teacher(task, recipe) == kd
+                for lr in suite.learning_rates["full_precision" if recipe == suite.teacher else "binary"]
+                for seed in (suite.teacher_seeds if recipe == suite.teacher else suite.seeds)]
 
     start = time.perf_counter()
     records = []

@@ -21,13 +21,15 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import surge_hf
 from surge_hf import cli
 from surge_hf.demo import demo_model_path, write_demo_dataset
-from surge_hf.export import export_run, push_run
+from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.glue import GLUE_TASKS, compute_glue_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.text_data import check_label_compatibility, load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
+AUTO_TEACHER = "auto"
+TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -50,8 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_recipe_arguments(parser)
     cli.add_training_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, output_dir_required=False)
     cli.add_distillation_arguments(parser, intermediate=True)
+    teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
+    teacher.add_argument("--teacher_learning_rate", type=float, default=5e-5)
+    teacher.add_argument("--teacher_num_train_epochs", type=int, default=3)
+    teacher.add_argument("--teacher_max_train_steps", type=int, help="Overrides --teacher_num_train_epochs.")
+    parser.add_argument("--activation_bits_schedule", type=cli.bits_schedule,
+                        help="Progressive precision, e.g. 4,2,1: one stage per entry, each trained for "
+                             "--num_train_epochs (or --max_train_steps) at that many activation bits, started from "
+                             "the previous stage's model; the last entry is the final model's (overrides "
+                             "--activation_bits).")
     cli.add_hub_arguments(parser)
+    parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0)
     args = parser.parse_args(argv)
+    if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
+        args.teacher_model_name_or_path = None
+    elif args.teacher_model_name_or_path == "none":
+        args.teacher_model_name_or_path = None
     if args.demo:
         apply_demo_defaults(args)
     validate_args(args)
@@ -86,6 +102,51 @@ def validate_args(args: argparse.Namespace) -> None:
     cli.validate_common_args(args)
 
 
+def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The full-precision stage: the same data and model, `--binarize none`, the teacher's learning rate, epochs and
+    steps, written to `output_dir/teacher`, without a teacher of its own, calibration or push."""
+    return argparse.Namespace(**{
+        **vars(args), "binarize": "none", "teacher_model_name_or_path": None,
+        "output_dir": Path(args.output_dir) / TEACHER_DIR, "learning_rate": args.teacher_learning_rate,
+        "num_train_epochs": args.teacher_num_train_epochs, "max_train_steps": args.teacher_max_train_steps,
+        "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None,
+    })
+
+
+def precision_stage_args(args: argparse.Namespace, bits: int, init: str) -> argparse.Namespace:
+    """One stage of progressive precision: `bits` activation bits, started from `init`, in its own folder."""
+    return argparse.Namespace(**{
+        **vars(args), "activation_bits": bits, "model_name_or_path": init, "push_to_hub": False,
+        "output_dir": Path(args.output_dir) / f"stage_a{bits}", "activation_bits_schedule": None,
+    })
+
+
+def run_precision_stages(args: argparse.Namespace) -> None:
+    """Train every stage of `--activation_bits_schedule` but the last (reusing finished ones), then start the final
+    stage from the previous one's train-form model."""
+    init = args.model_name_or_path
+    for bits in args.activation_bits_schedule[:-1]:
+        stage = precision_stage_args(args, bits, init)
+        if not (Path(stage.output_dir) / "all_results.json").exists():
+            print(f"Precision stage W1A{bits} into {stage.output_dir}.")
+            run(stage, final=False)
+        init = str(Path(stage.output_dir) / TRAIN_STATE_DIR)
+    args.model_name_or_path, args.activation_bits = init, args.activation_bits_schedule[-1]
+
+
+def run_teacher_stage(args: argparse.Namespace) -> None:
+    """Fine-tune the full-precision model on the task first (or reuse a finished stage), then point the student's
+    initialisation and its teacher at the result: BiT's recipe starts from, and distils, the task model."""
+    teacher_dir = Path(args.output_dir) / TEACHER_DIR
+    if (teacher_dir / "all_results.json").exists():
+        print(f"Reusing the full-precision teacher in {teacher_dir}.")
+    else:
+        print(f"Stage 1 of 2: fine-tuning the full-precision model into {teacher_dir}.")
+        run(teacher_stage_args(args), final=False)
+        print("Stage 2 of 2: the binary student, initialised from that model and distilled from it.")
+    args.model_name_or_path = args.teacher_model_name_or_path = str(teacher_dir)
+
+
 def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
     """The model to train: a SURGE BERT built from the checkpoint's weights, or the plain model for `none`."""
     kwargs = dict(num_labels=info.num_labels, dtype=torch.float32)
@@ -107,6 +168,21 @@ def hub_base_model(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.teacher_model_name_or_path == AUTO_TEACHER:
+        for stage in (args, teacher_stage_args(args)):  # every stage's settings checked before any work
+            cli.training_config_from_args(stage)
+        cli.recipe_from_args(args)
+        run_teacher_stage(args)
+    if args.activation_bits_schedule:
+        for bits in args.activation_bits_schedule:
+            cli.recipe_from_args(precision_stage_args(args, bits, args.model_name_or_path))
+        run_precision_stages(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace, final: bool = True) -> dict:
+    """One training run (a full-precision model for `--binarize none`), from validated flags. An earlier stage
+    (`final=False`) leaves the process group up for the next one."""
     recipe = cli.recipe_from_args(args)
     distillation = cli.distillation_from_args(args)
     config = cli.training_config_from_args(args)
@@ -156,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.demo and accelerator.is_main_process:
         reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")
-    accelerator.end_training()
+    if final:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return results
 
 

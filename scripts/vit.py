@@ -252,7 +252,7 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         config = ViTConfig(**args.vit_fields, **info.model_config_kwargs())
         if recipe is None:
             return ViTForImageClassification(config)
-        return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge=recipe))
+        return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge_config=recipe))
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
                   ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)

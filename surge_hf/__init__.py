@@ -10,7 +10,6 @@ from .configuration_surge_vit import SurgeViTConfig
 from .deployment import DeploymentReport, measure_deployment
 from .embeddings import Int8Embedding, quantize_embeddings
 from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
-from .losses import auxiliary_loss
 from .modeling_surge_bert import (
     SurgeBertForQuestionAnswering,
     SurgeBertForSequenceClassification,
@@ -19,6 +18,8 @@ from .modeling_surge_bert import (
     SurgeBertPreTrainedModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
+from .objective import DistillationConfig, collect_auxiliary_loss, compute_loss
+from .trainer import SurgeTrainer
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "BinaryLinear",
     "BitAccount",
     "DeploymentReport",
+    "DistillationConfig",
     "Int8Embedding",
     "LayerAccount",
     "SurgeBertConfig",
@@ -40,11 +42,13 @@ __all__ = [
     "SurgeConfig",
     "SurgeConv2d",
     "SurgeLinear",
+    "SurgeTrainer",
     "SurgeViTConfig",
     "SurgeViTForImageClassification",
     "SurgeViTModel",
     "SurgeViTPreTrainedModel",
-    "auxiliary_loss",
+    "collect_auxiliary_loss",
+    "compute_loss",
     "binarize",
     "calibrate",
     "diagnostics",

@@ -1,4 +1,5 @@
-"""Registration of the SURGE configs and models with the transformers Auto classes.
+"""Registration of the SURGE configs and models with the transformers Auto classes, and the SURGE class of each
+wrapped transformers class.
 
 After `import surge_hf`, `AutoConfig` resolves `surge_bert` / `surge_vit` and every Auto model class below builds the
 SURGE model of a saved SURGE checkpoint (either form). Checkpoints also carry `auto_map` custom code, so
@@ -7,6 +8,10 @@ SURGE model of a saved SURGE checkpoint (either form). Checkpoints also carry `a
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -14,8 +19,10 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    PreTrainedModel,
 )
 
+from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
 from .modeling_surge_bert import (
@@ -25,6 +32,7 @@ from .modeling_surge_bert import (
     SurgeBertModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel
+from .modeling_utils import SurgePreTrainedMixin
 
 AUTO_MODELS = {
     AutoModel: (SurgeBertModel, SurgeViTModel),
@@ -42,3 +50,36 @@ def register_auto_classes() -> None:
     for auto_class, model_classes in AUTO_MODELS.items():
         for model_class in model_classes:
             auto_class.register(model_class.config_class, model_class, exist_ok=True)
+
+
+SURGE_CLASS_OF = {surge_class.__bases__[-1]: surge_class for classes in AUTO_MODELS.values() for surge_class in classes}
+"""The SURGE class of each transformers class it wraps (`BertForSequenceClassification` -> its SURGE subclass)."""
+
+
+def _refuse_save_pretrained(class_name: str, *args: Any, **kwargs: Any) -> None:
+    raise ValueError(
+        f"This {class_name} was binarized with surge_hf.binarize, and surge_hf has no SURGE model class for it (it has "
+        "them for BERT and ViT): save_pretrained would write a checkpoint that loads back as the float model, without "
+        "its binary layers. Save its weights with safetensors.torch.save_model(model, path) and rebuild it with "
+        "binarize(float_model, recipe) then safetensors.torch.load_model(model, path)."
+    )
+
+
+def adopt_surge_classes(model: nn.Module, recipe: SurgeConfig) -> None:
+    """Give a transformers BERT / ViT model that `binarize` just binarized its SURGE classes, in place: the model
+    (and every wrapped transformers model inside it) becomes an instance of the SURGE subclass of its class, and its
+    config of the SURGE config class holding `recipe`. The layers and weights are untouched; `save_pretrained` then
+    writes a SURGE checkpoint (train form, or packed with `packed=True`) that loads back as the same binary model.
+    Any other transformers model gets a `save_pretrained` that refuses, naming what to do instead; other modules are
+    left as they are."""
+    if type(model) not in SURGE_CLASS_OF:
+        if isinstance(model, PreTrainedModel) and not isinstance(model, SurgePreTrainedMixin):
+            model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
+        return
+    surge_class = SURGE_CLASS_OF[type(model)]
+    model.config.__class__ = surge_class.config_class
+    model.config.surge_config = recipe
+    model.config.surge_packed = False
+    for module in model.modules():
+        if type(module) in SURGE_CLASS_OF:
+            module.__class__ = SURGE_CLASS_OF[type(module)]

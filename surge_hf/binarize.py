@@ -13,9 +13,17 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
-from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
+from .layers import (
+    BINARY_LAYER_TYPES,
+    LAYER_KINDS,
+    SURGE_LAYER_TYPES,
+    BinaryLayerMixin,
+    SurgeLayerMixin,
+    layer_kind,
+)
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -50,7 +58,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
     """Names of the `nn.Linear`/`nn.Conv2d` modules that `binarize` would replace (validated, in model order)."""
-    candidates = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Conv2d)]
+    float_types = tuple(kind.float_type for kind in LAYER_KINDS)
+    candidates = [name for name, module in model.named_modules() if type(module) in float_types]
     target = config.target_modules
     if target is None:
         model_type = _model_type(model)
@@ -80,30 +89,47 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place.
 
     The original `weight`/`bias` parameters are reused under the same names (plain checkpoints still load);
-    SURGE-only parameters (`aux_weight`, `input_threshold`, `input_scale`) are initialised from them. Raises
-    `ValueError` if the model already holds SURGE or packed binary layers, or if the recipe matches nothing.
+    SURGE-only parameters (`aux_weight`, `input_threshold`, `input_scale`) are initialised from them, on their device
+    and in their dtype. Every replacement is built before the first is swapped in, so an error leaves the model as
+    it was. Raises `ValueError` if the model already holds SURGE or packed binary layers, if the recipe is invalid
+    or if it matches nothing.
+
+    A model on the meta device gets SURGE layers whose SURGE-only tensors are filled in by `load_state_dict` after
+    `model.to_empty(...)` (see `SurgeLayerMixin`). A transformers BERT or ViT model becomes an instance of its SURGE
+    class (e.g. `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `config`), so that
+    `save_pretrained` writes a SURGE checkpoint, packed with `packed=True`, that loads back as this binary model.
     """
     config = config or SurgeConfig()
+    config.validate()
     if any(isinstance(m, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES) for m in model.modules()):
         raise ValueError("This model is already binarized; binarize() applies once. Start from the float model.")
     targets = resolve_targets(model, config)
     _check_every_entry_matches("unsigned_activation_modules", config.unsigned_activation_modules, targets)
+    replacements = {}
     for name in targets:
         module = model.get_submodule(name)
         unsigned = config.unsigned_activation_modules is not None and _matches(name, config.unsigned_activation_modules)
-        if isinstance(module, nn.Conv2d):
-            replacement = SurgeConv2d.from_conv(module, config, unsigned)
-        else:
-            replacement = SurgeLinear.from_linear(module, config, unsigned)
+        replacements[name] = layer_kind(module).surge_type.from_float(module, config, unsigned)
+        replacements[name]._surge_state_pending = module.weight.is_meta
+    for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
+    _keep_local_state_out_of_ddp(model)
+    from .auto import adopt_surge_classes  # the SURGE model classes build on this module
+
+    adopt_surge_classes(model, config)
     return model
 
 
-def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLinear | SurgeConv2d]]:
+def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLayerMixin]]:
     """The (name, layer) pairs of the trainable SURGE layers of `model`."""
     for name, module in model.named_modules():
         if isinstance(module, SURGE_LAYER_TYPES):
             yield name, module
+
+
+def packed_layer(layer: SurgeLayerMixin) -> BinaryLayerMixin:
+    """The packed inference layer of a SURGE layer (outputs equal the SURGE layer's eval-mode outputs)."""
+    return layer_kind(layer).packed_type.from_surge(layer)
 
 
 def finalize(model: nn.Module) -> nn.Module:
@@ -116,8 +142,7 @@ def finalize(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("finalize() found no SURGE layer in this model; call surge_hf.binarize(model) first.")
     for name, layer in layers:
-        binary_type = BinaryConv2d if isinstance(layer, SurgeConv2d) else BinaryLinear
-        _set_submodule(model, name, binary_type.from_surge(layer))
+        _set_submodule(model, name, packed_layer(layer))
     return model.eval()
 
 
@@ -132,29 +157,33 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
     if not layers:
         raise ValueError("unfinalize() found no packed binary layer in this model.")
     for name, packed in layers:
-        recipe = config or packed.surge_config
-        if isinstance(packed, BinaryConv2d):
-            plain = nn.Conv2d(packed.in_channels, packed.out_channels, packed.kernel_size, stride=packed.stride,
-                              padding=packed.padding, dilation=packed.dilation, groups=packed.groups,
-                              bias=packed.bias is not None)
-        else:
-            plain = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None)
         weight = packed.dequantized_weight()
-        plain = plain.to(device=weight.device, dtype=weight.dtype)
+        plain = packed.float_layer().to(device=weight.device, dtype=weight.dtype)
         plain.weight.copy_(weight)
         if packed.bias is not None:
             plain.bias.copy_(packed.bias)
         unsigned = not packed.activation_spec.signed
-        if isinstance(plain, nn.Conv2d):
-            layer = SurgeConv2d.from_conv(plain, recipe, unsigned)
-        else:
-            layer = SurgeLinear.from_linear(plain, recipe, unsigned)
-        for name_ in ("input_threshold", "input_scale", "weight_scale"):
-            source, target = getattr(packed, name_), getattr(layer, name_)
+        layer = layer_kind(packed).surge_type.from_float(plain, config or packed.surge_config, unsigned)
+        for tensor_name in ("input_threshold", "input_scale", "weight_scale"):
+            source, target = getattr(packed, tensor_name), getattr(layer, tensor_name)
             if source is not None and target is not None:
                 target.copy_(source)
         _set_submodule(model, name, layer)
+    _keep_local_state_out_of_ddp(model)
     return model
+
+
+def _keep_local_state_out_of_ddp(model: nn.Module) -> None:
+    """Name every `previous_lambda` buffer as one DistributedDataParallel must not broadcast from rank 0.
+
+    Each rank computes lam from the gradients of its own batch at the fork (activation gradients are never
+    all-reduced), so with `lambda_placement="previous"` each rank applies the lam it computed at its previous step,
+    as with `"fork"` it applies this step's. DDP's buffer broadcast would give every rank rank 0's. The names are
+    relative to `model`: wrap `model` itself in DDP (as `Accelerator.prepare` does)."""
+    local = [f"{name}.previous_lambda" for name, layer in surge_layers(model) if hasattr(layer, "previous_lambda")]
+    kept = [name for name in getattr(model, "_ddp_params_and_buffers_to_ignore", ())
+            if not name.endswith(".previous_lambda")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, kept + local)
 
 
 def diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Data-dependent initialisation of the activation binarizers ("calibration").
+"""Data-dependent initialisation of the activation quantizers and weight scales ("calibration").
 
 A pretrained network's layer inputs are far from the symmetric, unit-scale inputs that `sign(x)` assumes: a GELU
 output is mostly small and negative with a few large positive values, an attention output has mean |x| near 0.1.
@@ -6,11 +6,17 @@ With tau = 0 and s = 1 the binary network starts far from the pretrained one. `c
 and sets, for every SURGE layer, from the input `x` it actually receives (features along the last dim for Linear,
 channels for Conv2d; every other dim pooled):
 
-    tau_j = mean(x_j)                     (rsign and elastic binarizers)
-    s     = mean(|x - tau|)               (elastic binarizer)
+    tau_j = mean(x_j)                                  (rsign and elastic; 0 for unsigned inputs)
+    s     = mean(|x - tau|)                            (elastic, 1 bit signed: the L1-optimal scale of sign)
+    s     = 2 * mean(|x - tau|) / sqrt(Q_p)            (k-bit and unsigned codes in [Q_n, Q_p]: LSQ's step init)
 
-Layers are calibrated in execution order inside the same pass (a forward pre-hook sets a layer's tau and s before
-it runs), so each layer sees the inputs that its calibrated predecessors produce.
+and, with `learnable_weight_scale`, the per-output-channel scale that best reproduces the float layer's output
+from the binary product p = op(q_x, sign(W)) * s (least squares, bias excluded):
+
+    alpha_o = sum(y_o * p_o) / sum(p_o^2),   y = op(x, W)     (kept at mean |W_o| where that is not > 0)
+
+Layers are calibrated in execution order inside the same pass (a forward pre-hook sets a layer's values before it
+runs), so each layer sees the inputs that its calibrated predecessors produce.
 """
 
 from __future__ import annotations
@@ -21,35 +27,58 @@ import torch
 from torch import nn
 
 from .binarize import surge_layers
-from .layers import SurgeConv2d
+from .layers import layer_kind
+from .quantizers import activation_codes, sign
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input as (samples, features): channels of a conv input, the last dim of a linear input."""
-    if isinstance(layer, SurgeConv2d):
-        return x.transpose(0, 1).reshape(x.shape[1], -1).t()
-    return x.reshape(-1, x.shape[-1])
+    """The input as (samples, features): the layer kind's feature dim moved last, every other dim pooled."""
+    features = x.movedim(layer_kind(layer).feature_dim, -1)
+    return features.reshape(-1, features.shape[-1])
 
 
 @torch.no_grad()
 def _calibrate_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    rows = _feature_rows(layer, inputs[0]).float()
-    threshold = rows.mean(dim=0)
+    x = inputs[0]
+    rows = _feature_rows(layer, x).float()
+    spec = layer.activation_spec
+    threshold = rows.mean(dim=0) if spec.signed else torch.zeros_like(rows[0])
     if layer.input_threshold is not None:
         layer.input_threshold.copy_(threshold)
     if layer.input_scale is not None:
-        layer.input_scale.fill_((rows - threshold).abs().mean().item())
+        spread = (rows - threshold).abs().mean().item()
+        layer.input_scale.fill_(spread if spec.is_sign else 2 * spread / spec.levels[1] ** 0.5)
+    if layer.weight_scale is not None:
+        _fit_weight_scale(layer, x)
+
+
+def _fit_weight_scale(layer: nn.Module, x: torch.Tensor) -> None:
+    """alpha_o = <y_o, p_o> / <p_o, p_o> (see the module docstring)."""
+    threshold = None if layer.input_threshold is None else layer.reshape_threshold(layer.input_threshold)
+    codes = x
+    if layer.surge_config.binarize_activations:
+        codes = activation_codes(x, threshold, layer.input_scale, layer.activation_spec)
+    product = layer.apply_output_scale(layer.binary_op(codes, sign(layer.weight)), layer.input_scale)
+    # The output channels, as (samples, channels) like the inputs; one column for a per-tensor scale.
+    target = _feature_rows(layer, layer.binary_op(x, layer.weight)).double()
+    product = _feature_rows(layer, product).double()
+    if layer.weight_scale.numel() == 1:
+        target, product = target.reshape(-1, 1), product.reshape(-1, 1)
+    fitted = (target * product).sum(0) / (product * product).sum(0)
+    current = layer.weight_scale.double().expand_as(fitted)
+    layer.weight_scale.copy_(torch.where(fitted > 0, fitted, current).to(layer.weight_scale.dtype))
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """Initialise every SURGE layer's activation threshold and scale from one forward pass on example inputs.
+    """Initialise every SURGE layer's activation threshold and scale (and learned weight scale) from one forward
+    pass on example inputs.
 
     `args`/`kwargs` are the model's inputs (e.g. a tokenized batch without labels). Returns the model, in the
-    train/eval mode it had. Layers without learnable activation binarizers are left as they are.
+    train/eval mode it had. Layers without learnable quantizer parameters are left as they are.
     """
     layers = [layer for _, layer in surge_layers(model)
-              if layer.input_threshold is not None or layer.input_scale is not None]
+              if any(p is not None for p in (layer.input_threshold, layer.input_scale, layer.weight_scale))]
     if not layers:
         return model
     handles = [layer.register_forward_pre_hook(_calibrate_layer) for layer in layers]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .configuration_surge import (
     ACTIVATION_BINARIZERS,
+    ACTIVATION_BITS,
     AUX_WEIGHTS,
     COMPENSATORS,
     LAMBDA_PLACEMENTS,
@@ -19,7 +20,7 @@ from .configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
-from .distillation import DistillationConfig
+from .objective import DistillationConfig
 from .training import TrainingConfig
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
@@ -27,8 +28,9 @@ _RECIPE_FLAGS = {
     "eta": float, "surrogate": SURROGATES, "activation_binarizer": ACTIVATION_BINARIZERS,
     "weight_scale": WEIGHT_SCALES, "aux_weight": AUX_WEIGHTS, "lambda_placement": LAMBDA_PLACEMENTS,
     "aux_loss_weight": float, "swish_beta": float, "target_modules": str, "exclude_modules": str,
+    "activation_bits": int, "unsigned_activation_modules": str,
 }
-_RECIPE_SWITCHES = ("binarize_weights", "binarize_activations", "scale_aux_grad")
+_RECIPE_SWITCHES = ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,21 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", type=kind)
     for name in _RECIPE_SWITCHES:
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+
+
+def bits_schedule(text: str) -> list[int]:
+    """`--activation_bits_schedule 8,4,2,1`: activation bits per stage, each from `ACTIVATION_BITS`, non-increasing."""
+    try:
+        bits = [int(part) for part in text.split(",")]
+    except ValueError:
+        bits = []
+    allowed = ", ".join(map(str, ACTIVATION_BITS))
+    if not bits or any(b not in ACTIVATION_BITS for b in bits) or bits != sorted(bits, reverse=True):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a schedule of activation bits: give comma-separated values from {allowed}, from the "
+            "highest to the lowest, e.g. 4,2,1."
+        )
+    return bits
 
 
 def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
@@ -91,6 +108,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--report_to", default="none", help="An Accelerate tracker: tensorboard, wandb, ... or none.")
     group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=False,
                        help="Initialise activation thresholds/scales from the first training batch.")
+    group.add_argument("--latent_weight_learning_rate", type=float,
+                       help="Learning rate (and no weight decay) for the latent weights of binarized layers.")
+    group.add_argument("--quantizer_learning_rate", type=float,
+                       help="Learning rate (and no weight decay) for activation thresholds/scales and learned "
+                            "weight scales.")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -103,13 +125,17 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to, cpu=args.cpu,
         calibrate_activations=args.calibrate_activations,
+        latent_weight_learning_rate=args.latent_weight_learning_rate,
+        quantizer_learning_rate=args.quantizer_learning_rate,
     )
 
 
 def add_distillation_arguments(parser: argparse.ArgumentParser, *, intermediate: bool) -> None:
     """Teacher flags; `intermediate` adds hidden-state and attention-map weights (transformer students)."""
     group = parser.add_argument_group("distillation from a full-precision teacher")
-    group.add_argument("--teacher_model_name_or_path", help="A full-precision model fine-tuned on the same labels.")
+    group.add_argument("--teacher_model_name_or_path",
+                       help="A full-precision model fine-tuned on the same labels (scripts/glue.py: `auto`, the "
+                            "default, fine-tunes one first; `none` trains without a teacher).")
     group.add_argument("--distill_temperature", type=float, default=1.0)
     group.add_argument("--distill_label_weight", type=float, default=0.0)
     group.add_argument("--distill_logits_weight", type=float, default=1.0)

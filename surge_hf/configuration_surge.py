@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ ACTIVATION_BINARIZERS = ("sign", "rsign", "elastic")
 WEIGHT_SCALES = ("channel", "tensor", "none")
 AUX_WEIGHTS = ("separate", "shared")
 LAMBDA_PLACEMENTS = ("fork", "previous")
+MODULE_PATTERN_FIELDS = ("target_modules", "exclude_modules", "unsigned_activation_modules")
 ACTIVATION_BITS = (1, 2, 4, 8)
 
 # Per-architecture default targets: regular expressions matched (re.fullmatch) against module names.
@@ -41,14 +43,15 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"SurgeConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SurgeConfig:
-    """The SURGE binarization recipe.
+    """The SURGE binarization recipe: immutable, validated once at construction (`replace` makes a validated copy).
 
     Args:
         target_modules: modules to binarize. A string is a regular expression matched in full against module names;
-            a list matches a module whose name equals an entry or ends with `"." + entry` (as in peft). `None` uses
-            the default of the model's architecture (`DEFAULT_TARGET_MODULES`, keyed by `model.config.model_type`).
+            a list (held as a tuple) matches a module whose name equals an entry or ends with `"." + entry` (as in
+            peft). `None` uses the default of the model's architecture (`DEFAULT_TARGET_MODULES`, keyed by
+            `model.config.model_type`).
         exclude_modules: modules never binarized, same matching rules as `target_modules`.
         binarize_weights: binarize weights (`W1`); when False the layer keeps full-precision weights.
         binarize_activations: binarize the layer input (`A1`); when False the input stays real-valued.
@@ -144,7 +147,7 @@ class SurgeConfig:
         for name in ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SurgeConfig.{name}={getattr(self, name)!r} must be True or False.")
-        for name in ("target_modules", "exclude_modules", "unsigned_activation_modules"):
+        for name in MODULE_PATTERN_FIELDS:
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue
@@ -153,7 +156,17 @@ class SurgeConfig:
                     f"SurgeConfig.{name}={value!r} must be a regular expression string, a non-empty list of "
                     "module-name suffixes, or None."
                 )
-            setattr(self, name, list(value))
+            object.__setattr__(self, name, tuple(value))
+        for name in MODULE_PATTERN_FIELDS:
+            pattern = getattr(self, name)
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(
+                        f"SurgeConfig.{name}={pattern!r} is not a valid regular expression ({error}); fix the "
+                        "pattern, or pass a list of module-name suffixes instead."
+                    ) from None
         if self.version != SURGE_CONFIG_VERSION:
             raise ValueError(
                 f"SurgeConfig.version={self.version!r} is not supported by this surge_hf; it reads version "
@@ -171,8 +184,12 @@ class SurgeConfig:
         return self.compensator != "ste"
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain JSON-able dict (what `PretrainedConfig` stores; dataclasses there break saving)."""
-        return dataclasses.asdict(self)
+        """A plain JSON-able dict (module lists as lists): the form written to `config.json`."""
+        fields = dataclasses.asdict(self)
+        for name in MODULE_PATTERN_FIELDS:
+            if isinstance(fields[name], tuple):
+                fields[name] = list(fields[name])
+        return fields
 
     @classmethod
     def from_dict(cls, recipe: dict[str, Any]) -> SurgeConfig:

@@ -14,30 +14,32 @@ class SurgeViTConfig(SurgeConfigMixin, ViTConfig):
     """Configuration of a binary ViT trained with SURGE.
 
     Args:
-        surge: the binarization recipe (`SurgeConfig`, its dict form, or None for the default recipe); stored as a
-            plain dict. Its `target_modules=None` binarizes every Linear inside the transformer layers.
+        surge_config: the binarization recipe (`SurgeConfig`, its dict form, or None for the default recipe); held as
+            a `SurgeConfig`, written to `config.json` as a plain dict. Its `target_modules=None` binarizes every Linear
+            inside the transformer layers.
         surge_packed: whether the binarized layers hold packed sign bits (inference) rather than latent weights.
         surge_int8_embeddings: names of the embedding modules stored in int8 with per-row scales (packed models,
             see `surge_hf.embeddings`); None when every embedding is full precision.
         **kwargs: the `ViTConfig` fields.
 
     Example:
-        >>> config = SurgeViTConfig.from_vit_config(ViTConfig(), surge=SurgeConfig(compensator="ste"))
+        >>> config = SurgeViTConfig.from_vit_config(ViTConfig(), surge_config=SurgeConfig(compensator="ste"))
     """
 
     model_type = "surge_vit"
     base_model_type = "vit"
 
-    surge: dict[str, Any] | None = None
+    surge_config: SurgeConfig | dict[str, Any] | None = None
     surge_packed: bool = False
     surge_int8_embeddings: list[str] | None = None
 
     @classmethod
     def from_vit_config(
-        cls, config: ViTConfig, surge: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any
+        cls, config: ViTConfig, surge_config: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any
     ) -> SurgeViTConfig:
-        """A `SurgeViTConfig` with the architecture of `config` and the recipe `surge` (see `from_base_config`)."""
-        return cls.from_base_config(config, surge, **kwargs)
+        """A `SurgeViTConfig` with the architecture of `config` and the recipe `surge_config`
+        (see `from_base_config`)."""
+        return cls.from_base_config(config, surge_config, **kwargs)
 
 
 SurgeViTConfig.register_for_auto_class()

@@ -1,18 +1,20 @@
-"""What the SURGE model configs share: the recipe stored as a plain dict and the packed-weights flag.
+"""What the SURGE model configs share: the recipe and the packed-weights flag.
 
 A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with three more
 fields:
 
-- `surge`: the `SurgeConfig` recipe as a plain JSON dict (a dataclass on a transformers config breaks saving). Any
-  assignment (constructor, `from_pretrained(..., surge=...)`, attribute) accepts a `SurgeConfig`, a dict or None
-  (the default recipe) and is validated by `SurgeConfig.from_dict`, so unknown recipe keys are an error.
+- `surge_config`: the `SurgeConfig` recipe, held as the validated (immutable) object. Any assignment (constructor,
+  attribute, `config.json`) accepts a `SurgeConfig`, its dict form or None (the default recipe); a dict goes through
+  `SurgeConfig.from_dict`, so unknown recipe keys are an error. Only `to_dict` turns it into a plain dict, which is
+  what `config.json` holds (a dataclass value would break transformers' JSON writer).
 - `surge_packed`: True when the binarized layers hold packed sign bits (`BinaryLinear`), False when they hold
   trainable latent weights (`SurgeLinear`).
 - `surge_int8_embeddings`: the embedding modules that a packed model stores in int8 with per-row scales
   (`surge_hf.embeddings`), or None.
 
-A plain checkpoint of the wrapped architecture loads into the SURGE config unchanged (its `model_type` is accepted);
-any other `model_type` is an error.
+`from_pretrained(..., surge=recipe)` is the one place where the recipe has a short keyword (the model classes'
+`from_pretrained` and the config classes' `from_dict` both accept it). A plain checkpoint of the wrapped architecture
+loads into the SURGE config unchanged (its `model_type` is accepted); any other `model_type` is an error.
 """
 
 from __future__ import annotations
@@ -21,20 +23,23 @@ from typing import Any
 
 from .configuration_surge import SurgeConfig
 
+RECIPE_KEYWORD = "surge"
+"""The `from_pretrained` keyword for the recipe (stored as `surge_config`)."""
 
-def recipe_dict(recipe: SurgeConfig | dict[str, Any] | None) -> dict[str, Any]:
-    """The validated plain-dict form of a recipe (None is the default recipe)."""
+
+def as_surge_config(recipe: SurgeConfig | dict[str, Any] | None) -> SurgeConfig:
+    """The validated `SurgeConfig` form of a recipe (None is the default recipe)."""
     if recipe is None:
-        return SurgeConfig().to_dict()
+        return SurgeConfig()
     if isinstance(recipe, SurgeConfig):
-        return recipe.to_dict()
+        return recipe
     if isinstance(recipe, dict):
-        return SurgeConfig.from_dict(recipe).to_dict()
-    raise TypeError(f"surge must be a SurgeConfig, a dict or None, got {type(recipe).__name__}.")
+        return SurgeConfig.from_dict(recipe)
+    raise TypeError(f"surge_config must be a SurgeConfig, a dict or None, got {type(recipe).__name__}.")
 
 
 class SurgeConfigMixin:
-    """Validates `surge`, `surge_packed` and `model_type` on every assignment. Mixed in before the transformers
+    """Validates `surge_config`, `surge_packed` and `model_type` on every assignment. Mixed in before the transformers
     config class; the two fields themselves are declared on each config class (dataclass fields)."""
 
     model_type: str
@@ -49,8 +54,10 @@ class SurgeConfigMixin:
                     f"model_type `{value}`. Load it with the matching class (or AutoConfig after `import surge_hf`)."
                 )
             return
-        if key == "surge":
-            value = recipe_dict(value)
+        if key == RECIPE_KEYWORD:
+            self._reject_recipe_keyword()
+        if key == "surge_config":
+            value = as_surge_config(value)
         elif key == "surge_packed" and not isinstance(value, bool):
             raise ValueError(f"surge_packed must be True or False, got {value!r}.")
         elif key == "surge_int8_embeddings" and value is not None:
@@ -59,15 +66,39 @@ class SurgeConfigMixin:
             value = list(value)
         super().__setattr__(key, value)
 
-    @property
-    def surge_recipe(self) -> SurgeConfig:
-        """The recipe as a validated `SurgeConfig`."""
-        return SurgeConfig.from_dict(self.surge)
+    @classmethod
+    def _reject_recipe_keyword(cls) -> None:
+        raise ValueError(
+            f"The SURGE recipe of a {cls.__name__} is `surge_config` (`surge=` is only the keyword of "
+            "from_pretrained); set config.surge_config, or rename the key `surge` of an old config.json to "
+            "`surge_config`."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers dict form, with the recipe as its plain dict (`SurgeConfig.to_dict`)."""
+        output = super().to_dict()
+        output["surge_config"] = self.surge_config.to_dict()
+        return output
 
     @classmethod
-    def from_base_config(cls, config: Any, surge: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any):
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PretrainedConfig.from_dict`, with `surge=` accepted as the keyword for `surge_config`."""
+        if RECIPE_KEYWORD in config_dict:
+            cls._reject_recipe_keyword()
+        if RECIPE_KEYWORD in kwargs:
+            config_dict = {**config_dict, "surge_config": kwargs.pop(RECIPE_KEYWORD)}
+        elif config_dict.get("model_type") == cls.model_type and "surge_config" not in config_dict:
+            raise ValueError(
+                f"This {cls.model_type} config has no `surge_config` (the SURGE recipe), so the layers it describes "
+                "are unknown. Add the recipe the checkpoint was trained with as `surge_config` in config.json, or "
+                "pass it: from_pretrained(path, surge=SurgeConfig(...))."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_base_config(cls, config: Any, surge_config: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any):
         """A SURGE config with the architecture of `config` (a config of the wrapped type or a SURGE one), the recipe
-        `surge` (default: the recipe of `config` if it has one, else the default recipe) and any other field
+        `surge_config` (default: the recipe of `config` if it has one, else the default recipe) and any other field
         overridden by `kwargs`. The result describes a trainable (unpacked) model."""
         if config.model_type not in (cls.base_model_type, cls.model_type):
             raise ValueError(
@@ -77,7 +108,7 @@ class SurgeConfigMixin:
         fields = config.to_dict()
         for key in ("model_type", "architectures", "transformers_version", "auto_map"):
             fields.pop(key, None)
-        if surge is not None:
-            fields["surge"] = surge
+        if surge_config is not None:
+            fields["surge_config"] = surge_config
         fields.update(surge_packed=False, surge_int8_embeddings=None, **kwargs)
         return cls(**fields)

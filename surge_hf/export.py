@@ -27,8 +27,8 @@ from torch import nn
 from .accounting import summary
 from .configuration_surge import SurgeConfig
 from .deployment import measure_deployment
-from .distillation import DistillationConfig
 from .hub import ModelCardContext, push_to_hub, write_model_card
+from .objective import DistillationConfig
 from .training import TrainingResult
 
 STAGING_DIR = ".export.tmp"

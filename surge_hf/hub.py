@@ -58,8 +58,10 @@ _METRIC_NAMES = {
 
 # Files a push needs at the top of output_dir.
 _REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
-# Top-level folders of output_dir that hold training state and never go to the Hub.
-_PRIVATE_DIRS = frozenset({"train_state", "checkpoints"})
+# Top-level folders of output_dir that hold training state and never go to the Hub: the train-form model,
+# checkpoints, and the earlier stages of a run (the full-precision teacher, progressive-precision stages).
+_PRIVATE_DIRS = frozenset({"train_state", "checkpoints", "teacher"})
+_PRIVATE_DIR_PREFIX = "stage_"
 # Suffixes of temporary and partial files (editors, interrupted writes and downloads).
 _TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".swp", "~")
 
@@ -353,7 +355,7 @@ def write_model_card(
 
 def _is_pushed(relative: Path) -> bool:
     parts = relative.parts
-    if parts[0] in _PRIVATE_DIRS:
+    if parts[0] in _PRIVATE_DIRS or (len(parts) > 1 and parts[0].startswith(_PRIVATE_DIR_PREFIX)):
         return False
     if any(part.startswith(".") or part == "__pycache__" for part in parts):
         return False
@@ -363,9 +365,9 @@ def _is_pushed(relative: Path) -> bool:
 def files_to_push(output_dir: str | os.PathLike[str]) -> list[str]:
     """Sorted POSIX paths, relative to `output_dir`, of the files a push sends.
 
-    Everything in `output_dir` except the top-level `train_state/` and `checkpoints/` folders, hidden files and
-    folders (names starting with '.'), `__pycache__/`, and temporary files (suffixes .tmp, .temp, .part,
-    .partial, .incomplete, .swp, ~).
+    Everything in `output_dir` except the top-level `train_state/`, `checkpoints/`, `teacher/` and `stage_*/`
+    folders, hidden files and folders (names starting with '.'), `__pycache__/`, and temporary files (suffixes
+    .tmp, .temp, .part, .partial, .incomplete, .swp, ~).
     """
     directory = Path(output_dir)
     if not directory.is_dir():

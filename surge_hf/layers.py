@@ -22,6 +22,7 @@ turns each into a `BinaryLinear`/`BinaryConv2d` holding packed sign bits and sca
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from .configuration_surge import SurgeConfig
 from .kernels import available as kernels_available
 from .kernels import binary_linear, pack_weight_panels, quantized_linear, weight_row_counts
+from .objective import record_auxiliary_loss
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
     ActivationQuantizer,
@@ -40,7 +42,38 @@ from .quantizers import (
     output_scale,
     weight_scale,
 )
-from .scaler import DualPathFork, ScalerStats
+from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
+
+
+@dataclass(frozen=True)
+class LinearProducts:
+    """The two backward products of `y = x W^T`: `J_x^T g = g W` and `J_W^T g = g^T x` (batch dims flattened)."""
+
+    def input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return grad_output @ weight
+
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        return grad_output.reshape(-1, weight_shape[0]).t() @ x.reshape(-1, weight_shape[1])
+
+
+@dataclass(frozen=True)
+class Conv2dProducts:
+    """The two backward products of `y = conv2d(x, W)` with this geometry (transposed convolutions)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+
+    def input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return torch.nn.grad.conv2d_input(
+            input_shape, weight, grad_output, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        return torch.nn.grad.conv2d_weight(
+            x, weight_shape, grad_output, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 def activation_spec(config: SurgeConfig, unsigned_input: bool = False) -> ActivationSpec:
@@ -61,13 +94,14 @@ class AuxiliaryGradient(torch.autograd.Function):
 
     Forward: returns `f_b` (a view, the auxiliary term cancels in value).
     Backward: `g_y` goes to `f_b` unchanged; `g_a = J_x(op(x, W_a))^T g_y` goes to the auxiliary input and
-    `G_Wa = J_W(op(x, W_a))^T g_y` to `W_a`, both computed in the dtype of `g_y` (the autocast dtype).
+    `G_Wa = J_W(op(x, W_a))^T g_y` to `W_a`, both computed by `products` in the dtype of `g_y` (the autocast dtype).
     """
 
     @staticmethod
-    def forward(ctx, binary_output: Tensor, x_aux: Tensor, aux_weight: Tensor, layer: SurgeLayerMixin) -> Tensor:
+    def forward(ctx, binary_output: Tensor, x_aux: Tensor, aux_weight: Tensor,
+                products: LinearProducts | Conv2dProducts) -> Tensor:
         ctx.save_for_backward(x_aux, aux_weight)
-        ctx.layer = layer
+        ctx.products = products
         return binary_output.view_as(binary_output)
 
     @staticmethod
@@ -76,9 +110,9 @@ class AuxiliaryGradient(torch.autograd.Function):
         dtype = grad_output.dtype
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_x = ctx.layer.aux_input_grad(grad_output, aux_weight.to(dtype), x_aux.shape).to(x_aux.dtype)
+            grad_x = ctx.products.input_grad(grad_output, aux_weight.to(dtype), x_aux.shape).to(x_aux.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = ctx.layer.aux_weight_grad(grad_output, x_aux.to(dtype), aux_weight.shape)
+            grad_weight = ctx.products.weight_grad(grad_output, x_aux.to(dtype), aux_weight.shape)
             grad_weight = grad_weight.to(aux_weight.dtype)
         return grad_output, grad_x, grad_weight, None
 
@@ -86,8 +120,12 @@ class AuxiliaryGradient(torch.autograd.Function):
 class SurgeLayerMixin(nn.Module):
     """What `SurgeLinear` and `SurgeConv2d` share: binarizers, the DPGC branch and diagnostics.
 
-    Subclasses provide `binary_op(x, w)` (the linear operator without bias), `add_bias`, `aux_input_grad`,
-    `aux_weight_grad` and `threshold_shape`/`reshape_threshold` for their input layout.
+    Subclasses provide `binary_op(x, w)` (the linear operator without bias), `add_bias`, `backward_products()`
+    (what the auxiliary branch's backward computes) and `threshold_shape`/`reshape_threshold` for their input layout.
+
+    SURGE-only tensors are created on the device and in the dtype of the latent weight. When `binarize` meets a model
+    on the meta device they cannot be initialised: after `to_empty()`, `load_state_dict` fills the ones the state dict
+    lacks from the loaded weight (as `binarize` would), and a forward pass before that is an error.
     """
 
     weight: nn.Parameter
@@ -97,12 +135,13 @@ class SurgeLayerMixin(nn.Module):
         self.surge_config = config
         self.activation_spec = activation_spec(config, unsigned_input)
         num_inputs = self.threshold_shape()
+        like = {"dtype": self.weight.dtype, "device": self.weight.device}
         if config.binarize_activations and config.activation_binarizer in ("rsign", "elastic"):
-            self.input_threshold = nn.Parameter(torch.zeros(num_inputs, dtype=self.weight.dtype))
+            self.input_threshold = nn.Parameter(torch.zeros(num_inputs, **like))
         else:
             self.register_parameter("input_threshold", None)
         if config.binarize_activations and config.activation_binarizer == "elastic":
-            self.input_scale = nn.Parameter(torch.ones(1, dtype=self.weight.dtype))
+            self.input_scale = nn.Parameter(torch.ones(1, **like))
         else:
             self.register_parameter("input_scale", None)
         if config.binarize_weights and config.learnable_weight_scale:
@@ -115,10 +154,10 @@ class SurgeLayerMixin(nn.Module):
         else:
             self.register_parameter("aux_weight", None)
         if config.has_aux_branch and config.lambda_placement == "previous":
-            self.register_buffer("previous_lambda", torch.zeros((), dtype=torch.float32))
-        self.scaler_stats = ScalerStats()
-        self.last_aux_loss: Tensor | None = None
+            self.register_buffer("previous_lambda", torch.zeros((), dtype=torch.float32, device=self.weight.device))
+        self.scaler = AdaptiveGradientScaler.from_config(config)
         self._sign_snapshot: Tensor | None = None
+        self._surge_state_pending = False  # set by `binarize` for a model on the meta device
 
     @torch.no_grad()
     def reset_surge_parameters(self) -> None:
@@ -133,6 +172,27 @@ class SurgeLayerMixin(nn.Module):
             self.weight_scale.copy_(weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1))
         if hasattr(self, "previous_lambda"):
             self.previous_lambda.zero_()
+        self._surge_state_pending = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Loading after `to_empty()` of a layer built on the meta device: SURGE-only tensors missing from
+        `state_dict` get their `reset_surge_parameters` values, computed from the loaded weight."""
+        if self._surge_state_pending and prefix + "weight" in state_dict:
+            weight = state_dict[prefix + "weight"]
+            defaults = {
+                "aux_weight": lambda: weight,
+                "weight_scale": lambda: weight_scale(weight, self.surge_config.weight_scale).reshape(-1),
+                "input_threshold": lambda: torch.zeros_like(self.input_threshold),
+                "input_scale": lambda: torch.ones_like(self.input_scale),
+                "previous_lambda": lambda: torch.zeros_like(self.previous_lambda),
+            }
+            for name, default in defaults.items():
+                if getattr(self, name, None) is not None and prefix + name not in state_dict:
+                    state_dict[prefix + name] = default()
+            self._surge_state_pending = False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- the binary branch -------------------------------------------------------------------------------------
     def input_codes(self, x: Tensor) -> Tensor:
@@ -166,17 +226,26 @@ class SurgeLayerMixin(nn.Module):
         return self.training and torch.is_grad_enabled() and self.surge_config.has_aux_branch
 
     def forward(self, x: Tensor) -> Tensor:
-        self.last_aux_loss = None
+        if self._surge_state_pending:
+            raise RuntimeError(
+                f"This {type(self).__name__} was binarized on the meta device and its SURGE-only tensors were never "
+                "initialised. After model.to_empty(...), load the weights with model.load_state_dict(...) (missing "
+                "auxiliary weights and thresholds are then set from the loaded weights), or call "
+                "reset_surge_parameters() on each SURGE layer."
+            )
         if not self.compensated():
             return self.binary_branch(x)
         raw_aux_weight = self.weight if self.aux_weight is None else self.aux_weight
-        x_binary, x_aux, aux_weight = DualPathFork.apply(x, raw_aux_weight, self)
+        previous_lambda = getattr(self, "previous_lambda", None)
+        x_binary, x_aux, aux_weight = DualPathFork.apply(x, raw_aux_weight, self.scaler, previous_lambda)
         binary_output = self.binary_branch(x_binary)
         if self.surge_config.aux_loss_weight > 0:
             # Not through the fork: lam scales the task gradient of W_a (scale_aux_grad), never this loss's.
             aux_output = self.binary_op(x.detach(), raw_aux_weight)
-            self.last_aux_loss = F.mse_loss(aux_output.float(), binary_output.detach().float())
-        return AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self)
+            dtype = accumulation_dtype(aux_output.dtype)  # float32, or float64 for a float64 layer
+            mismatch = F.mse_loss(aux_output.to(dtype), binary_output.detach().to(dtype))
+            record_auxiliary_loss(self.surge_config.aux_loss_weight * mismatch)
+        return AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,10 +259,11 @@ class SurgeLayerMixin(nn.Module):
 
     def diagnostics(self) -> dict[str, float]:
         """lam, ||g_b||, ||g_a|| of the last backward pass (when there was one) and the sign-flip ratio."""
+        stats = self.scaler.stats
         out = {
-            name: getattr(self.scaler_stats, name).item()
+            name: getattr(stats, name).item()
             for name in ("lam", "grad_norm_binary", "grad_norm_aux")
-            if getattr(self.scaler_stats, name) is not None
+            if getattr(stats, name) is not None
         }
         out["sign_flip_ratio"] = self.sign_flip_ratio()
         return out
@@ -217,7 +287,7 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
         self._init_surge(config, unsigned_input)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
+    def from_float(cls, linear: nn.Linear, config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config,
                     device="meta")
@@ -240,11 +310,8 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
     def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
         return product if scale is None else product * scale.to(product.dtype)
 
-    def aux_input_grad(self, grad_output: Tensor, aux_weight: Tensor, input_shape: torch.Size) -> Tensor:
-        return grad_output @ aux_weight
-
-    def aux_weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
-        return grad_output.reshape(-1, weight_shape[0]).t() @ x.reshape(-1, weight_shape[1])
+    def backward_products(self) -> LinearProducts:
+        return LinearProducts()
 
 
 class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
@@ -260,7 +327,7 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
         self._init_surge(config, unsigned_input)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, config: SurgeConfig, unsigned_input: bool = False) -> SurgeConv2d:
+    def from_float(cls, conv: nn.Conv2d, config: SurgeConfig, unsigned_input: bool = False) -> SurgeConv2d:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
@@ -287,15 +354,8 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
     def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
         return product if scale is None else product * scale.to(product.dtype).reshape(1, -1, 1, 1)
 
-    def aux_input_grad(self, grad_output: Tensor, aux_weight: Tensor, input_shape: torch.Size) -> Tensor:
-        return torch.nn.grad.conv2d_input(
-            input_shape, aux_weight, grad_output, self.stride, self.padding, self.dilation, self.groups
-        )
-
-    def aux_weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
-        return torch.nn.grad.conv2d_weight(
-            x, weight_shape, grad_output, self.stride, self.padding, self.dilation, self.groups
-        )
+    def backward_products(self) -> Conv2dProducts:
+        return Conv2dProducts(self.stride, self.padding, self.dilation, self.groups)
 
 
 class BinaryLayerMixin(nn.Module):
@@ -412,6 +472,10 @@ class BinaryLinear(BinaryLayerMixin):
     def layout_of(layer: SurgeLinear) -> tuple:
         return layer.in_features, layer.out_features
 
+    def float_layer(self) -> nn.Linear:
+        """A float `nn.Linear` of this layout (freshly initialised values)."""
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
     reshape_threshold = SurgeLinear.reshape_threshold
     binary_op = SurgeLinear.binary_op
     add_bias = SurgeLinear.add_bias
@@ -471,6 +535,12 @@ class BinaryConv2d(BinaryLayerMixin):
         return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                 layer.dilation, layer.groups)
 
+    def float_layer(self) -> nn.Conv2d:
+        """A float `nn.Conv2d` of this layout (freshly initialised values)."""
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.groups,
+                         bias=self.bias is not None)
+
     reshape_threshold = SurgeConv2d.reshape_threshold
     binary_op = SurgeConv2d.binary_op
     add_bias = SurgeConv2d.add_bias
@@ -481,5 +551,29 @@ class BinaryConv2d(BinaryLayerMixin):
                 f"padding={self.padding}, {bit_widths(self)}")
 
 
-SURGE_LAYER_TYPES = (SurgeLinear, SurgeConv2d)
-BINARY_LAYER_TYPES = (BinaryLinear, BinaryConv2d)
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of binarizable layer: the float module `binarize` replaces, its SURGE training layer
+    (`surge_type.from_float`), its packed inference layer (`packed_type.from_surge`, back with `float_layer`), and
+    `feature_dim`, the input dim whose entries get their own activation threshold."""
+
+    float_type: type[nn.Module]
+    surge_type: type[SurgeLayerMixin]
+    packed_type: type[BinaryLayerMixin]
+    feature_dim: int
+
+
+LAYER_KINDS = (
+    LayerKind(nn.Linear, SurgeLinear, BinaryLinear, feature_dim=-1),
+    LayerKind(nn.Conv2d, SurgeConv2d, BinaryConv2d, feature_dim=1),
+)
+SURGE_LAYER_TYPES = tuple(kind.surge_type for kind in LAYER_KINDS)
+BINARY_LAYER_TYPES = tuple(kind.packed_type for kind in LAYER_KINDS)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a float layer (exactly `nn.Linear`/`nn.Conv2d`, not subclasses), a SURGE or a packed layer."""
+    for kind in LAYER_KINDS:
+        if type(module) is kind.float_type or isinstance(module, (kind.surge_type, kind.packed_type)):
+            return kind
+    return None

@@ -3,7 +3,7 @@
 Every class is the transformers class of the same task (same forward, same outputs, same losses, including
 `problem_type` for sequence classification) with three differences:
 
-- `__init__` builds the network with a `SurgeBertModel` inside and then binarizes what `config.surge` targets
+- `__init__` builds the network with a `SurgeBertModel` inside and then binarizes what `config.surge_config` targets
   (default: every Linear in the encoder layers; embeddings, pooler and heads stay full precision), as packed
   `BinaryLinear` layers when `config.surge_packed`;
 - in training mode with labels, `loss` includes the auxiliary-branch loss of the recipe;

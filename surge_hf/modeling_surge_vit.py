@@ -2,7 +2,7 @@
 
 Every class is the transformers class of the same task (same forward, outputs and losses) with three differences:
 
-- `__init__` builds the network with a `SurgeViTModel` inside and then binarizes what `config.surge` targets
+- `__init__` builds the network with a `SurgeViTModel` inside and then binarizes what `config.surge_config` targets
   (default: every Linear in the transformer layers; patch embedding, pooler and classifier stay full precision), as
   packed `BinaryLinear` layers when `config.surge_packed`;
 - in training mode with labels, `loss` includes the auxiliary-branch loss of the recipe;

@@ -14,33 +14,41 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), kept int8 in memory after loading.
 
 Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
-with a tensor of the wrong shape, is an error (never a model with random bits), and so is loading a packed
-checkpoint into trainable layers.
+with a tensor of the wrong shape, or with a weight scale that is not finite and positive, is an error (never a model
+with random bits), and so is loading a packed checkpoint into trainable layers. A train-form checkpoint must hold
+every tensor of its binarized layers; a plain checkpoint of the wrapped architecture must hold their weights (its
+SURGE-only tensors are initialised from them). A SURGE `config.json` without its `surge_config` is an error too.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
+from transformers.utils import ModelOutput
 
-from .binarize import binarize, surge_layers
+from .binarize import binarize, packed_layer, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
 from .configuration_surge import SurgeConfig
-from .configuration_utils import recipe_dict
+from .configuration_utils import RECIPE_KEYWORD, as_surge_config
 from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
-from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, BinaryConv2d, BinaryLinear, SurgeConv2d
-from .losses import auxiliary_loss
+from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
+from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
+SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
+"""Tensors of a trainable SURGE layer that a plain checkpoint lacks (`init_surge_parameters` sets them)."""
 
 
 def init_surge_parameters(module: nn.Module) -> None:
@@ -61,13 +69,22 @@ def init_surge_parameters(module: nn.Module) -> None:
         init.zeros_(module.previous_lambda)
 
 
-def _packed_layer(layer: nn.Module) -> BinaryLinear | BinaryConv2d:
-    return (BinaryConv2d if isinstance(layer, SurgeConv2d) else BinaryLinear).from_surge(layer)
+@functools.cache
+def output_class_with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` (a transformers `ModelOutput`) with one more field, `aux_loss`: the auxiliary-branch loss of
+    the forward pass (None in eval mode, under `torch.no_grad()` or without an auxiliary-loss recipe)."""
+    return dataclasses.make_dataclass(
+        f"Surge{output_class.__name__}",
+        [("aux_loss", torch.FloatTensor | None, dataclasses.field(default=None))],
+        bases=(output_class,),
+        namespace={"__module__": __name__},
+    )
 
 
 def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a transformers head's `forward` so that, in training, `loss` includes `surge_hf.auxiliary_loss(model)`
-    (recipes with `aux_loss_weight > 0`): `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`.
+    """Wrap a transformers head's `forward` so that it returns the auxiliary-branch loss of the recipe as `aux_loss`
+    (see `surge_hf.objective`) and, when it computes a `loss`, includes it there:
+    `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`, so a plain `Trainer` optimises both.
 
     The wrapper keeps the wrapped signature (`Trainer` reads it to select dataset columns) and honours
     `return_dict` / `config.return_dict` like the wrapped method.
@@ -75,11 +92,11 @@ def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(forward)
     def wrapper(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
-        outputs = forward(self, *args, return_dict=True, **kwargs)
-        if self.training and outputs.loss is not None:
-            extra = auxiliary_loss(self)
-            if extra is not None:
-                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        with collect_auxiliary_loss() as collected:
+            outputs = forward(self, *args, return_dict=True, **kwargs)
+        outputs = output_class_with_aux_loss(type(outputs))(**outputs, aux_loss=collected.total())
+        if outputs.loss is not None and outputs.aux_loss is not None:
+            outputs.loss = outputs.loss + outputs.aux_loss.to(outputs.loss.dtype)
         if return_dict is None:
             return_dict = self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
@@ -99,7 +116,9 @@ class SurgePreTrainedMixin:
     # -- construction and initialisation ---------------------------------------------------------------------
     def _apply_surge(self) -> None:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
-        binarize(self, self.config.surge_recipe)
+        binarize(self, self.config.surge_config)
+        for _, layer in surge_layers(self):
+            layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
             finalize_layers(self)
         if self.config.surge_int8_embeddings:
@@ -146,16 +165,16 @@ class SurgePreTrainedMixin:
         self.config.surge_int8_embeddings = [*(self.config.surge_int8_embeddings or []), *swapped]
         return self
 
-    def unfinalize(self, surge: SurgeConfig | dict[str, Any] | None = None):
+    def unfinalize(self, surge_config: SurgeConfig | dict[str, Any] | None = None):
         """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; int8 embeddings
         become float embeddings holding their dequantised rows), in place, so a packed checkpoint can be trained
-        further. `surge` replaces the recipe (default: the saved one)."""
-        recipe = None if surge is None else SurgeConfig.from_dict(recipe_dict(surge))
+        further. `surge_config` replaces the recipe (default: the saved one)."""
+        recipe = None if surge_config is None else as_surge_config(surge_config)
         unfinalize_layers(self, recipe)
         dequantize_embeddings(self)
         self.config.surge_int8_embeddings = None
         if recipe is not None:
-            self.config.surge = recipe
+            self.config.surge_config = recipe
         self.config.surge_packed = False
         return self
 
@@ -165,7 +184,7 @@ class SurgePreTrainedMixin:
         originals = list(surge_layers(self))
         try:
             for name, layer in originals:
-                self.set_submodule(name, _packed_layer(layer))
+                self.set_submodule(name, packed_layer(layer))
             self.config.surge_packed = True
             yield
         finally:
@@ -197,6 +216,10 @@ class SurgePreTrainedMixin:
                 or a packed checkpoint is loaded into trainable layers.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.get("config")
+        if RECIPE_KEYWORD in kwargs and config is not None and not isinstance(config, (str, os.PathLike)):
+            kwargs["config"] = copy.deepcopy(config)
+            kwargs["config"].surge_config = kwargs.pop(RECIPE_KEYWORD)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -211,24 +234,52 @@ class SurgePreTrainedMixin:
         return (model, info) if output_loading_info else model
 
     def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
-        """Raise if binarized layers did not load completely (see `from_pretrained`)."""
+        """Raise if binarized layers did not load completely or hold invalid scales (see `from_pretrained`)."""
+        prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
+        mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
+        incomplete = {key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes)}
         if self.is_packed:
-            int8_embeddings = self.config.surge_int8_embeddings or []
-            prefixes = tuple(f"{name}." for name in [*(name for name, _ in self._binarized_layers()), *int8_embeddings])
-            mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
-            bad = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
-            if bad:
-                shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
+            int8_prefixes = tuple(f"{name}." for name in self.config.surge_int8_embeddings or [])
+            incomplete |= {key for key in [*info["missing_keys"], *mismatched] if int8_prefixes
+                           and key.startswith(int8_prefixes)}
+            _raise_if_incomplete(
+                f"packed checkpoint {source!s}", sorted(incomplete), "A packed layer cannot be re-initialised; save "
+                "the checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
+            )
+            self._check_packed_scales(source)
+            return
+        packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
+        if packed_keys:
+            raise ValueError(
+                f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
+                "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
+                "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
+            )
+        surge_only = {key for key in self.state_dict() if key.startswith(prefixes) and key.endswith(SURGE_ONLY_NAMES)}
+        from_train_form = bool(surge_only - incomplete)  # a plain checkpoint has none of them
+        bad = sorted(key for key in incomplete if from_train_form or key not in surge_only)
+        _raise_if_incomplete(
+            f"checkpoint {source!s}", bad, "Binarized layers need their latent weights (and, from a train-form "
+            "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
+            "from the complete float checkpoint."
+        )
+
+    def _check_packed_scales(self, source: Any) -> None:
+        for name, layer in self._binarized_layers():
+            scale = layer._buffers.get("weight_scale")
+            if scale is not None and not (torch.isfinite(scale).all() and (scale > 0).all()):
                 raise ValueError(
-                    f"The packed checkpoint {source!s} is incomplete: {len(bad)} tensor(s) of binarized layers are "
-                    f"missing or have the wrong shape ({shown}). A packed layer cannot be re-initialised; save the "
-                    "checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
+                    f"The packed checkpoint {source!s} holds invalid weight scales in {name}.weight_scale (NaN, "
+                    "inf, zero or negative; each is the mean |W| of an output channel and must be > 0). Save the "
+                    "checkpoint again from the trained model with save_pretrained(path, packed=True)."
                 )
-        else:
-            packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
-            if packed_keys:
-                raise ValueError(
-                    f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
-                    "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
-                    "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
-                )
+
+
+def _raise_if_incomplete(checkpoint: str, keys: list[str], fix: str) -> None:
+    """A `ValueError` naming the first missing or mis-shaped `keys` of `checkpoint` and `fix`, if there are any."""
+    if keys:
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise ValueError(
+            f"The {checkpoint} is incomplete: {len(keys)} tensor(s) of binarized layers are missing or have the "
+            f"wrong shape ({shown}). {fix}"
+        )

@@ -1,7 +1,8 @@
 """Binarizers with surrogate gradients.
 
 Every binarizer computes `sign` in the forward pass and replaces its zero-almost-everywhere derivative by a surrogate
-`d(u)` in the backward pass. `sign` here never returns 0: `sign(u) = +1 if u >= 0 else -1`.
+`d(u)` in the backward pass. `sign` here never returns 0: `sign(u) = +1 if u >= 0 else -1` (NaN stays NaN, so a
+NaN input gives NaN outputs, as in the float model).
 
 Surrogate derivatives of sign at `u` (the binarizer's pre-sign input):
 
@@ -26,8 +27,9 @@ from torch import Tensor
 
 
 def sign(u: Tensor) -> Tensor:
-    """`+1` where `u >= 0`, `-1` elsewhere, in `u`'s dtype (never 0, unlike `torch.sign`)."""
-    return (u >= 0).to(u.dtype).mul_(2).sub_(1)
+    """`+1` where `u >= 0`, `-1` where `u < 0`, NaN where `u` is NaN, in `u`'s dtype (never 0, unlike `torch.sign`)."""
+    signs = (u >= 0).to(u.dtype).mul_(2).sub_(1)
+    return torch.where(u.isnan(), u, signs)
 
 
 def _identity(u: Tensor, beta: float) -> Tensor:

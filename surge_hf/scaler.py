@@ -6,32 +6,38 @@ input receives
 
     dL/dx = g_b + lam * g_a,      lam = eta * ||g_b||_2 / (||g_a||_2 + eps)        (per layer, per step)
 
-Norms are computed in float32 whatever the gradient dtype, so bf16/fp16 gradients neither overflow nor underflow
-the ratio, and `lam * g_a` stays finite: its norm is at most `eta * ||g_b||`.
+Norms are computed in float32 (float64 for float64 gradients) whatever the gradient dtype, so bf16/fp16 gradients
+neither overflow nor underflow the ratio, and `lam * g_a` stays finite: its norm is at most `eta * ||g_b||`.
+
+The autograd functions get only what they need: an `AdaptiveGradientScaler` (the recipe's knobs and the statistics
+of the last backward pass) and, for `lambda_placement="previous"`, the layer's `previous_lambda` buffer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .layers import SurgeLayerMixin
+from .configuration_surge import SurgeConfig
 
 
 def ags_lambda(norm_binary: Tensor, norm_aux: Tensor, eta: float, eps: float) -> Tensor:
-    """lam = eta * ||g_b|| / (||g_a|| + eps), in float32."""
+    """lam = eta * ||g_b|| / (||g_a|| + eps), in the dtype of the norms."""
     return eta * norm_binary / (norm_aux + eps)
 
 
-def gradient_norm(grad: Tensor | None, device: torch.device) -> Tensor:
-    """The float32 L2 norm of `grad` (0 when the branch sent no gradient)."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that norms and losses of `dtype` tensors are accumulated in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gradient_norm(grad: Tensor | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The L2 norm of `grad` in `accumulation_dtype(grad.dtype)` (a zero of `dtype` when the branch sent none)."""
     if grad is None:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.linalg.vector_norm(grad, dtype=accumulation_dtype(grad.dtype))
 
 
 def scaled(grad: Tensor, lam: Tensor) -> Tensor:
@@ -41,11 +47,38 @@ def scaled(grad: Tensor, lam: Tensor) -> Tensor:
 
 @dataclass
 class ScalerStats:
-    """The last backward pass of one layer: lam applied, ||g_b||, ||g_a|| (detached 0-dim float32 tensors)."""
+    """The last backward pass of one layer: lam applied, ||g_b||, ||g_a|| (detached 0-dim tensors)."""
 
     lam: Tensor | None = None
     grad_norm_binary: Tensor | None = None
     grad_norm_aux: Tensor | None = None
+
+
+@dataclass
+class AdaptiveGradientScaler:
+    """The recipe knobs that choose lam, and the statistics of the last backward pass (see `DualPathFork`)."""
+
+    compensator: str
+    lambda_placement: str
+    eta: float
+    eps: float
+    scale_aux_grad: bool
+    stats: ScalerStats = field(default_factory=ScalerStats)
+
+    @classmethod
+    def from_config(cls, config: SurgeConfig) -> AdaptiveGradientScaler:
+        return cls(config.compensator, config.lambda_placement, config.eta, config.eps, config.scale_aux_grad)
+
+    def choose_lambda(self, norm_binary: Tensor, norm_aux: Tensor, previous_lambda: Tensor | None) -> Tensor:
+        """lam for this backward pass; stores this step's AGS lam in `previous_lambda` when the recipe defers it."""
+        current = ags_lambda(norm_binary, norm_aux, self.eta, self.eps)
+        if self.compensator == "fixed":
+            return torch.full_like(current, self.eta)
+        if self.lambda_placement == "previous":
+            lam = previous_lambda.to(current.dtype, copy=True)
+            previous_lambda.copy_(current)
+            return lam
+        return current
 
 
 class DualPathFork(torch.autograd.Function):
@@ -54,37 +87,31 @@ class DualPathFork(torch.autograd.Function):
     Forward: returns `x` twice (views, no copy) and the auxiliary weight `W_a` once.
     Backward: receives `g_b` (binary path), `g_a` (auxiliary path) and `G_a` (gradient of `W_a`); returns
     `g_b + lam * g_a` for `x` and `G_a` (or `lam * G_a` when the recipe scales the auxiliary weight's gradient) for
-    `W_a`. `lam` is chosen by the layer's recipe:
+    `W_a`. `lam` is chosen by the scaler from the recipe:
       - `compensator="surge"`, `lambda_placement="fork"`: lam from this step's norms (AGS);
       - `compensator="surge"`, `lambda_placement="previous"`: lam computed at the previous step (0 at the first);
       - `compensator="fixed"`: lam = eta.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, aux_weight: Tensor, layer: SurgeLayerMixin) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.layer = layer
-        ctx.device = x.device
+    def forward(ctx, x: Tensor, aux_weight: Tensor, scaler: AdaptiveGradientScaler,
+                previous_lambda: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.scaler = scaler
+        ctx.previous_lambda = previous_lambda
+        ctx.device, ctx.accumulation_dtype = x.device, accumulation_dtype(x.dtype)
         return x.view_as(x), x.view_as(x), aux_weight.view_as(aux_weight)
 
     @staticmethod
     def backward(ctx, grad_binary: Tensor | None, grad_aux: Tensor | None, grad_aux_weight: Tensor | None):
-        layer = ctx.layer
-        recipe = layer.surge_config
-        norm_binary = gradient_norm(grad_binary, ctx.device)
-        norm_aux = gradient_norm(grad_aux, ctx.device)
-        current = ags_lambda(norm_binary, norm_aux, recipe.eta, recipe.eps)
-        if recipe.compensator == "fixed":
-            lam = torch.full_like(current, recipe.eta)
-        elif recipe.lambda_placement == "previous":
-            lam = layer.previous_lambda.clone()
-            layer.previous_lambda.copy_(current)
-        else:
-            lam = current
-        layer.scaler_stats = ScalerStats(lam=lam.detach(), grad_norm_binary=norm_binary, grad_norm_aux=norm_aux)
+        scaler = ctx.scaler
+        norm_binary = gradient_norm(grad_binary, ctx.device, ctx.accumulation_dtype)
+        norm_aux = gradient_norm(grad_aux, ctx.device, ctx.accumulation_dtype)
+        lam = scaler.choose_lambda(norm_binary, norm_aux, ctx.previous_lambda)
+        scaler.stats = ScalerStats(lam=lam.detach(), grad_norm_binary=norm_binary, grad_norm_aux=norm_aux)
 
         grad_x = grad_binary
         if grad_aux is not None:
             grad_x = scaled(grad_aux, lam) if grad_x is None else grad_x + scaled(grad_aux, lam)
-        if grad_aux_weight is not None and recipe.scale_aux_grad:
+        if grad_aux_weight is not None and scaler.scale_aux_grad:
             grad_aux_weight = scaled(grad_aux_weight, lam)
-        return grad_x, grad_aux_weight, None
+        return grad_x, grad_aux_weight, None, None

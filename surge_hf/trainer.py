@@ -1,8 +1,8 @@
-"""`SurgeTrainer`: a `transformers.Trainer` that distils from a full-precision teacher.
+"""`SurgeTrainer`: a `transformers.Trainer` that optimises `surge_hf.objective.compute_loss`.
 
-A plain `Trainer` already trains the SURGE models (their `loss` includes the auxiliary-branch term). This subclass
-adds the teacher terms of `surge_hf.distillation.compute_loss`, so the Trainer and the Accelerate scripts optimise
-the very same objective.
+A plain `Trainer` already trains the SURGE models on task + auxiliary loss (their `loss` includes `aux_loss`). This
+subclass optimises the whole objective for any binarized model, including the teacher terms when a teacher is given,
+so the Trainer and the Accelerate scripts optimise the very same objective.
 """
 
 from __future__ import annotations
@@ -12,11 +12,22 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
-from .distillation import DistillationConfig, compute_loss
+from .objective import DistillationConfig, compute_loss
 
 
 class SurgeTrainer(Trainer):
-    """`Trainer(..., teacher=teacher_model, distillation=DistillationConfig(...), is_regression=False)`."""
+    """`SurgeTrainer(model, args, ..., teacher=teacher_model, distillation=DistillationConfig(...))`.
+
+    Args:
+        teacher: a full-precision model to distil from (moved to the training device, frozen, in eval mode).
+        distillation: the weights of the distillation terms (default `DistillationConfig()`).
+        is_regression: distil regression outputs with an MSE instead of the soft cross-entropy.
+        *args, **kwargs: the `transformers.Trainer` arguments.
+    """
+
+    # `compute_loss` returns the batch mean, not a sum normalised by `num_items_in_batch`: the Trainer divides it by
+    # the gradient-accumulation steps, so accumulating k batches of n equals one batch of k * n.
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,

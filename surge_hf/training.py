@@ -28,15 +28,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .binarize import diagnostics
+from .binarize import diagnostics, surge_layers
 from .calibration import calibrate
-from .distillation import DistillationConfig, compute_loss
+from .objective import DistillationConfig, compute_loss
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 _NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight", "input_threshold",
-             "input_scale")
+             "input_scale", "weight_scale")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class TrainingConfig:
     report_to: str = "none"
     cpu: bool = False
     calibrate_activations: bool = False
+    latent_weight_learning_rate: float | None = None
+    quantizer_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -70,7 +72,9 @@ class TrainingConfig:
             "logging_steps": self.logging_steps,
         }
         optional = {"max_train_steps": self.max_train_steps, "checkpointing_steps": self.checkpointing_steps,
-                    "checkpoints_total_limit": self.checkpoints_total_limit}
+                    "checkpoints_total_limit": self.checkpoints_total_limit,
+                    "latent_weight_learning_rate": self.latent_weight_learning_rate,
+                    "quantizer_learning_rate": self.quantizer_learning_rate}
         for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
             if not value > 0:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
@@ -101,13 +105,43 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
     )
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and the activation binarizers' thresholds and scales."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    latent_weight_learning_rate: float | None = None,
+    quantizer_learning_rate: float | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and the activation quantizers' thresholds and scales.
+
+    With `latent_weight_learning_rate`, the latent weights of binarized layers (whose signs are the binary weights)
+    form their own group at that learning rate and without weight decay, so that signs can move within a short run
+    whatever the base learning rate. With `quantizer_learning_rate`, the quantizers' thresholds and scales (tau, s,
+    learned alpha) likewise. The scheduler scales every group's learning rate by the same factor.
+    """
+    latent_ids, quantizer_ids = set(), set()
+    for _, layer in surge_layers(model):
+        if layer.surge_config.binarize_weights:
+            latent_ids.add(id(layer.weight))
+        quantizer_ids.update(id(p) for p in (layer.input_threshold, layer.input_scale, layer.weight_scale)
+                             if p is not None)
+    decay, no_decay, latent, quantizer = [], [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if any(key in name for key in _NO_DECAY) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if latent_weight_learning_rate is not None and id(param) in latent_ids:
+            latent.append(param)
+        elif quantizer_learning_rate is not None and id(param) in quantizer_ids:
+            quantizer.append(param)
+        elif any(key in name for key in _NO_DECAY):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if latent:
+        groups.append({"params": latent, "weight_decay": 0.0, "lr": latent_weight_learning_rate})
+    if quantizer:
+        groups.append({"params": quantizer, "weight_decay": 0.0, "lr": quantizer_learning_rate})
+    return groups
 
 
 def evaluate(
@@ -239,7 +273,9 @@ def train(
     steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
+                              config.quantizer_learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
                               num_training_steps=max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -368,3 +368,47 @@ def test_diagnostics_reference_values_and_sign_flips() -> None:
     optimizer.step()
     assert diagnostics(model)["0"]["sign_flip_ratio"] == pytest.approx(4 / 30, rel=1e-6)
     assert diagnostics(model)["0"]["sign_flip_ratio"] == 0.0  # no change since the last call
+
+
+# -------------------------------------------------------------------------------------- failures and meta models
+def test_binarize_that_fails_half_way_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    first = model[0]
+    with pytest.raises(ValueError, match=re.escape("SurgeConv2d supports padding_mode='zeros' only, got 'reflect'.")):
+        binarize(model, SurgeConfig(target_modules=["0", "1"]))
+    assert model[0] is first and type(model[1]) is nn.Conv2d
+
+
+def test_binarize_revalidates_a_recipe_changed_behind_its_back():
+    recipe = SurgeConfig(target_modules=["0"])
+    object.__setattr__(recipe, "eta", -3.0)  # what `recipe.eta = -3` did before SurgeConfig was frozen
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=re.escape("SurgeConfig.eta=-3.0 must be >= 0.")):
+        binarize(model, recipe)
+    assert type(model[0]) is nn.Linear
+
+
+def _float_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_binarize_on_meta_then_to_empty_and_load_state_dict_matches_binarize_on_cpu():
+    recipe = SurgeConfig(target_modules=["0", "2"], activation_binarizer="elastic", lambda_placement="previous")
+    torch.manual_seed(0)
+    trained = _float_mlp()
+    reference = binarize(_float_mlp(), recipe)
+    reference.load_state_dict(trained.state_dict(), strict=False)  # weights and biases only
+    for layer in (reference[0], reference[2]):
+        layer.reset_surge_parameters()
+    with torch.device("meta"):
+        model = _float_mlp()
+    binarize(model, recipe).to_empty(device="cpu")
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="was binarized on the meta device and its SURGE-only tensors were never "):
+        model(x)
+    model.load_state_dict(trained.state_dict())  # strict: the SURGE-only tensors are filled from the weights
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert torch.equal(model[0].aux_weight, trained[0].weight)
+    assert torch.equal(model(x), reference(x))

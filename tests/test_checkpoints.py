@@ -38,6 +38,7 @@ from surge_hf import (
     SurgeLinear,
     SurgeViTConfig,
     SurgeViTForImageClassification,
+    binarize,
     summary,
 )
 from surge_hf.packing import pack_signs
@@ -50,11 +51,15 @@ PACKED_LAYER_TENSORS = {"weight_packed", "weight_scale", "bias", "input_threshol
 TRAIN_LAYER_TENSORS = {"weight", "bias", "aux_weight", "input_threshold"}
 
 
-def bert_config(**changes) -> SurgeBertConfig:
+def plain_bert_config(**changes) -> BertConfig:
     fields = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                   max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     fields.update(changes)
-    return SurgeBertConfig.from_bert_config(BertConfig(**fields), surge=SurgeConfig(aux_loss_weight=0.1))
+    return BertConfig(**fields)
+
+
+def bert_config(**changes) -> SurgeBertConfig:
+    return SurgeBertConfig.from_bert_config(plain_bert_config(**changes), surge_config=SurgeConfig(aux_loss_weight=0.1))
 
 
 def input_ids() -> torch.Tensor:
@@ -91,10 +96,10 @@ def layer_tensors(names: set[str], layer: str) -> set[str]:
     return {name.removeprefix(layer + ".") for name in names if name.startswith(layer + ".")}
 
 
-def damaged_copy(saved: dict, name: str, change) -> Path:
-    """A copy of the packed checkpoint whose tensors went through `change(state_dict)`."""
+def damaged_copy(saved: dict, name: str, change, form: str = "packed") -> Path:
+    """A copy of the checkpoint in `form` ("packed" or "train") whose tensors went through `change(state_dict)`."""
     target = saved["root"] / name
-    shutil.copytree(saved["root"] / "packed", target)
+    shutil.copytree(saved["root"] / form, target)
     state = load_file(target / "model.safetensors")
     change(state)
     save_file(state, target / "model.safetensors", metadata={"format": "pt"})
@@ -107,7 +112,7 @@ def test_train_form_holds_latent_and_auxiliary_weights(saved):
     assert layer_tensors(names, LAYER) == TRAIN_LAYER_TENSORS
     config = json.loads((saved["root"] / "train" / "config.json").read_text())
     assert config["model_type"] == "surge_bert" and config["surge_packed"] is False
-    assert config["surge"] == SurgeConfig(aux_loss_weight=0.1).to_dict()
+    assert config["surge_config"] == SurgeConfig(aux_loss_weight=0.1).to_dict()
 
 
 def test_packed_form_holds_bits_and_scales_only(saved):
@@ -205,7 +210,7 @@ def test_packed_model_refuses_training_and_unfinalizes(saved):
 def test_unfinalize_with_a_new_recipe():
     model = trained_model().finalize()
     model.unfinalize(SurgeConfig(compensator="ste"))
-    assert model.config.surge_recipe == SurgeConfig(compensator="ste")
+    assert model.config.surge_config == SurgeConfig(compensator="ste")
     assert model.get_submodule(LAYER).aux_weight is None
 
 
@@ -239,6 +244,58 @@ def test_wrong_shaped_bits_are_an_error(saved):
         AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=True)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.5])
+def test_invalid_packed_scale_is_an_error(saved, value):
+    def corrupt(state):
+        state[f"{LAYER}.weight_scale"][1] = value
+
+    path = damaged_copy(saved, f"scale-{value}", corrupt)
+    with pytest.raises(ValueError, match=re.escape(
+            f"The packed checkpoint {path} holds invalid weight scales in {LAYER}.weight_scale (NaN, inf, zero or "
+            "negative; each is the mean |W| of an output channel and must be > 0). Save the checkpoint again from "
+            "the trained model with save_pretrained(path, packed=True).")):
+        AutoModelForSequenceClassification.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tensor", ["weight", "aux_weight", "input_threshold"])
+def test_train_form_missing_a_tensor_is_an_error(saved, tensor):
+    path = damaged_copy(saved, f"no-{tensor}", lambda state: state.pop(f"{LAYER}.{tensor}"), form="train")
+    message = (f"The checkpoint {path} is incomplete: 1 tensor(s) of binarized layers are missing or have the wrong "
+               f"shape ({LAYER}.{tensor}). Binarized layers need their latent weights (and, from a train-form "
+               "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
+               "from the complete float checkpoint.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AutoModelForSequenceClassification.from_pretrained(path)
+
+
+def test_plain_checkpoint_missing_an_encoder_weight_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    BertForSequenceClassification(plain_bert_config()).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop(f"{LAYER}.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"missing or have the wrong shape ({LAYER}.weight)")):
+        SurgeBertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_train_form_without_its_recipe_is_an_error(saved, tmp_path):
+    shutil.copytree(saved["root"] / "train", tmp_path / "no-recipe")
+    config = json.loads((tmp_path / "no-recipe" / "config.json").read_text())
+    del config["surge_config"]
+    (tmp_path / "no-recipe" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(
+            "This surge_bert config has no `surge_config` (the SURGE recipe), so the layers it describes are "
+            "unknown. Add the recipe the checkpoint was trained with as `surge_config` in config.json, or pass it: "
+            "from_pretrained(path, surge=SurgeConfig(...)).")):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
+    legacy = {**config, "surge": SurgeConfig(aux_loss_weight=0.1).to_dict()}
+    (tmp_path / "no-recipe" / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=re.escape("rename the key `surge` of an old config.json to `surge_config`")):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
+    assert AutoModelForSequenceClassification.from_pretrained(saved["root"] / "train").config.surge_config == (
+        SurgeConfig(aux_loss_weight=0.1))
+
+
 def test_truncated_file_is_an_error(saved, tmp_path):
     shutil.copytree(saved["root"] / "packed", tmp_path / "cut")
     weights = tmp_path / "cut" / "model.safetensors"
@@ -261,7 +318,7 @@ def test_packed_checkpoint_into_trainable_layers_is_an_error(saved):
 def test_unknown_recipe_key_is_an_error(saved, tmp_path):
     shutil.copytree(saved["root"] / "train", tmp_path / "bad")
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
-    config["surge"]["etaa"] = 0.2
+    config["surge_config"]["etaa"] = 0.2
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape("Unknown SURGE recipe key(s) ['etaa']")):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "bad")
@@ -392,7 +449,7 @@ def binarized_layer_bytes(path: Path, model) -> tuple[int, int]:
 
 
 def test_bert_base_shape_binarized_layers_are_30x_smaller():
-    config = SurgeBertConfig.from_bert_config(BertConfig(), surge=SurgeConfig())  # hidden 768, 12 layers, 3072
+    config = SurgeBertConfig.from_bert_config(BertConfig(), surge_config=SurgeConfig())  # hidden 768, 12 layers, 3072
     with torch.device("meta"):
         account = summary(SurgeBertForSequenceClassification(config))
     assert account.binary_params == 12 * (4 * 768 * 768 + 2 * 768 * 3072)
@@ -426,3 +483,19 @@ def test_minilm_checkpoint(tmp_path):
     stored, float32 = binarized_layer_bytes(tmp_path / "packed", packed)
     assert float32 == 4 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
     assert float32 / stored >= 30
+
+
+# ------------------------------------------------------------------------------- binarize(plain model) and save
+@pytest.mark.parametrize("packed", [False, True])
+def test_binarized_plain_bert_saves_a_binary_checkpoint_that_loads_back(tmp_path, packed):
+    torch.manual_seed(0)
+    model = binarize(BertForSequenceClassification(plain_bert_config()), SurgeConfig(eta=0.2)).eval()
+    assert type(model) is SurgeBertForSequenceClassification and type(model.config) is SurgeBertConfig
+    assert model.config.surge_config == SurgeConfig(eta=0.2) and type(model.bert).__name__ == "SurgeBertModel"
+    logits = model(input_ids=input_ids()).logits
+    model.save_pretrained(tmp_path, packed=packed)
+    assert json.loads((tmp_path / "config.json").read_text())["surge_packed"] is packed
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.get_submodule(LAYER), BinaryLinear if packed else SurgeLinear)
+    assert loaded.config.surge_config == SurgeConfig(eta=0.2)
+    assert torch.equal(loaded(input_ids=input_ids()).logits, logits)

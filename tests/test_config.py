@@ -3,6 +3,7 @@ target/exclude checks that need a model (`resolve_targets`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -118,8 +119,28 @@ def test_bad_target_lists(field: str, value) -> None:
         SurgeConfig(**{field: value})
 
 
-def test_target_tuple_becomes_list() -> None:
-    assert SurgeConfig(target_modules=("query", "key")).target_modules == ["query", "key"]
+def test_target_list_is_held_as_a_tuple_and_written_as_a_list() -> None:
+    config = SurgeConfig(target_modules=["query", "key"])
+    assert config.target_modules == ("query", "key")
+    assert config.to_dict()["target_modules"] == ["query", "key"]
+    assert SurgeConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_recipe_is_frozen_after_validation() -> None:
+    config = SurgeConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'eta'"):
+        config.eta = -3
+    assert config.eta == 0.1 and config.replace(eta=0.5).eta == 0.5
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_invalid_regular_expression_names_the_field(field: str) -> None:
+    message = (
+        f"SurgeConfig.{field}='encoder.(layer' is not a valid regular expression (missing ), unterminated "
+        "subpattern at position 8); fix the pattern, or pass a list of module-name suffixes instead."
+    )
+    with pytest.raises(ValueError, match=_exact(message)):
+        SurgeConfig(**{field: "encoder.(layer"})
 
 
 def test_wrong_version() -> None:
@@ -233,7 +254,7 @@ def test_exclude_entry_matching_nothing_names_field() -> None:
 
 def test_everything_excluded() -> None:
     message = (
-        "SurgeConfig.target_modules=['query'] (minus exclude_modules) selects no Linear/Conv2d module; "
+        "SurgeConfig.target_modules=('query',) (minus exclude_modules) selects no Linear/Conv2d module; "
         "this model has: block.query, block.value, head."
     )
     with pytest.raises(ValueError, match=_exact(message)):

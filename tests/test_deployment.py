@@ -28,7 +28,8 @@ def packed_model() -> SurgeBertForSequenceClassification:
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS, num_labels=2)
     torch.manual_seed(0)
-    return SurgeBertForSequenceClassification(SurgeBertConfig.from_bert_config(config, surge=SurgeConfig())).finalize()
+    surge_config = SurgeBertConfig.from_bert_config(config, surge_config=SurgeConfig())
+    return SurgeBertForSequenceClassification(surge_config).finalize()
 
 
 def inputs() -> dict[str, torch.Tensor]:

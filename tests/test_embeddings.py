@@ -22,7 +22,7 @@ def tiny_packed_model() -> SurgeBertForSequenceClassification:
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=64, num_labels=2)
     torch.manual_seed(0)
-    surge_config = SurgeBertConfig.from_bert_config(config, surge=SurgeConfig(activation_binarizer="elastic"))
+    surge_config = SurgeBertConfig.from_bert_config(config, surge_config=SurgeConfig(activation_binarizer="elastic"))
     return SurgeBertForSequenceClassification(surge_config).finalize()
 
 

@@ -70,7 +70,8 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 def run_args(model: Path, files: tuple[Path, Path], output_dir: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model), "--train_file", str(files[0]), "--validation_file", str(files[1]),
             "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size", "8",
-            "--learning_rate", "1e-3", "--max_train_steps", "4", "--logging_steps", "2", "--seed", "3", *extra]
+            "--learning_rate", "1e-3", "--max_train_steps", "4", "--logging_steps", "2", "--seed", "3",
+            "--teacher_max_train_steps", "2", *extra]
 
 
 def test_run_writes_packed_and_train_form_outputs_that_reload_exactly(tiny_bert, data_files, tmp_path):
@@ -224,3 +225,51 @@ def test_two_cpu_processes_with_accelerate_launch(tiny_bert, data_files, tmp_pat
     assert results["num_processes"] == 2
     assert results["completed_steps"] == 4
     assert surge_hf.SurgeConfig.from_dict(results["recipe"]).compensator == "surge"
+
+
+def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_bert, data_files, tmp_path, capsys):
+    out = tmp_path / "staged"
+    results = glue_script.main(run_args(tiny_bert, data_files, out))
+    teacher = json.loads((out / "teacher" / "all_results.json").read_text())
+    assert teacher["recipe"] is None and teacher["completed_steps"] == 2 and teacher["learning_rate"] == 5e-5
+    assert results["distillation"]["logits_weight"] == 1.0 and results["distillation"]["hidden_states_weight"] == 1.0
+    assert "teacher" not in hub.files_to_push(out)[0] and not any(p.startswith("teacher/") for p in
+                                                                   hub.files_to_push(out))
+    # the student's embeddings (never binarized, frozen by nothing) started from the teacher's, not the raw model's
+    student = AutoModelForSequenceClassification.from_pretrained(out / "train_state")
+    raw = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    tuned = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
+    assert not torch.equal(raw.classifier.weight, tuned.classifier.weight)
+    assert "Stage 1 of 2" in capsys.readouterr().out
+    # a second run over the same folder reuses the finished teacher stage
+    glue_script.main(run_args(tiny_bert, data_files, out))
+    assert "Reusing the full-precision teacher" in capsys.readouterr().out
+    assert student.config.model_type == "surge_bert"
+
+
+def test_teacher_none_trains_without_distillation(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "alone"
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none"))
+    assert results["distillation"] is None and not (out / "teacher").exists()
+
+
+def test_progressive_activation_bits(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "progressive"
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none",
+                                        "--activation_binarizer", "elastic", "--activation_bits_schedule", "4,2,1"))
+    assert results["recipe"]["activation_bits"] == 1
+    for bits in (4, 2):
+        stage = json.loads((out / f"stage_a{bits}" / "all_results.json").read_text())
+        assert stage["recipe"]["activation_bits"] == bits and stage["completed_steps"] == 4
+    assert not any(path.startswith("stage_") for path in hub.files_to_push(out))
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    assert "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
+
+
+@pytest.mark.parametrize("schedule", ["1,2", "3,1", "8,x", ""])
+def test_bad_activation_bits_schedule(tiny_bert, data_files, tmp_path, schedule, capsys):
+    with pytest.raises(SystemExit):
+        glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--activation_bits_schedule",
+                                        schedule))
+    assert (f"{schedule!r} is not a schedule of activation bits: give comma-separated values from 1, 2, 4, 8, "
+            "from the highest to the lowest, e.g. 4,2,1.") in capsys.readouterr().err

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, auxiliary_loss
+from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, binarize, collect_auxiliary_loss, finalize
 from surge_hf.layers import BinaryConv2d, BinaryLinear
 from surge_hf.scaler import gradient_norm, scaled
 
@@ -262,15 +262,15 @@ def test_gradients_match_reference(kind: str, mode: dict, binarizer: str) -> Non
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
         _assert_grads(grads, expected)
         if stats is None:
-            assert layer.scaler_stats.lam is None
+            assert layer.scaler.stats.lam is None
             continue
         lam, norm_b, norm_a, current = stats
         if cfg.compensator == "surge" and cfg.lambda_placement == "previous":
             assert lam == (0.0 if step == 0 else previous)
             assert layer.previous_lambda.item() == pytest.approx(current, rel=1e-6)
-        assert layer.scaler_stats.lam.item() == pytest.approx(lam, rel=1e-6)
-        assert layer.scaler_stats.grad_norm_binary.item() == pytest.approx(norm_b, rel=1e-6)
-        assert layer.scaler_stats.grad_norm_aux.item() == pytest.approx(norm_a, rel=1e-6)
+        assert layer.scaler.stats.lam.item() == pytest.approx(lam, rel=1e-6)
+        assert layer.scaler.stats.grad_norm_binary.item() == pytest.approx(norm_b, rel=1e-6)
+        assert layer.scaler.stats.grad_norm_aux.item() == pytest.approx(norm_a, rel=1e-6)
         assert norm_b > 0 and norm_a > 0
         previous = current
 
@@ -338,9 +338,9 @@ def test_zero_upstream_gradient_gives_zero_lambda(kind: str, placement: str, sca
     layer = _make_layer(kind, cfg)
     x = _make_input(kind, 0)
     _, grads = _train_step(layer, x, torch.zeros_like(_output_grad(kind, 0)))
-    assert layer.scaler_stats.lam.item() == 0.0
-    assert layer.scaler_stats.grad_norm_binary.item() == 0.0
-    assert layer.scaler_stats.grad_norm_aux.item() == 0.0
+    assert layer.scaler.stats.lam.item() == 0.0
+    assert layer.scaler.stats.grad_norm_binary.item() == 0.0
+    assert layer.scaler.stats.grad_norm_aux.item() == 0.0
     if placement == "previous":
         assert layer.previous_lambda.item() == 0.0
     for name, grad in grads.items():
@@ -355,9 +355,9 @@ def test_no_binary_gradient_gives_zero_lambda(kind: str) -> None:
     x = _make_input(kind, 0).sign() * 3.0
     x[x == 0] = 3.0
     _, grads = _train_step(layer, x, _output_grad(kind, 0))
-    assert layer.scaler_stats.grad_norm_binary.item() == 0.0
-    assert layer.scaler_stats.grad_norm_aux.item() > 0
-    assert layer.scaler_stats.lam.item() == 0.0
+    assert layer.scaler.stats.grad_norm_binary.item() == 0.0
+    assert layer.scaler.stats.grad_norm_aux.item() > 0
+    assert layer.scaler.stats.lam.item() == 0.0
     assert torch.equal(grads["x"], torch.zeros_like(x))
 
 
@@ -378,15 +378,15 @@ def test_surge_state_names() -> None:
     assert set(shared.state_dict()) == {"weight", "bias"}
 
 
-def test_from_linear_reuses_parameters_and_copies_aux() -> None:
+def test_from_float_reuses_parameters_and_copies_aux() -> None:
     linear = nn.Linear(6, 5)
-    layer = SurgeLinear.from_linear(linear, SurgeConfig())
+    layer = SurgeLinear.from_float(linear, SurgeConfig())
     assert layer.weight is linear.weight and layer.bias is linear.bias
     assert layer.aux_weight is not linear.weight
     assert torch.equal(layer.aux_weight, linear.weight)
     assert torch.equal(layer.input_threshold, torch.zeros(6))
     conv = nn.Conv2d(4, 6, 3, bias=False, **CONV_KWARGS)
-    surge_conv = SurgeConv2d.from_conv(conv, SurgeConfig(activation_binarizer="elastic"))
+    surge_conv = SurgeConv2d.from_float(conv, SurgeConfig(activation_binarizer="elastic"))
     assert surge_conv.weight is conv.weight and surge_conv.bias is None
     assert torch.equal(surge_conv.aux_weight, conv.weight)
     assert surge_conv.input_threshold.shape == (4,) and surge_conv.input_scale.tolist() == [1.0]
@@ -408,7 +408,7 @@ def test_conv_padding_mode_rejected() -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         SurgeConv2d(2, 2, 3, padding=1, padding_mode="reflect", config=SurgeConfig())
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        SurgeConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), SurgeConfig())
+        SurgeConv2d.from_float(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), SurgeConfig())
 
 
 # -- forward bit-exactness -------------------------------------------------------------------------------------------
@@ -515,12 +515,12 @@ class _ProductCounter(TorchDispatchMode):
 def test_product_count(kind: str, cfg: SurgeConfig, forward: list[str], backward: list[str]) -> None:
     layer = _make_layer(kind, cfg)
     x = _make_input(kind, 0).requires_grad_(True)
-    with _ProductCounter() as counter:
+    with _ProductCounter() as counter, collect_auxiliary_loss() as collected:
         y = layer(x)
     assert counter.calls == forward
     with _ProductCounter() as counter:
         loss = (y * _output_grad(kind, 0)).sum()
-        aux = auxiliary_loss(layer)
+        aux = collected.total()
         if cfg.aux_loss_weight > 0:
             loss = loss + aux
         else:
@@ -548,12 +548,12 @@ def test_auxiliary_loss_value_and_gradient(kind: str, scale_aux_grad: bool) -> N
     layer = _make_layer(kind, cfg)
     x_value, g_y = _make_input(kind, 0), _output_grad(kind, 0)
     x = x_value.clone().requires_grad_(True)
-    y = layer(x)
+    with collect_auxiliary_loss() as collected:
+        y = layer(x)
     f_a = _op(kind, x_value, layer.aux_weight.detach())
     expected_loss = (f_a - y.detach()).pow(2).mean()
-    torch.testing.assert_close(layer.last_aux_loss, expected_loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(auxiliary_loss(layer), weight * expected_loss, rtol=1e-6, atol=1e-7)
-    ((y * g_y).sum() + auxiliary_loss(layer)).backward()
+    torch.testing.assert_close(collected.total(), weight * expected_loss, rtol=1e-6, atol=1e-7)
+    ((y * g_y).sum() + collected.total()).backward()
 
     _, expected, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x_value, g_y, 0.0)
     # d/dW_a of w * mean((op(x, W_a) - f_b)^2) = vjp of op at (x, W_a) with 2 w (f_a - f_b) / N
@@ -564,12 +564,16 @@ def test_auxiliary_loss_value_and_gradient(kind: str, scale_aux_grad: bool) -> N
     torch.testing.assert_close(layer.weight.grad, expected["weight"], rtol=1e-5, atol=1e-6)
 
 
-def test_auxiliary_loss_off_in_eval() -> None:
+def test_auxiliary_loss_only_in_training_with_gradients_and_a_collector() -> None:
     layer = _make_layer("linear", SurgeConfig(aux_loss_weight=1.0))
-    layer(_make_input("linear", 0))
-    assert layer.last_aux_loss is not None
-    layer.eval()(_make_input("linear", 0))
-    assert layer.last_aux_loss is None and auxiliary_loss(layer) is None
+    x = _make_input("linear", 0)
+    with collect_auxiliary_loss() as outer, collect_auxiliary_loss() as inner:
+        layer(x)
+    assert outer.total() is not None and torch.equal(outer.total(), inner.total())
+    for mode in ("eval", "no_grad"):
+        with collect_auxiliary_loss() as collected, torch.set_grad_enabled(mode != "no_grad"):
+            layer.train(mode != "eval")(x)
+        assert collected.total() is None, mode
 
 
 # -- reduced precision -----------------------------------------------------------------------------------------------
@@ -609,9 +613,9 @@ def test_bf16_autocast(kind: str, mode: dict) -> None:
         for name in expected:
             _assert_close_bf16(actual[name], expected[name], bounds.get(name), name)
         if stats is not None:
-            assert layer.scaler_stats.lam.dtype == torch.float32
-            assert layer.scaler_stats.lam.item() == pytest.approx(stats[0], rel=3e-2)
-            previous = layer.scaler_stats.lam.item() if cfg.lambda_placement == "fork" else stats[3]
+            assert layer.scaler.stats.lam.dtype == torch.float32
+            assert layer.scaler.stats.lam.item() == pytest.approx(stats[0], rel=3e-2)
+            previous = layer.scaler.stats.lam.item() if cfg.lambda_placement == "fork" else stats[3]
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -621,7 +625,7 @@ def test_bf16_zero_gradient(kind: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     y.backward(torch.zeros_like(y))
-    assert layer.scaler_stats.lam.item() == 0.0
+    assert layer.scaler.stats.lam.item() == 0.0
     for grad in [x.grad] + [p.grad for p in layer.parameters()]:
         assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -642,3 +646,73 @@ def test_gradient_norm_in_float32() -> None:
     norm = gradient_norm(torch.full((4,), 300.0, dtype=torch.float16), torch.device("cpu"))
     assert norm.dtype == torch.float32 and norm.item() == 600.0
     assert gradient_norm(None, torch.device("cpu")).item() == 0.0
+
+
+# -- float64, gradcheck and the inactive branch ----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[8]], ids=_mode_id)  # fork, previous, fixed
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_float64_training_matches_the_reference(kind: str, mode: dict) -> None:
+    cfg = SurgeConfig(eta=ETA, **mode)
+    layer = _make_layer(kind, cfg).double()
+    previous = 0.0
+    for step in range(2):
+        x, g_y = _make_input(kind, step).double(), _output_grad(kind, step).double()
+        y, grads = _train_step(layer, x, g_y)
+        y_ref, expected, (lam, _, _, current) = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y,
+                                                                previous)
+        assert y.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads.values())
+        torch.testing.assert_close(y, y_ref)
+        _assert_grads(grads, expected)
+        assert layer.scaler.stats.lam.dtype == torch.float64
+        assert layer.scaler.stats.lam.item() == pytest.approx(float(lam), rel=1e-6)
+        previous = current
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradcheck_accepts_the_eval_gradient_and_rejects_the_compensated_one(kind: str) -> None:
+    """With binary weights and real activations, the input gradient in eval mode is the true derivative
+    (alpha * sign(W) is constant in x), which `gradcheck` confirms in float64. In training the compensator adds
+    lam * g_a, which is no derivative of the output value (the auxiliary term cancels), so gradcheck rejects it."""
+    layer = _make_layer(kind, SurgeConfig(binarize_activations=False, compensator="fixed", eta=ETA)).double()
+    x = _make_input(kind, 0).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(layer.eval(), (x,))
+    assert not torch.autograd.gradcheck(layer.train(), (x,), raise_exception=False)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_mode_gradient_has_no_auxiliary_branch(kind: str) -> None:
+    """In eval mode a SURGE layer back-propagates exactly what the same layer without compensator does."""
+    x, g_y = _make_input(kind, 0), _output_grad(kind, 0)
+    _, surge = _train_step(_make_layer(kind, SurgeConfig(eta=ETA)).eval(), x, g_y)
+    _, ste = _train_step(_make_layer(kind, SurgeConfig(eta=ETA, compensator="ste")).eval(), x, g_y)
+    assert surge.pop("aux_weight") is None
+    assert surge.keys() == ste.keys()
+    for name in ste:
+        assert torch.equal(surge[name], ste[name]), name
+
+
+# -- devices -----------------------------------------------------------------------------------------------------------
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_surge_tensors_follow_the_device_and_dtype_of_the_weight(device: str) -> None:
+    cfg = SurgeConfig(activation_binarizer="elastic", lambda_placement="previous")
+    for layer in (SurgeLinear(4, 3, config=cfg, device=device, dtype=torch.float64),
+                  SurgeConv2d(2, 3, 3, config=cfg, device=device, dtype=torch.float64)):
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            assert tensor.device.type == device, name
+            assert tensor.dtype == (torch.float32 if name == "previous_lambda" else torch.float64), name
+
+
+def test_nan_input_gives_nan_outputs_where_the_float_model_does() -> None:
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    expected = float_model(x).isnan()
+    assert expected[1].all() and not expected[[0, 2]].any()
+    model = binarize(float_model, SurgeConfig(target_modules=["0", "1"]))
+    assert torch.equal(model.train()(x).isnan(), expected)
+    assert torch.equal(model.eval()(x).isnan(), expected)
+    assert torch.equal(finalize(model)(x).isnan(), expected)

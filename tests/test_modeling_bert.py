@@ -3,6 +3,7 @@ auxiliary term), the usual transformers features, and training with `transformer
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -30,7 +31,6 @@ from surge_hf import (
     SurgeBertModel,
     SurgeConfig,
     SurgeLinear,
-    auxiliary_loss,
 )
 
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -46,7 +46,7 @@ def bert_config(**changes) -> BertConfig:
 
 
 def surge_config(recipe: SurgeConfig | None = None, **changes) -> SurgeBertConfig:
-    return SurgeBertConfig.from_bert_config(bert_config(**changes), surge=recipe)
+    return SurgeBertConfig.from_bert_config(bert_config(**changes), surge_config=recipe)
 
 
 def model_for(cls, recipe: SurgeConfig | None = None, **changes):
@@ -67,49 +67,57 @@ def exact(message: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- config
-def test_config_stores_the_recipe_as_a_validated_plain_dict():
+def test_config_holds_the_validated_recipe_and_writes_it_as_a_plain_dict():
     recipe = SurgeConfig(compensator="fixed", eta=0.5)
     config = surge_config(recipe)
     assert config.model_type == "surge_bert"
-    assert config.surge == recipe.to_dict() and type(config.surge) is dict
-    assert config.surge_recipe == recipe
+    assert config.surge_config is recipe
+    assert config.to_dict()["surge_config"] == recipe.to_dict() and "surge" not in config.to_dict()
     assert config.surge_packed is False
     assert config.hidden_size == 32 and config.num_labels == 3
-    assert SurgeBertConfig(hidden_size=64).surge == SurgeConfig().to_dict()
-    config.surge = {"compensator": "ste"}
-    assert config.surge == SurgeConfig(compensator="ste").to_dict()
+    assert SurgeBertConfig(hidden_size=64).surge_config == SurgeConfig()
+    config.surge_config = {"compensator": "ste"}
+    assert config.surge_config == SurgeConfig(compensator="ste")
 
 
-def test_config_json_round_trip(tmp_path):
-    config = surge_config(SurgeConfig(target_modules=["query", "value"], aux_loss_weight=0.25))
+@pytest.mark.parametrize("recipe", [SurgeConfig(), SurgeConfig(target_modules=["query", "value"],
+                                                               aux_loss_weight=0.25)])
+def test_config_json_round_trip(tmp_path, recipe):
+    config = surge_config(recipe)
     config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["surge_config"] == recipe.to_dict()  # also the default recipe: the file always names it
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is SurgeBertConfig
-    assert loaded.surge == config.surge and loaded.surge_packed is False
+    assert loaded.surge_config == config.surge_config and loaded.surge_packed is False
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
+    assert loaded.to_json_string() == config.to_json_string()
 
 
 def test_config_from_plain_bert_checkpoint_and_recipe_override(tmp_path):
     bert_config().save_pretrained(tmp_path)
     loaded = SurgeBertConfig.from_pretrained(tmp_path, surge={"eta": 0.3})
     assert loaded.model_type == "surge_bert" and loaded.hidden_size == 32
-    assert loaded.surge == SurgeConfig(eta=0.3).to_dict()
+    assert loaded.surge_config == SurgeConfig(eta=0.3)
+    assert SurgeBertConfig.from_pretrained(tmp_path).surge_config == SurgeConfig()
 
 
 def test_from_base_config_keeps_a_surge_recipe_unless_replaced():
     config = surge_config(SurgeConfig(eta=0.7))
-    assert SurgeBertConfig.from_bert_config(config).surge_recipe.eta == 0.7
-    assert SurgeBertConfig.from_bert_config(config, surge=SurgeConfig(eta=0.2)).surge_recipe.eta == 0.2
+    assert SurgeBertConfig.from_bert_config(config).surge_config.eta == 0.7
+    assert SurgeBertConfig.from_bert_config(config, surge_config=SurgeConfig(eta=0.2)).surge_config.eta == 0.2
     assert SurgeBertConfig.from_bert_config(config, num_labels=5).num_labels == 5
 
 
 def test_config_rejects_bad_recipes_and_flags():
     with pytest.raises(ValueError, match=re.escape("Unknown SURGE recipe key(s) ['etta']")):
-        SurgeBertConfig(surge={"etta": 0.1})
+        SurgeBertConfig(surge_config={"etta": 0.1})
     with pytest.raises(ValueError, match=exact("SurgeConfig.eta=-1.0 must be >= 0.")):
-        surge_config().surge = {"eta": -1.0}
-    with pytest.raises(TypeError, match=exact("surge must be a SurgeConfig, a dict or None, got str.")):
-        SurgeBertConfig(surge="surge")
+        surge_config().surge_config = {"eta": -1.0}
+    with pytest.raises(TypeError, match=exact("surge_config must be a SurgeConfig, a dict or None, got str.")):
+        SurgeBertConfig(surge_config="surge")
+    with pytest.raises(ValueError, match=re.escape("The SURGE recipe of a SurgeBertConfig is `surge_config`")):
+        SurgeBertConfig(surge={"eta": 0.1})
     with pytest.raises(ValueError, match=exact("surge_packed must be True or False, got 'yes'.")):
         SurgeBertConfig(surge_packed="yes")
 
@@ -223,10 +231,13 @@ def test_sequence_classification_losses_include_the_auxiliary_loss(problem_type,
     evaluated = model(**inputs(), labels=labels)
     assert torch.equal(evaluated.loss, task_loss(evaluated.logits, labels))
     model.train()
+    assert evaluated.aux_loss is None
     trained = model(**inputs(), labels=labels)
-    aux = auxiliary_loss(model)
+    aux = trained.aux_loss
     assert aux is not None and aux.item() > 0
     assert torch.equal(trained.loss, task_loss(trained.logits, labels) + aux)
+    assert model(**inputs()).aux_loss is not None and model(**inputs()).loss is None
+    assert model(**inputs(), labels=labels, return_dict=False)[-1] is not None  # aux_loss is the last tuple entry
     trained.loss.backward()
     assert model.bert.encoder.layer[0].output.dense.aux_weight.grad is not None
 
@@ -244,7 +255,7 @@ def test_token_classification():
     labels = torch.randint(0, 3, (2, 7), generator=torch.Generator().manual_seed(2))
     out = model(**inputs(), labels=labels)
     assert out.logits.shape == (2, 7, 3)
-    assert torch.equal(out.loss, F.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1)) + auxiliary_loss(model))
+    assert torch.equal(out.loss, F.cross_entropy(out.logits.reshape(-1, 3), labels.reshape(-1)) + out.aux_loss)
 
 
 def test_question_answering():

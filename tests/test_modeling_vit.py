@@ -28,7 +28,6 @@ from surge_hf import (
     SurgeViTConfig,
     SurgeViTForImageClassification,
     SurgeViTModel,
-    auxiliary_loss,
 )
 
 LAYER_LINEARS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
@@ -45,7 +44,7 @@ def vit_config(**changes) -> ViTConfig:
 
 def model_for(cls, recipe: SurgeConfig | None = None, **changes):
     torch.manual_seed(0)
-    return cls(SurgeViTConfig.from_vit_config(vit_config(**changes), surge=recipe))
+    return cls(SurgeViTConfig.from_vit_config(vit_config(**changes), surge_config=recipe))
 
 
 def pixels(batch: int = 2) -> torch.Tensor:
@@ -53,11 +52,11 @@ def pixels(batch: int = 2) -> torch.Tensor:
 
 
 def test_config_round_trip_and_rejects_other_architectures(tmp_path):
-    config = SurgeViTConfig.from_vit_config(vit_config(), surge=SurgeConfig(eta=0.2))
-    assert config.model_type == "surge_vit" and config.surge_recipe == SurgeConfig(eta=0.2)
+    config = SurgeViTConfig.from_vit_config(vit_config(), surge_config=SurgeConfig(eta=0.2))
+    assert config.model_type == "surge_vit" and config.surge_config == SurgeConfig(eta=0.2)
     config.save_pretrained(tmp_path / "surge")
     loaded = AutoConfig.from_pretrained(tmp_path / "surge")
-    assert type(loaded) is SurgeViTConfig and loaded.surge == config.surge and loaded.image_size == 8
+    assert type(loaded) is SurgeViTConfig and loaded.surge_config == config.surge_config and loaded.image_size == 8
     AutoConfig.for_model("bert").save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match=re.escape("SurgeViTConfig builds on a `vit` config, but this config has "
                                                    "model_type `bert`.")):
@@ -112,7 +111,8 @@ def test_loss_includes_the_auxiliary_loss_in_training_only():
     assert torch.equal(evaluated.loss, F.cross_entropy(evaluated.logits, labels))
     model.train()
     trained = model(pixel_values=pixels(), labels=labels)
-    assert torch.equal(trained.loss, F.cross_entropy(trained.logits, labels) + auxiliary_loss(model))
+    assert evaluated.aux_loss is None and trained.aux_loss.item() > 0
+    assert torch.equal(trained.loss, F.cross_entropy(trained.logits, labels) + trained.aux_loss)
 
 
 def test_outputs_and_auto_classes():

@@ -67,6 +67,12 @@ def test_sign_never_zero(dtype: torch.dtype) -> None:
     assert not (out == 0).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sign_propagates_nan(dtype: torch.dtype) -> None:
+    out = sign(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=dtype))
+    assert out[0].isnan() and out[1:].tolist() == [1.0, -1.0, 1.0]
+
+
 # -- surrogates ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["identity", "clipped_ste", "approx_sign"])
 def test_piecewise_surrogates(name: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -44,3 +47,13 @@ def test_binary_resnet_trains_and_finalizes_exactly():
         expected = model(pixel_values=pixels).logits
         surge_hf.finalize(model)
         assert torch.equal(model(pixel_values=pixels).logits, expected)
+
+
+def test_save_pretrained_of_a_binarized_model_without_surge_class_refuses(tmp_path):
+    model = surge_hf.binarize(tiny_resnet(), surge_hf.SurgeConfig())
+    with pytest.raises(ValueError, match=re.escape(
+            "This ResNetForImageClassification was binarized with surge_hf.binarize, and surge_hf has no SURGE model "
+            "class for it (it has them for BERT and ViT): save_pretrained would write a checkpoint that loads back as "
+            "the float model, without its binary layers.")):
+        model.save_pretrained(tmp_path, packed=True)
+    assert not any(tmp_path.iterdir())

@@ -50,12 +50,14 @@ struct CodeSpec {
 // threshold (k), as sign bits or as code planes (also writing each plane's popcount); compute the micro-tiles
 // [tile_begin, tile_end) of a product (tile t: row block t / num_panels, panel t % num_panels: a row block's outputs
 // are written row by row while the weight panels, at most a few hundred KB, stay in cache).
+// Both packers set nan_rows[i] = 1 where row i has a NaN in x - tau (the reference path's output row is then NaN).
 struct Isa {
   const char* name;
   void (*pack_signs)(const float* x, const float* threshold, int64_t k, int64_t kw, uint64_t* bits,
-                     int64_t row_begin, int64_t row_end);
+                     uint8_t* nan_rows, int64_t row_begin, int64_t row_end);
   void (*pack_codes)(const float* x, const float* threshold, const CodeSpec& spec, int64_t k, int64_t kw,
-                     uint64_t* planes, int32_t* plane_counts, int64_t row_begin, int64_t row_end);
+                     uint64_t* planes, int32_t* plane_counts, uint8_t* nan_rows, int64_t row_begin,
+                     int64_t row_end);
   void (*gemm_tiles)(const GemmProblem& problem, int64_t tile_begin, int64_t tile_end);
 };
 

@@ -14,10 +14,12 @@ namespace surge_xnor {
 namespace avx512 {
 
 SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* threshold, int64_t k, int64_t kw,
-                                               uint64_t* bits, int64_t row_begin, int64_t row_end) {
+                                               uint64_t* bits, uint8_t* nan_rows, int64_t row_begin,
+                                               int64_t row_end) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t i = row_begin; i < row_end; ++i) {
     const float* row = x + i * k;
+    __mmask16 nan = 0;
     for (int64_t w = 0; w < kw; ++w) {
       uint64_t word = 0;
       for (int64_t q = 0; q < 4; ++q) {
@@ -28,10 +30,12 @@ SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* thr
         __m512 u = _mm512_maskz_loadu_ps(valid, row + base);
         if (threshold) u = _mm512_sub_ps(u, _mm512_maskz_loadu_ps(valid, threshold + base));
         const __mmask16 positive = _mm512_mask_cmp_ps_mask(valid, u, zero, _CMP_GE_OQ);
+        nan |= _mm512_mask_cmp_ps_mask(valid, u, u, _CMP_UNORD_Q);
         word |= static_cast<uint64_t>(positive) << (q * 16);
       }
       bits[i * kw + w] = word;
     }
+    nan_rows[i] = nan != 0;
   }
 }
 

@@ -21,10 +21,11 @@ SURGE_XNOR_TARGET static inline int popcount64(uint64_t word) {
 }
 
 [[maybe_unused]] SURGE_XNOR_TARGET static void pack_signs(const float* x, const float* threshold, int64_t k,
-                                                          int64_t kw, uint64_t* bits, int64_t row_begin,
-                                                          int64_t row_end) {
+                                                          int64_t kw, uint64_t* bits, uint8_t* nan_rows,
+                                                          int64_t row_begin, int64_t row_end) {
   for (int64_t i = row_begin; i < row_end; ++i) {
     const float* row = x + i * k;
+    bool nan = false;
     for (int64_t w = 0; w < kw; ++w) {
       const int64_t base = w * 64;
       const int64_t count = std::min<int64_t>(64, k - base);
@@ -32,20 +33,23 @@ SURGE_XNOR_TARGET static inline int popcount64(uint64_t word) {
       for (int64_t b = 0; b < count; ++b) {
         const float u = threshold ? row[base + b] - threshold[base + b] : row[base + b];
         word |= static_cast<uint64_t>(u >= 0.0f) << b;
+        nan |= u != u;
       }
       bits[i * kw + w] = word;
     }
+    nan_rows[i] = nan;
   }
 }
 
 // The code planes of rows [row_begin, row_end): c = q - q_min, q = clamp(nearbyint((x - tau) / step), q_min, q_max)
 // (round half to even, the default rounding mode, as torch.round), plane b of row i at bit row i * planes + b.
 SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold, const CodeSpec& spec, int64_t k,
-                                         int64_t kw, uint64_t* planes, int32_t* plane_counts, int64_t row_begin,
-                                         int64_t row_end) {
+                                         int64_t kw, uint64_t* planes, int32_t* plane_counts, uint8_t* nan_rows,
+                                         int64_t row_begin, int64_t row_end) {
   const float low = static_cast<float>(spec.q_min), high = static_cast<float>(spec.q_max);
   for (int64_t i = row_begin; i < row_end; ++i) {
     const float* row = x + i * k;
+    bool nan = false;
     uint64_t* out = planes + i * spec.planes * kw;
     int32_t* counts = plane_counts + i * spec.planes;
     for (int b = 0; b < spec.planes; ++b) counts[b] = 0;
@@ -55,7 +59,9 @@ SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold,
       uint64_t words[8] = {};
       for (int64_t j = 0; j < count; ++j) {
         const float u = threshold ? row[base + j] - threshold[base + j] : row[base + j];
-        const float q = std::min(std::max(std::nearbyint(u / spec.step), low), high);
+        const float v = std::nearbyint(u / spec.step);
+        nan |= v != v;
+        const float q = v != v ? low : std::min(std::max(v, low), high);
         const auto code = static_cast<uint32_t>(static_cast<int32_t>(q) - spec.q_min);
         for (int b = 0; b < spec.planes; ++b) words[b] |= static_cast<uint64_t>((code >> b) & 1u) << j;
       }
@@ -64,6 +70,7 @@ SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold,
         counts[b] += popcount64(words[b]);
       }
     }
+    nan_rows[i] = nan;
   }
 }
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -62,17 +63,28 @@ void check_activations(const at::Tensor& x) {
 
 int64_t pack_grain(int64_t k) { return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(k, 1)); }
 
-at::Tensor pack_sign_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
+// The sign bits of x - tau, and which rows hold a NaN.
+std::tuple<at::Tensor, at::Tensor> pack_sign_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
   check_activations(x);
   const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
   const float* tau = threshold_data(threshold, k);
   at::Tensor bits = at::empty({m, kw}, x.options().dtype(at::kLong));
+  at::Tensor nan_rows = at::empty({m}, x.options().dtype(at::kByte));
   const float* data = x.data_ptr<float>();
   auto* out = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  uint8_t* nan = nan_rows.data_ptr<uint8_t>();
   const Isa* isa = active();
   at::parallel_for(0, m, pack_grain(k),
-                   [&](int64_t begin, int64_t end) { isa->pack_signs(data, tau, k, kw, out, begin, end); });
-  return bits;
+                   [&](int64_t begin, int64_t end) { isa->pack_signs(data, tau, k, kw, out, nan, begin, end); });
+  return {bits, nan_rows};
+}
+
+// Rows of x with a NaN give NaN outputs, as the reference path's float product does.
+void propagate_nan_rows(at::Tensor& out, const at::Tensor& nan_rows) {
+  const uint8_t* nan = nan_rows.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < out.size(0); ++i) {
+    if (nan[i]) out[i].fill_(std::numeric_limits<float>::quiet_NaN());
+  }
 }
 
 CodeSpec code_spec(double step, int64_t q_min, int64_t q_max) {
@@ -87,8 +99,10 @@ CodeSpec code_spec(double step, int64_t q_min, int64_t q_max) {
   return spec;
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_code_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold,
-                                                  const CodeSpec& spec) {
+// The code planes of x, each plane's popcount, and which rows hold a NaN.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_code_rows(const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& threshold,
+                                                              const CodeSpec& spec) {
   check_activations(x);
   const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
   const float* tau = threshold_data(threshold, k);
@@ -97,11 +111,13 @@ std::tuple<at::Tensor, at::Tensor> pack_code_rows(const at::Tensor& x, const c10
   const float* data = x.data_ptr<float>();
   auto* out = reinterpret_cast<uint64_t*>(planes.data_ptr<int64_t>());
   int32_t* out_counts = counts.data_ptr<int32_t>();
+  at::Tensor nan_rows = at::empty({m}, x.options().dtype(at::kByte));
+  uint8_t* nan = nan_rows.data_ptr<uint8_t>();
   const Isa* isa = active();
   at::parallel_for(0, m, pack_grain(k * spec.planes), [&](int64_t begin, int64_t end) {
-    isa->pack_codes(data, tau, spec, k, kw, out, out_counts, begin, end);
+    isa->pack_codes(data, tau, spec, k, kw, out, out_counts, nan, begin, end);
   });
-  return {planes, counts};
+  return {planes, counts, nan_rows};
 }
 
 void check_panels(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
@@ -216,13 +232,14 @@ at::Tensor weight_row_counts(const at::Tensor& packed) {
 }
 
 at::Tensor pack_activation_bits(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
-  return pack_sign_rows(x, threshold);
+  return std::get<0>(pack_sign_rows(x, threshold));
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_activation_codes(const at::Tensor& x,
                                                          const c10::optional<at::Tensor>& threshold, double step,
                                                          int64_t q_min, int64_t q_max) {
-  return pack_code_rows(x, threshold, code_spec(step, q_min, q_max));
+  auto [planes, counts, nan_rows] = pack_code_rows(x, threshold, code_spec(step, q_min, q_max));
+  return {planes, counts};
 }
 
 at::Tensor xnor_gemm(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
@@ -249,7 +266,7 @@ at::Tensor code_gemm(const at::Tensor& planes, const at::Tensor& plane_counts, c
 at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
                          int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& input_scale,
                          const c10::optional<at::Tensor>& bias) {
-  const at::Tensor bits = pack_sign_rows(x, threshold);
+  auto [bits, nan_rows] = pack_sign_rows(x, threshold);
   const int64_t k = x.size(1);
   check_panels(bits, panels, n, k);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
@@ -257,6 +274,7 @@ at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& t
   problem.out_float = out.data_ptr<float>();
   set_epilogue(problem, alpha, optional_float(input_scale, 1, "the input scale"), bias);
   run_gemm(problem);
+  propagate_nan_rows(out, nan_rows);
   return out;
 }
 
@@ -265,7 +283,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>
                             int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias) {
   const float* step_data = optional_float(step, 1, "the step size");
   const CodeSpec spec = code_spec(*step_data, q_min, q_max);
-  auto [planes, plane_counts] = pack_code_rows(x, threshold, spec);
+  auto [planes, plane_counts, nan_rows] = pack_code_rows(x, threshold, spec);
   const int64_t k = x.size(1);
   check_panels(planes, panels, n, k);
   GemmProblem problem = make_problem(planes, panels, n, k);
@@ -274,6 +292,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>
   problem.out_float = out.data_ptr<float>();
   set_epilogue(problem, alpha, step_data, bias);
   run_gemm(problem);
+  propagate_nan_rows(out, nan_rows);
   return out;
 }
 
