@@ -43,11 +43,16 @@ VISION_KD = ("--distill_logits_weight", "1", "--distill_label_weight", "1", "--t
 # The recipe ladder of the text suite `ladder`: a binary student started from the task-fine-tuned teacher, then one
 # element added at a time (BiT-style distillation of logits and every hidden state, calibrated elastic activations,
 # learned weight scales, activation bits).
+# Every rung names its flags, whatever the scripts' defaults: the earlier rungs use the former defaults (rsign
+# activations, no calibration, no teacher).
 FROM_TEACHER = ("--model_name_or_path", TEACHER)
+PLAIN = ("--activation_binarizer", "rsign", "--no-calibrate_activations", "--teacher_model_name_or_path", "none",
+         "--distill_hidden_states_weight", "0")
 LADDER_KD = ("--teacher_model_name_or_path", TEACHER, "--distill_logits_weight", "1")
 HIDDEN_KD = ("--distill_hidden_states_weight", "1")
 ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
-BIT = (*FROM_TEACHER, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
+BIT = (*FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
+ALPHA = ("--learnable_weight_scale",)
 
 
 @dataclass(frozen=True)
@@ -87,16 +92,19 @@ TEXT = Task(
         "ste_kd": ("--binarize", "ste", *TEXT_KD),
         "surge_kd": (*_surge("0.1"), *TEXT_KD),
         "full_precision_3ep": ("--binarize", "none", "--num_train_epochs", "3"),
-        "surge_init": (*_surge("0.1"), *FROM_TEACHER),
-        "surge_init_kd_logits": (*_surge("0.1"), *FROM_TEACHER, *LADDER_KD),
-        "surge_init_kd_hidden": (*_surge("0.1"), *FROM_TEACHER, *LADDER_KD, *HIDDEN_KD),
+        "surge_init": (*_surge("0.1"), *FROM_TEACHER, *PLAIN),
+        "surge_init_kd_logits": (*_surge("0.1"), *FROM_TEACHER, *PLAIN, *LADDER_KD),
+        "surge_init_kd_hidden": (*_surge("0.1"), *FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD),
         "surge_bit": (*_surge("0.1"), *BIT),
-        "ste_bit": ("--binarize", "ste", *BIT),
-        "surge_bit_alpha": (*_surge("0.1"), *BIT, "--learnable_weight_scale"),
-        "surge_bit_latent_lr": (*_surge("0.1"), *BIT, "--latent_weight_learning_rate", "2e-3"),
-        "surge_bit_a8": (*_surge("0.1"), *BIT, "--activation_bits", "8"),
-        "surge_bit_a4": (*_surge("0.1"), *BIT, "--activation_bits", "4"),
-        "surge_bit_a2": (*_surge("0.1"), *BIT, "--activation_bits", "2"),
+        "surge_bit_alpha": (*_surge("0.1"), *BIT, *ALPHA),
+        "surge_bit_alpha_latent_lr": (*_surge("0.1"), *BIT, *ALPHA, "--latent_weight_learning_rate", "2e-3"),
+        "surge_bit_alpha_a8": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "8"),
+        "surge_bit_alpha_a4": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "4"),
+        "surge_bit_alpha_a2": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "2"),
+        # progressive precision in the same budget: half the steps at W1A2, then half at W1A1 (one epoch = 312 steps)
+        "surge_bit_alpha_a2_to_a1": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits_schedule", "2,1",
+                                     "--max_train_steps", "156"),
+        "ste_bit_alpha": ("--binarize", "ste", *BIT, *ALPHA),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -111,9 +119,9 @@ TEXT = Task(
                           ("--num_train_epochs", "2", "--max_seq_length", "32", "--per_device_train_batch_size",
                            "32"), teacher_seeds=(0,)),
         "ladder": Suite(("full_precision_3ep", "surge_init", "surge_init_kd_logits", "surge_init_kd_hidden",
-                         "surge_bit", "surge_bit_alpha", "surge_bit_latent_lr", "surge_bit_a8", "surge_bit_a4",
-                         "surge_bit_a2", "ste_bit"), (0,),
-                        {"full_precision": (5e-5,), "binary": (5e-4,)},
+                         "surge_bit", "surge_bit_alpha", "surge_bit_alpha_latent_lr", "surge_bit_alpha_a8",
+                         "surge_bit_alpha_a4", "surge_bit_alpha_a2", "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
+                        (0,), {"full_precision": (5e-5,), "binary": (5e-4,)},
                         ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size",
                          "32"), teacher_seeds=(42,), teacher="full_precision_3ep"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),

@@ -3,9 +3,9 @@
     python benchmarks/report.py        # reads benchmarks/results/*.json, writes benchmarks/results/RESULTS.md + *.png
 
 Tables: accuracy per recipe (mean, standard deviation and every seed) and step cost (ms, ratios, memory); the
-checkpoint sizes are tabled in benchmarks/README.md. Plots: accuracy per recipe, and the training dynamics of STE vs
-SURGE (validation accuracy per epoch, loss, mean lam, mean ||g_b|| and ||g_a|| over the steps, from the runs'
-`training_history.json`).
+checkpoint sizes are tabled in benchmarks/README.md. Plots: accuracy per recipe, and the training dynamics of every
+recipe's first seed (validation accuracy per epoch, loss, sign-flip ratio of the latent weights, mean lam, mean
+||g_b|| and ||g_a|| over the steps, from the runs' `training_history.json`).
 """
 
 from __future__ import annotations
@@ -58,16 +58,18 @@ def plot_accuracy(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_dynamics(report: dict, path: Path, recipes: tuple[str, ...] = ("ste", "surge")) -> bool:
-    """Accuracy, loss and SURGE diagnostics over the steps of each recipe's first seed; False without histories."""
+def plot_dynamics(report: dict, path: Path) -> bool:
+    """Accuracy, loss, sign flips and SURGE diagnostics over the steps of each recipe's first seed; False without
+    histories."""
     histories = {}
     for run in report["runs"]:
         history_file = Path(run["run_dir"]) / "training_history.json"
-        if run["recipe"] in recipes and run["recipe"] not in histories and history_file.exists():
+        if run["recipe"] not in histories and history_file.exists():
             histories[run["recipe"]] = json.loads(history_file.read_text())
     if not histories:
         return False
     panels = [("accuracy", "validation accuracy (per epoch)"), ("loss", "training loss"),
+              ("mean_sign_flip_ratio", "latent-weight sign flips per log interval"),
               ("mean_lam", "mean lam over layers"),
               ("mean_grad_norm_binary", "mean ||g_b|| over layers"), ("mean_grad_norm_aux", "mean ||g_a|| over layers")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
@@ -81,7 +83,7 @@ def plot_dynamics(report: dict, path: Path, recipes: tuple[str, ...] = ("ste", "
                 axis.plot(*zip(*points), marker="o", markersize=3, label=recipe)
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
-        axis.legend()
+        axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

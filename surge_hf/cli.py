@@ -82,7 +82,7 @@ def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int,
-                           epochs: int, output_dir_required: bool = True) -> None:
+                           epochs: int, output_dir_required: bool = True, calibrate: bool = False) -> None:
     """Optimisation, logging, checkpoint and Accelerate flags (defaults given per script)."""
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=Path, required=output_dir_required)
@@ -106,7 +106,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", help="A checkpoints/step_<N> folder, or 'latest'.")
     group.add_argument("--report_to", default="none", help="An Accelerate tracker: tensorboard, wandb, ... or none.")
-    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=calibrate,
                        help="Initialise activation thresholds/scales from the first training batch.")
     group.add_argument("--latent_weight_learning_rate", type=float,
                        help="Learning rate (and no weight decay) for the latent weights of binarized layers.")

@@ -91,7 +91,7 @@ class SurgeConfig:
     binarize_weights: bool = True
     binarize_activations: bool = True
     weight_scale: str = "channel"
-    activation_binarizer: str = "rsign"
+    activation_binarizer: str = "elastic"
     activation_bits: int = 1
     unsigned_activation_modules: str | list[str] | None = None
     learnable_weight_scale: bool = False

@@ -71,11 +71,11 @@ def test_activation_bits_allowed_values(bits) -> None:
 
 
 @pytest.mark.parametrize(("changes", "shown"), [
-    ({"activation_bits": 4}, "activation_bits=4"),
+    ({"activation_bits": 4, "activation_binarizer": "rsign"}, "activation_bits=4"),
     ({"unsigned_activation_modules": ["output.dense"], "activation_binarizer": "sign"}, "activation_bits=1"),
 ])
 def test_uniform_activations_need_a_step(changes: dict, shown: str) -> None:
-    binarizer = changes.get("activation_binarizer", "rsign")
+    binarizer = changes["activation_binarizer"]
     message = (
         f"SurgeConfig.{shown} / unsigned_activation_modules need a learnable step size, but "
         f"activation_binarizer={binarizer!r} has none; set activation_binarizer='elastic'."
@@ -167,7 +167,7 @@ def test_defaults() -> None:
     cfg = SurgeConfig()
     assert cfg.to_dict() == {
         "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
-        "weight_scale": "channel", "activation_binarizer": "rsign", "surrogate": "clipped_ste", "swish_beta": 5.0,
+        "weight_scale": "channel", "activation_binarizer": "elastic", "surrogate": "clipped_ste", "swish_beta": 5.0,
         "compensator": "surge", "eta": 0.1, "aux_weight": "separate", "lambda_placement": "fork",
         "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "version": 1,
         "activation_bits": 1, "unsigned_activation_modules": None, "learnable_weight_scale": False,

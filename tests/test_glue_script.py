@@ -273,3 +273,14 @@ def test_bad_activation_bits_schedule(tiny_bert, data_files, tmp_path, schedule,
                                         schedule))
     assert (f"{schedule!r} is not a schedule of activation bits: give comma-separated values from 1, 2, 4, 8, "
             "from the highest to the lowest, e.g. 4,2,1.") in capsys.readouterr().err
+
+
+def test_student_hidden_act_changes_the_student_only(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "relu"
+    glue_script.main(run_args(tiny_bert, data_files, out, "--student_hidden_act", "relu",
+                              "--unsigned_activation_modules", r".*layer\.\d+\.output\.dense"))
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "relu"
+    assert json.loads((out / "teacher" / "config.json").read_text())["hidden_act"] == "gelu"
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not packed.bert.encoder.layer[0].output.dense.activation_spec.signed
+    assert packed.bert.encoder.layer[0].intermediate.dense.activation_spec.signed
