@@ -1,6 +1,6 @@
 """Measure CPU inference: packed binary layers on the XNOR-popcount kernel against float32 and int8 dynamic.
 
-Layer level: `BinaryLinear` (W1A1, `SurgeConfig()` recipe: rsign activations, per-channel alpha, bias) against
+Layer level: `BinaryLinear` (W1A1, the default `SurgeConfig()` recipe, recorded in the JSON; with bias) against
 float32 `F.linear` and `torch.ao.quantization.quantize_dynamic` int8 `nn.Linear`, and against the packed layer's own
 reference path (kernel off: unpack + float product), on BERT-base shapes (768x768, 768x3072, 3072x768) and MiniLM
 shapes (384x384, 384x1536, 1536x384; `in x out`), M = 1, 8, 32, 128, 512 rows, with 1 and 2 threads.
