@@ -53,6 +53,7 @@ HIDDEN_KD = ("--distill_hidden_states_weight", "1")
 ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
 BIT = (*FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
 ALPHA = ("--learnable_weight_scale",)
+SPLIT_LR = ("--learning_rate", "1e-4", "--latent_weight_learning_rate", "5e-4", "--quantizer_learning_rate", "5e-4")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,14 @@ def _surge(eta: str, *extra: str) -> tuple[str, ...]:
     return ("--binarize", "surge", "--eta", eta, *extra)
 
 
+def _ladder_suite(*recipes: str, seeds: tuple[int, ...] = (0,)) -> Suite:
+    """The text recipe ladder's protocol: one epoch, max length 32, batch 32, students at lr 5e-4, every student
+    started from (and distilled from, where the recipe says so) the 3-epoch full-precision run of seed 42."""
+    return Suite(("full_precision_3ep", *recipes), seeds, {"full_precision": (5e-5,), "binary": (5e-4,)},
+                 ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size", "32"),
+                 teacher_seeds=(42,), teacher="full_precision_3ep")
+
+
 TEXT = Task(
     script="glue.py",
     recipes={
@@ -98,6 +107,8 @@ TEXT = Task(
         "surge_bit": (*_surge("0.1"), *BIT),
         "surge_bit_alpha": (*_surge("0.1"), *BIT, *ALPHA),
         "surge_bit_alpha_latent_lr": (*_surge("0.1"), *BIT, *ALPHA, "--latent_weight_learning_rate", "2e-3"),
+        # the binary layers' latent weights and quantizers at 5e-4, everything else (embeddings, norms, head) at 1e-4
+        "surge_bit_alpha_split_lr": (*_surge("0.1"), *BIT, *ALPHA, *SPLIT_LR),
         "surge_bit_alpha_a8": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "8"),
         "surge_bit_alpha_a4": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "4"),
         "surge_bit_alpha_a2": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits", "2"),
@@ -105,6 +116,11 @@ TEXT = Task(
         "surge_bit_alpha_a2_to_a1": (*_surge("0.1"), *BIT, *ALPHA, "--activation_bits_schedule", "2,1",
                                      "--max_train_steps", "156"),
         "ste_bit_alpha": ("--binarize", "ste", *BIT, *ALPHA),
+        # SURGE's own knobs under the best recipe (eta 0.1, lam at the fork, unscaled W_a gradient by default)
+        "surge_bit_alpha_eta0.3": (*_surge("0.3"), *BIT, *ALPHA),
+        "surge_bit_alpha_eta0.03": (*_surge("0.03"), *BIT, *ALPHA),
+        "surge_bit_alpha_previous_lam": (*_surge("0.1"), *BIT, *ALPHA, "--lambda_placement", "previous"),
+        "surge_bit_alpha_scale_aux_grad": (*_surge("0.1"), *BIT, *ALPHA, "--scale_aux_grad"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -118,12 +134,14 @@ TEXT = Task(
         "cpu_long": Suite(("ste", "surge"), (0, 1), {"full_precision": (1e-4,), "binary": (1e-4,)},
                           ("--num_train_epochs", "2", "--max_seq_length", "32", "--per_device_train_batch_size",
                            "32"), teacher_seeds=(0,)),
-        "ladder": Suite(("full_precision_3ep", "surge_init", "surge_init_kd_logits", "surge_init_kd_hidden",
-                         "surge_bit", "surge_bit_alpha", "surge_bit_alpha_latent_lr", "surge_bit_alpha_a8",
-                         "surge_bit_alpha_a4", "surge_bit_alpha_a2", "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
-                        (0,), {"full_precision": (5e-5,), "binary": (5e-4,)},
-                        ("--num_train_epochs", "1", "--max_seq_length", "32", "--per_device_train_batch_size",
-                         "32"), teacher_seeds=(42,), teacher="full_precision_3ep"),
+        "ladder": _ladder_suite("surge_init", "surge_init_kd_logits", "surge_init_kd_hidden", "surge_bit",
+                                "surge_bit_alpha", "surge_bit_alpha_latent_lr", "surge_bit_alpha_split_lr",
+                                "surge_bit_alpha_a8", "surge_bit_alpha_a4", "surge_bit_alpha_a2",
+                                "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
+        # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
+        "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
+        "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
+                                     "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
                                                                             "binary": (1e-4,)},
                        ("--num_train_epochs", "1", "--max_seq_length", "16", "--max_train_samples", "64"), (0,)),

@@ -58,7 +58,7 @@ def _check_small_totals(account, training_only: int) -> None:
 
 
 def test_small_model_training_form() -> None:
-    model = binarize(_Small(), SurgeConfig(target_modules=["conv2", "fc1"]))
+    model = binarize(_Small(), SurgeConfig(target_modules=["conv2", "fc1"], activation_binarizer="rsign"))
     model.train()
     account = summary(model, torch.randn(2, 3, 4, 4))
     assert model.training  # summary restores the mode
@@ -74,7 +74,7 @@ def test_small_model_training_form() -> None:
 
 
 def test_small_model_finalized_form() -> None:
-    model = finalize(binarize(_Small(), SurgeConfig(target_modules=["conv2", "fc1"])))
+    model = finalize(binarize(_Small(), SurgeConfig(target_modules=["conv2", "fc1"], activation_binarizer="rsign")))
     account = summary(model, torch.randn(2, 3, 4, 4))
     expected = [
         (name, {"SurgeConv2d": "BinaryConv2d", "SurgeLinear": "BinaryLinear"}.get(kind, kind), b, s, fp, 0, packed,
@@ -100,7 +100,8 @@ def test_variants_shared_elastic_and_full_precision_weights() -> None:
     assert (fc1.binary_params, fc1.scale_params, fc1.full_precision_params, fc1.training_only_params) == (
         1280, 1, 128 + 10 + 1, 0)
     # W32A1: the weight stays full precision, its MACs are not binary
-    w32 = summary(binarize(_Small(), SurgeConfig(target_modules=["fc1"], binarize_weights=False)),
+    w32 = summary(binarize(_Small(), SurgeConfig(target_modules=["fc1"], binarize_weights=False,
+                                                                  activation_binarizer="rsign")),
                   torch.randn(1, 3, 4, 4))
     fc1 = next(r for r in w32.layers if r.name == "fc1")
     assert (fc1.binary_params, fc1.scale_params, fc1.full_precision_params, fc1.training_only_params,
@@ -129,7 +130,7 @@ BERT_BINARY, BERT_SCALES, BERT_FP = 12928, 394, 4045 + 394
 def test_tiny_bert_hand_counts() -> None:
     model = _tiny_bert()
     assert sum(p.numel() for p in model.parameters()) == BERT_BINARY + 4045
-    binarize(model, SurgeConfig())
+    binarize(model, SurgeConfig(activation_binarizer="rsign"))  # thresholds, no activation scales
     account = summary(model, input_ids=torch.tensor([[1, 5, 7, 9, 2]]))
     assert account.binary_params == BERT_BINARY
     assert account.total("scale_params") == BERT_SCALES

@@ -91,7 +91,7 @@ def test_bert_default_targets() -> None:
     # the very same parameter objects under the same names
     after = dict(model.named_parameters())
     assert all(after[name] is param for name, param in before.items())
-    added = {f"{n}.{p}" for n in BERT_TARGETS for p in ("aux_weight", "input_threshold")}
+    added = {f"{n}.{p}" for n in BERT_TARGETS for p in ("aux_weight", "input_threshold", "input_scale")}
     assert set(model.state_dict()) == before_keys | added
 
 
@@ -101,7 +101,7 @@ def test_plain_checkpoint_loads_into_binarized_model() -> None:
     model = binarize(tiny_bert(), SurgeConfig())
     result = model.load_state_dict(state, strict=False)
     assert result.unexpected_keys == []
-    added = [f"{n}.{p}" for n in BERT_TARGETS for p in ("aux_weight", "input_threshold")]
+    added = [f"{n}.{p}" for n in BERT_TARGETS for p in ("aux_weight", "input_threshold", "input_scale")]
     assert sorted(result.missing_keys) == sorted(added)
     name = "bert.encoder.layer.1.output.dense.weight"
     assert torch.equal(model.get_parameter(name), state[name])
@@ -116,7 +116,7 @@ def test_vit_default_targets() -> None:
     assert type(model.classifier) is nn.Linear
     after = dict(model.named_parameters())
     assert all(after[name] is param for name, param in before.items())
-    assert set(after) == set(before) | {f"{n}.input_threshold" for n in VIT_TARGETS}
+    assert set(after) == set(before) | {f"{n}.{p}" for n in VIT_TARGETS for p in ("input_threshold", "input_scale")}
 
 
 def test_vit_patch_embedding_as_conv_target() -> None:
@@ -291,6 +291,7 @@ def test_vit_binarized_patch_embedding_survives_finalize() -> None:
     assert projection.weight.dtype == torch.float32 and projection.weight.shape == (32, 3, 4, 4)
     assert sorted(k for k in model.state_dict() if k.startswith("vit.embeddings.patch_embeddings.")) == [
         "vit.embeddings.patch_embeddings.projection.bias",
+        "vit.embeddings.patch_embeddings.projection.input_scale",
         "vit.embeddings.patch_embeddings.projection.input_threshold",
         "vit.embeddings.patch_embeddings.projection.weight_packed",
         "vit.embeddings.patch_embeddings.projection.weight_scale",

@@ -47,8 +47,8 @@ from surge_hf.quantizers import weight_scale
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 LAYER = "bert.encoder.layer.1.intermediate.dense"
-PACKED_LAYER_TENSORS = {"weight_packed", "weight_scale", "bias", "input_threshold"}
-TRAIN_LAYER_TENSORS = {"weight", "bias", "aux_weight", "input_threshold"}
+PACKED_LAYER_TENSORS = {"weight_packed", "weight_scale", "bias", "input_threshold", "input_scale"}
+TRAIN_LAYER_TENSORS = {"weight", "bias", "aux_weight", "input_threshold", "input_scale"}
 
 
 def plain_bert_config(**changes) -> BertConfig:
@@ -461,7 +461,8 @@ def test_minilm_checkpoint(tmp_path):
         pytest.skip(f"{MINILM} is absent")
     model, info = SurgeBertForSequenceClassification.from_pretrained(MINILM, dtype=torch.float32,
                                                                      output_loading_info=True)
-    assert {key for key in info["missing_keys"] if not key.endswith(("aux_weight", "input_threshold"))} == {
+    surge_only = ("aux_weight", "input_threshold", "input_scale")
+    assert {key for key in info["missing_keys"] if not key.endswith(surge_only)} == {
         "classifier.weight", "classifier.bias"}
     assert info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
     with safe_open(MINILM / "model.safetensors", "pt") as handle:

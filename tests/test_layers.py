@@ -366,8 +366,8 @@ def test_ste_has_no_auxiliary_state() -> None:
         layer = _make_layer(kind, SurgeConfig(compensator="ste", lambda_placement="previous"))
         assert layer.aux_weight is None
         assert not hasattr(layer, "previous_lambda")
-        assert set(dict(layer.named_parameters())) == {"weight", "bias", "input_threshold"}
-        assert set(layer.state_dict()) == {"weight", "bias", "input_threshold"}
+        assert set(dict(layer.named_parameters())) == {"weight", "bias", "input_threshold", "input_scale"}
+        assert set(layer.state_dict()) == {"weight", "bias", "input_threshold", "input_scale"}
 
 
 def test_surge_state_names() -> None:

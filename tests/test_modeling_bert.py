@@ -35,7 +35,7 @@ from surge_hf import (
 
 ENCODER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                    "intermediate.dense", "output.dense")
-SURGE_ONLY = ("aux_weight", "input_threshold")
+SURGE_ONLY = ("aux_weight", "input_threshold", "input_scale")
 
 
 def bert_config(**changes) -> BertConfig:

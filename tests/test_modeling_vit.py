@@ -31,7 +31,7 @@ from surge_hf import (
 )
 
 LAYER_LINEARS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
-SURGE_ONLY = ("aux_weight", "input_threshold")
+SURGE_ONLY = ("aux_weight", "input_threshold", "input_scale")
 
 
 def vit_config(**changes) -> ViTConfig:
