@@ -68,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the previous stage's model; the last entry is the final model's (overrides "
                              "--activation_bits).")
     cli.add_hub_arguments(parser)
-    parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0)
+    # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
+    # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
+    parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
+                        learnable_weight_scale=True)
     args = parser.parse_args(argv)
     if args.demo:  # the demo's defaults, under any flag the user gave
         parser.set_defaults(**DEMO_DEFAULTS)

@@ -233,6 +233,12 @@ def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_b
     teacher = json.loads((out / "teacher" / "all_results.json").read_text())
     assert teacher["recipe"] is None and teacher["completed_steps"] == 2 and teacher["learning_rate"] == 5e-5
     assert results["distillation"]["logits_weight"] == 1.0 and results["distillation"]["hidden_states_weight"] == 1.0
+    # the default recipe: elastic activations and learned weight scales, calibrated, at lr 5e-4
+    assert results["recipe"]["activation_binarizer"] == "elastic" and results["recipe"]["learnable_weight_scale"]
+    assert results["calibrate_activations"]
+    defaults = glue_script.parse_args(["--model_name_or_path", str(tiny_bert), "--train_file", str(data_files[0]),
+                                       "--validation_file", str(data_files[1]), "--output_dir", str(tmp_path / "d")])
+    assert defaults.learning_rate == 5e-4 and defaults.teacher_model_name_or_path == "auto"
     assert "teacher" not in hub.files_to_push(out)[0] and not any(p.startswith("teacher/") for p in
                                                                    hub.files_to_push(out))
     # the student's embeddings (never binarized, frozen by nothing) started from the teacher's, not the raw model's
