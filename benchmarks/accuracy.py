@@ -195,8 +195,8 @@ def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed
     teacher = run_dir(args.runs_dir, suite.teacher, suite.learning_rates["full_precision"][0], teacher_seed)
     recipe_flags = [str(teacher) if flag == TEACHER else flag for flag in task.recipes[recipe]]
     flags = [sys.executable, str(ROOT / "scripts" / task.script), *data_flags(args), *suite.flags,
-             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--learning_rate", f"{lr:g}",
-             "--seed", str(seed), "--logging_steps", "25", *recipe_flags]
+             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--overwrite_output_dir",
+             "--learning_rate", f"{lr:g}", "--seed", str(seed), "--logging_steps", "25", *recipe_flags]
     if args.mixed_precision:
         flags += ["--mixed_precision", args.mixed_precision]
     return flags

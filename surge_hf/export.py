@@ -8,13 +8,14 @@
   SURGE diagnostics and per-epoch metrics);
 - `README.md`: the model card (`surge_hf.hub`).
 Everything is first written to a staging folder and then moved into place entry by entry, so an interrupted export
-leaves the previous outputs intact. `push_run` uploads the result (see `surge_hf.hub.push_to_hub`).
+leaves the previous outputs intact. `push_run` uploads the result (see `surge_hf.hub.push_to_hub`); a failed
+push names the push-only command that uploads the finished outputs again without training.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,12 +28,12 @@ from torch import nn
 from .accounting import summary
 from .configuration_surge import SurgeConfig
 from .deployment import measure_deployment
-from .hub import ModelCardContext, push_to_hub, write_model_card
+from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
 from .objective import DistillationConfig
-from .training import TrainingResult
+from .output_dir import TRAIN_STATE_DIR
+from .training import TrainingConfig, TrainingResult
 
 STAGING_DIR = ".export.tmp"
-TRAIN_STATE_DIR = "train_state"
 _REPLACED_SUFFIX = ".replaced"
 
 
@@ -50,19 +51,32 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
     staging.rmdir()
 
 
-def _card_repo_id(args: argparse.Namespace) -> str:
-    if args.hub_model_id:
-        return args.hub_model_id
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(args.output_dir).resolve().name)
+def _apply_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a new file gets (0666 / 0777 less the umask).
+
+    Some writers (safetensors' `save_file`) create their files with mode 0600, which a shared folder or a container
+    volume cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _card_repo_id(output_dir: str, hub: HubConfig) -> str:
+    if hub.hub_model_id:
+        return hub.hub_model_id
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(output_dir).resolve().name)
     return name.strip("-.") or "surge-model"
 
 
 def export_run(
     accelerator: Accelerator,
     model: nn.Module,
-    args: argparse.Namespace,
     result: TrainingResult,
     *,
+    training: TrainingConfig,
+    hub: HubConfig,
     preprocessor: Any,
     recipe: SurgeConfig | None,
     distillation: DistillationConfig | None,
@@ -70,10 +84,15 @@ def export_run(
     dataset: dict[str, Any],
     example_inputs: dict[str, torch.Tensor],
     base_model: str | None = None,
+    teacher: str | None = None,
+    hyperparameters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the run's outputs (see the module docstring) from the main process; returns `all_results`."""
+    """Write the run's outputs (see the module docstring) from the main process; returns `all_results`.
+
+    `teacher` names the distillation teacher and `hyperparameters` adds rows to the card's recipe table.
+    """
     accelerator.wait_for_everyone()
-    output_dir = Path(args.output_dir)
+    output_dir = Path(training.output_dir)
     model = accelerator.unwrap_model(model).eval()
     account = summary(model, **{k: v.to(accelerator.device) for k, v in example_inputs.items()})
     first_split = next(iter(result.metrics))
@@ -81,9 +100,9 @@ def export_run(
         "eval": result.metrics,
         "completed_steps": result.completed_steps,
         "num_processes": accelerator.num_processes,
-        "seed": args.seed,
-        "learning_rate": args.learning_rate,
-        "calibrate_activations": args.calibrate_activations,
+        "seed": training.seed,
+        "learning_rate": training.learning_rate,
+        "calibrate_activations": training.calibrate_activations,
         "recipe": None if recipe is None else recipe.to_dict(),
         "distillation": None if distillation is None else asdict(distillation),
         "bit_account": account.to_dict(),
@@ -108,34 +127,46 @@ def export_run(
         (staging / "all_results.json").write_text(json.dumps(all_results, indent=2))
         (staging / "training_history.json").write_text(json.dumps(result.history))
         card = ModelCardContext(
-            repo_id=_card_repo_id(args),
+            repo_id=_card_repo_id(training.output_dir, hub),
             dataset_split=first_split,
             metrics=result.metrics[first_split],
             surge_recipe=all_results["recipe"] or {"compensator": "none (full precision)"},
-            learning_rate=args.learning_rate,
-            num_epochs=result.history[-1].get("epoch", args.num_train_epochs) if result.history else 1,
-            seed=args.seed,
+            learning_rate=training.learning_rate,
+            num_epochs=result.history[-1].get("epoch", training.num_train_epochs) if result.history else 1,
+            seed=training.seed,
             bit_account=str(account),
             packed_bytes=all_results["model_file_bytes"],
             float32_bytes=account.float32_bytes,
             deployment=all_results.get("deployment"),
             base_model=base_model,
-            distillation=getattr(args, "teacher_model_name_or_path", None),
-            hyperparameters={"batch size per device": args.per_device_train_batch_size,
+            distillation=teacher,
+            hyperparameters={"batch size per device": training.per_device_train_batch_size,
                              "processes": accelerator.num_processes,
-                             "gradient accumulation": args.gradient_accumulation_steps,
-                             "optimizer steps": result.completed_steps},
+                             "gradient accumulation": training.gradient_accumulation_steps,
+                             "optimizer steps": result.completed_steps, **(hyperparameters or {})},
             **dataset,
         )
         write_model_card(staging, card_kind, card)
+        _apply_umask(staging)
         _move_into_place(staging, output_dir)
     accelerator.wait_for_everyone()
     return all_results
 
 
-def push_run(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Upload the deployable files of `args.output_dir` to `args.hub_model_id` (main process only)."""
+def push_run(accelerator: Accelerator, output_dir: str | Path, hub: HubConfig) -> None:
+    """Upload the deployable files of `output_dir` to `hub.hub_model_id` (main process only).
+
+    A failed push leaves `output_dir` as it was; the error names the `--push_only` command that retries the upload
+    without training again.
+    """
     if accelerator.is_main_process:
-        url = push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
-        accelerator.print(f"Pushed {args.output_dir} to {url}")
+        try:
+            url = push_to_hub(output_dir, hub.hub_model_id, token=hub.hub_token, private=hub.hub_private)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{error} To retry without training again, run the same script with --push_only --output_dir "
+                f"{output_dir} --hub_model_id {hub.hub_model_id} (it uploads the finished outputs only), or call "
+                f"surge_hf.hub.push_to_hub({str(output_dir)!r}, {hub.hub_model_id!r})."
+            ) from error
+        accelerator.print(f"Pushed {output_dir} to {url}")
     accelerator.wait_for_everyone()

@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +32,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 __all__ = [
+    "HubConfig",
     "ModelCardContext",
     "files_to_push",
     "push_to_hub",
@@ -340,17 +341,41 @@ def write_model_card(
         raise ValueError(f"output_dir {directory} is not a directory: save the model there first.")
     text = render_model_card(kind, context)
     target = directory / "README.md"
-    handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".README.md.", suffix=".tmp")
+    # Opened like any new file (mode 0666 less the umask), unlike mkstemp's 0600: a shared folder stays readable.
+    temp_name = directory / f".README.md.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+        with open(temp_name, "x", encoding="utf-8", newline="\n") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_name, target)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp_name.unlink(missing_ok=True)
         raise
     return target
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Where a training run's outputs go on the Hub, checked when built (before any training).
+
+    push_to_hub: upload the outputs at the end of the run (needs `hub_model_id`).
+    hub_model_id: `namespace/name` of the model repository; also the id the model card tells users to load.
+    hub_token: a token with write access; None uses the one saved by `hf auth login`.
+    hub_private: create the repository private.
+    """
+
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    hub_private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hub_model_id is not None:
+            _check_repo_id(self.hub_model_id)
+        elif self.push_to_hub:
+            raise ValueError("HubConfig.push_to_hub needs HubConfig.hub_model_id, the namespace/name of the "
+                             "repository to create or update (--hub_model_id).")
 
 
 def _is_pushed(relative: Path) -> bool:
@@ -426,6 +451,6 @@ def push_to_hub(
         raise RuntimeError(
             f"Pushing {directory} to the Hub repo '{repo_id}' failed: {type(error).__name__}: {error}. "
             f"The output directory {directory} is intact; fix the cause (network, a token with write access "
-            "to the namespace, the repo name) and retry the push with the same command."
+            "to the namespace, the repo name) and retry the same push_to_hub call (it uploads the folder as it is)."
         ) from error
     return str(commit.commit_url)

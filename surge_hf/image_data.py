@@ -1,25 +1,15 @@
-"""Image-classification data for binary ViTs: loading, checks, torch transforms, and the saved image processor.
+"""Image-classification data for binary ViTs: loading and checks.
 
-Three parts, used in this order by a training script:
+:func:`load_image_classification_data` loads a Hub dataset, an ``imagefolder`` directory or a folder written by
+``save_to_disk``, finds the image and label columns, checks a bounded sample of images, and returns the train and
+eval splits with an :class:`ImageDataInfo` (channels, size, label names). The tensors are made by
+``surge_hf.image_transforms`` and batched by ``surge_hf.image_processing.ImageCollator``.
 
-1. :func:`load_image_classification_data` loads a Hub dataset, an ``imagefolder`` directory or a folder written by
-   ``save_to_disk``, finds the image and label columns, checks a bounded sample of images, and returns the train and
-   eval splits with an :class:`ImageDataInfo` (channels, size, label names).
-2. :class:`ImageCollator` turns a list of examples into ``{"pixel_values": FloatTensor[B, C, H, W],
-   "labels": LongTensor[B]}`` with plain torch (no torchvision): uint8 -> [0, 1], optional resize, random crop with
-   zero padding, horizontal flip, per-channel normalisation, and optional batch-level mixup / cutmix (which add
-   ``"soft_labels"``: FloatTensor[B, K]). Randomness comes from a seeded ``torch.Generator``.
-3. :func:`build_image_processor` builds a ``transformers.ViTImageProcessor`` whose settings reproduce the eval
-   transform, to be saved next to the model so that ``AutoImageProcessor.from_pretrained(folder)`` gives the same
-   inputs at inference.
-
-``datasets`` and ``transformers`` are imported inside the functions that need them: the collator and transforms need
-only torch and numpy.
+``datasets`` is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,19 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     import datasets
-    from transformers import ViTImageProcessor
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
 EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val")
 MODE_CHANNELS = {"L": 1, "RGB": 3}
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the resize our torch resize mirrors
+
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ class ImageDataInfo:
         return {name: index for index, name in enumerate(self.label_names)}
 
     def model_config_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for a ``ViTConfig``: image size (an int when square), channels and labels."""
+        """Keyword arguments for a ``ViTConfig``: image size (an int when square), channels, labels and problem type."""
         height, width = self.image_size
         return {
             "image_size": height if height == width else [height, width],
@@ -88,6 +75,7 @@ class ImageDataInfo:
             "num_labels": self.num_labels,
             "id2label": self.id2label,
             "label2id": self.label2id,
+            "problem_type": "single_label_classification",
         }
 
 
@@ -353,7 +341,7 @@ def _label_names(
     return tuple(str(index) for index in range(largest + 1))
 
 
-def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+def as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """``int`` or ``(height, width)`` -> ``(height, width)``; checks positivity."""
     if image_size is None:
         return None
@@ -410,7 +398,7 @@ def load_image_classification_data(
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     if sample_size < 1:
         raise ValueError(f"sample_size must be >= 1, got {sample_size}")
-    resize_to = _as_size(image_size)
+    resize_to = as_size(image_size)
 
     raw = _load_raw(dataset, config_name, cache_dir)
     train, evaluation, eval_name = _select_splits(raw, train_split, eval_split)
@@ -445,338 +433,3 @@ def load_image_classification_data(
         convert_rgb=convert_rgb,
     )
     return ImageClassificationData(train=train, eval=evaluation, info=info, eval_split=str(eval_name))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tensor transforms (plain torch)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def to_tensor(image: Any) -> torch.Tensor:
-    """PIL image (mode ``L``/``RGB``) or uint8 array (HxW, HxWx1, HxWx3) -> FloatTensor[C, H, W] = pixel / 255."""
-    mode = getattr(image, "mode", None)
-    if isinstance(mode, str) and mode not in MODE_CHANNELS:
-        raise ValueError(f"image mode '{mode}' is not supported: convert the image to 'RGB' or 'L' first")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        out_of_range = array.size > 0 and (array.min() < 0 or array.max() > 255)
-        if not np.issubdtype(array.dtype, np.integer) or out_of_range:
-            raise ValueError(
-                f"pixel values must be integers in [0, 255] (uint8), got dtype {array.dtype}: convert float images "
-                "in [0, 1] with (x * 255).round().astype('uint8')"
-            )
-        array = array.astype(np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise ValueError(f"image array must be HxW, HxWx1 or HxWx3, got shape {tuple(array.shape)}")
-    return torch.tensor(array).permute(2, 0, 1).float().div(255.0)
-
-
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a [0, 1] FloatTensor[C, H, W] to ``size`` = (height, width), as a uint8 image resize.
-
-    ``round(interpolate(255 * x, antialias=True)) / 255``: the antialiased bilinear filter of PIL, rounded to grey
-    levels like PIL's uint8 output; it agrees with ``PIL.Image.resize(BILINEAR)`` within one grey level (1/255).
-    """
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    scaled = F.interpolate(image[None] * 255.0, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    return scaled.round().clamp(0.0, 255.0).div(255.0)
-
-
-def prepare_image(image: Any, info: ImageDataInfo) -> torch.Tensor:
-    """The deterministic part shared by train and eval: :func:`to_tensor`, grayscale -> RGB, resize.
-
-    Returns FloatTensor[info.num_channels, *info.image_size] in [0, 1].
-    """
-    tensor = to_tensor(image)
-    if info.convert_rgb and tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1).contiguous()
-    if tensor.shape[0] != info.num_channels:
-        raise ValueError(
-            f"image has {tensor.shape[0]} channel(s) but the dataset was loaded with {info.num_channels}: reload "
-            "with convert_rgb=True to convert grayscale images to RGB"
-        )
-    size = tuple(tensor.shape[-2:])
-    if size != info.image_size:
-        if not info.resize:
-            raise ValueError(
-                f"image has size {size} but {info.image_size} was expected (height, width): reload with "
-                f"image_size={info.image_size} to resize every image"
-            )
-        tensor = resize_image(tensor, info.image_size)
-    return tensor
-
-
-def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Per-channel ``(x - mean[c]) / std[c]`` of FloatTensor[B, C, H, W] (or [C, H, W])."""
-    shape = (-1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=batch.dtype).view(shape)
-    std_t = torch.tensor(std, dtype=batch.dtype).view(shape)
-    return (batch - mean_t) / std_t
-
-
-def crop_with_offsets(batch: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Zero-pad FloatTensor[B, C, H, W] by ``padding`` on every side, then cut HxW at ``offsets[b] = (top, left)``.
-
-    Offsets lie in ``[0, 2 * padding]``; ``(padding, padding)`` gives the image back unchanged.
-    """
-    height, width = batch.shape[-2:]
-    padded = F.pad(batch, (padding, padding, padding, padding))
-    return torch.stack(
-        [padded[b, :, top : top + height, left : left + width] for b, (top, left) in enumerate(offsets.tolist())]
-    )
-
-
-def random_crop(batch: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding: offsets ``(top, left)`` uniform in ``[0, 2 * padding]`` per image."""
-    if padding == 0:
-        return batch
-    offsets = torch.randint(0, 2 * padding + 1, (batch.shape[0], 2), generator=generator)
-    return crop_with_offsets(batch, padding, offsets)
-
-
-def random_horizontal_flip(batch: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """Mirror each image of FloatTensor[B, C, H, W] left-right with probability ``p`` (``torch.rand(B) < p``)."""
-    flip = torch.rand(batch.shape[0], generator=generator) < p
-    return torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-
-
-def _sample_beta(alpha: float, generator: torch.Generator) -> float:
-    """A draw of Beta(alpha, alpha), seeded from ``generator`` (torch has no seeded Beta sampler)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
-
-
-def _one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    return F.one_hot(labels, num_labels).float()
-
-
-def mixup_batch(
-    pixel_values: torch.Tensor, labels: torch.Tensor, num_labels: int, alpha: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup: ``lam ~ Beta(alpha, alpha)``, ``pi`` a random permutation of the batch,
-
-        x'_b = lam * x_b + (1 - lam) * x_pi(b),   y'_b = lam * onehot(y_b) + (1 - lam) * onehot(y_pi(b)).
-
-    Returns (mixed pixel values, soft labels FloatTensor[B, num_labels]); each soft row sums to 1.
-    """
-    lam = _sample_beta(alpha, generator)
-    perm = torch.randperm(pixel_values.shape[0], generator=generator)
-    mixed = lam * pixel_values + (1.0 - lam) * pixel_values[perm]
-    targets = _one_hot(labels, num_labels)
-    return mixed, lam * targets + (1.0 - lam) * targets[perm]
-
-
-def cutmix_batch(
-    pixel_values: torch.Tensor, labels: torch.Tensor, num_labels: int, alpha: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix: paste one box of ``x_pi(b)`` into every ``x_b`` (``pi`` a random permutation of the batch).
-
-    ``lam ~ Beta(alpha, alpha)``; box sides ``h = int(H * sqrt(1 - lam))``, ``w = int(W * sqrt(1 - lam))`` centred at
-    a uniform pixel ``(cy, cx)`` and clipped to the image; the soft labels use the area actually pasted:
-
-        lam' = 1 - box_area / (H * W),   y'_b = lam' * onehot(y_b) + (1 - lam') * onehot(y_pi(b)).
-
-    Returns (mixed pixel values, soft labels FloatTensor[B, num_labels]); each soft row sums to 1.
-    """
-    height, width = pixel_values.shape[-2:]
-    lam = _sample_beta(alpha, generator)
-    perm = torch.randperm(pixel_values.shape[0], generator=generator)
-    ratio = math.sqrt(1.0 - lam)
-    box_h, box_w = int(height * ratio), int(width * ratio)
-    cy = int(torch.randint(0, height, (1,), generator=generator))
-    cx = int(torch.randint(0, width, (1,), generator=generator))
-    top, bottom = max(cy - box_h // 2, 0), min(cy - box_h // 2 + box_h, height)
-    left, right = max(cx - box_w // 2, 0), min(cx - box_w // 2 + box_w, width)
-    mixed = pixel_values.clone()
-    mixed[:, :, top:bottom, left:right] = pixel_values[perm][:, :, top:bottom, left:right]
-    kept = 1.0 - (bottom - top) * (right - left) / (height * width)
-    targets = _one_hot(labels, num_labels)
-    return mixed, kept * targets + (1.0 - kept) * targets[perm]
-
-
-def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with soft targets, batch mean: ``-mean_b sum_k t_bk * log_softmax(logits)_bk``."""
-    return -(soft_labels * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation; the defaults do nothing.
-
-    Attributes:
-        crop_padding: zero padding of the random crop, in pixels (0: no crop).
-        horizontal_flip: mirror each image with probability 0.5.
-        mixup_alpha: Beta parameter of mixup (0: off).
-        cutmix_alpha: Beta parameter of cutmix (0: off). With both on, each batch takes one of the two with
-            probability 0.5.
-    """
-
-    crop_padding: int = 0
-    horizontal_flip: bool = False
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError(
-                f"mixup_alpha and cutmix_alpha must be >= 0 (0 turns them off), got {self.mixup_alpha} and "
-                f"{self.cutmix_alpha}"
-            )
-
-    @property
-    def mixes(self) -> bool:
-        """Whether batches get mixup or cutmix (and so ``soft_labels``)."""
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
-
-class ImageCollator:
-    """Collate examples ``{image_column: image, label_column: int}`` into model inputs.
-
-    Output: ``{"pixel_values": FloatTensor[B, C, H, W], "labels": LongTensor[B]}``, plus
-    ``"soft_labels": FloatTensor[B, K]`` when ``augment`` mixes batches (train with :func:`soft_cross_entropy` on
-    those; ``labels`` keeps each row's own class). Order: :func:`prepare_image`, random crop, flip (train),
-    :func:`normalize`, mixup/cutmix (train). Without ``augment`` it is the eval transform that
-    :func:`build_image_processor` reproduces.
-
-    Randomness: each batch draws from its own ``torch.Generator``, seeded from ``(seed, epoch, batch index)``, so the
-    augmentation does not depend on ``num_workers``, and a run resumed mid-epoch (whose loader skips the first batches
-    without collating them) draws what the uninterrupted run drew, given the index of its first batch through
-    :meth:`set_epoch`. Each collator copy counts its calls: the batch index is ``first_batch + calls`` in the main
-    process and ``first_batch + w + calls * n`` in DataLoader worker ``w`` of ``n`` (a map-style DataLoader hands
-    batches to its workers in turn). Call :meth:`set_epoch` at each epoch (non-persistent workers get a fresh copy of
-    the collator each epoch); in multi-process training pass ``seed + process_index``.
-    """
-
-    def __init__(
-        self,
-        info: ImageDataInfo,
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: AugmentConfig | None = None,
-        seed: int = 0,
-    ) -> None:
-        if len(mean) != info.num_channels or len(std) != info.num_channels:
-            raise ValueError(
-                f"mean and std need one value per channel ({info.num_channels}), got {len(mean)} and {len(std)}"
-            )
-        if min(std) <= 0:
-            raise ValueError(f"std must be > 0 for every channel, got {list(std)}")
-        self.info = info
-        self.mean = tuple(float(value) for value in mean)
-        self.std = tuple(float(value) for value in std)
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-        self.first_batch = 0
-        self._calls = 0
-
-    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
-        """Start epoch ``epoch`` at batch ``first_batch`` (> 0 when a resumed run skips the batches before it).
-
-        The augmentation of batch ``b`` of epoch ``e`` depends only on (seed, e, b).
-        """
-        if first_batch < 0:
-            raise ValueError(f"first_batch must be >= 0, got {first_batch}")
-        self.epoch = epoch
-        self.first_batch = first_batch
-        self._calls = 0
-
-    def _generator(self) -> torch.Generator:
-        """A generator for the next batch, seeded from (seed, epoch, batch index); see the class docstring."""
-        worker = torch.utils.data.get_worker_info()
-        offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        batch_index = self.first_batch + offset + self._calls * stride
-        self._calls += 1
-        state = np.random.SeedSequence([self.seed, self.epoch, batch_index]).generate_state(1, dtype=np.uint64)
-        return torch.Generator().manual_seed(int(state[0]) >> 1)
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        info = self.info
-        pixel_values = torch.stack([prepare_image(example[info.image_column], info) for example in examples])
-        labels = torch.tensor([int(example[info.label_column]) for example in examples], dtype=torch.long)
-        augment = self.augment
-        if augment is None:
-            return {"pixel_values": normalize(pixel_values, self.mean, self.std), "labels": labels}
-        generator = self._generator()
-        pixel_values = random_crop(pixel_values, augment.crop_padding, generator)
-        if augment.horizontal_flip:
-            pixel_values = random_horizontal_flip(pixel_values, generator)
-        pixel_values = normalize(pixel_values, self.mean, self.std)
-        batch = {"pixel_values": pixel_values, "labels": labels}
-        if augment.mixes:
-            use_cutmix = augment.cutmix_alpha > 0 and (
-                augment.mixup_alpha == 0 or float(torch.rand(1, generator=generator)) < 0.5
-            )
-            mix = cutmix_batch if use_cutmix else mixup_batch
-            alpha = augment.cutmix_alpha if use_cutmix else augment.mixup_alpha
-            batch["pixel_values"], batch["soft_labels"] = mix(pixel_values, labels, info.num_labels, alpha, generator)
-        return batch
-
-
-def compute_mean_std(
-    dataset: datasets.Dataset | Sequence[Mapping[str, Any]],
-    info: ImageDataInfo,
-    max_images: int | None = 10_000,
-    seed: int = 0,
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of :func:`prepare_image` outputs (values in [0, 1]).
-
-    ``mean_c = E[x_c]``, ``std_c = sqrt(E[x_c^2] - mean_c^2)`` over all pixels of ``max_images`` rows drawn at
-    random with ``seed`` (all rows when ``max_images`` is None or the dataset is smaller), accumulated in float64.
-    """
-    if len(dataset) == 0:
-        raise ValueError("cannot compute mean/std of an empty dataset")
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    if count < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
-    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
-    total = torch.zeros(info.num_channels, dtype=torch.float64)
-    squares = torch.zeros(info.num_channels, dtype=torch.float64)
-    pixels = 0
-    for row in rows.tolist():
-        tensor = prepare_image(dataset[row][info.image_column], info).double()
-        total += tensor.sum(dim=(1, 2))
-        squares += tensor.square().sum(dim=(1, 2))
-        pixels += tensor.shape[1] * tensor.shape[2]
-    mean = total / pixels
-    std = (squares / pixels - mean.square()).clamp_min(0.0).sqrt()
-    if float(std.min()) == 0.0:
-        raise ValueError(
-            f"pixel values have zero variance in some channel (std {std.tolist()}): pass mean and std to "
-            "ImageCollator yourself"
-        )
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image processor saved with the model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_image_processor(info: ImageDataInfo, mean: Sequence[float], std: Sequence[float]) -> ViTImageProcessor:
-    """A ``ViTImageProcessor`` that reproduces the eval transform of :class:`ImageCollator` (``augment=None``).
-
-    Settings: ``do_convert_rgb = info.convert_rgb``; ``do_resize = info.resize`` to ``info.image_size`` with
-    bilinear resampling; ``do_rescale`` by 1/255; ``do_normalize`` with ``mean``/``std``. Without resizing the
-    outputs equal the eval transform up to float rounding (1e-6); with resizing, within one grey level before
-    normalisation (see :func:`resize_image`). Save it with ``save_pretrained(folder)`` next to the model.
-    """
-    from transformers import ViTImageProcessor
-
-    height, width = info.image_size
-    return ViTImageProcessor(
-        do_convert_rgb=info.convert_rgb,
-        do_resize=info.resize,
-        size={"height": height, "width": width},
-        resample=PIL_BILINEAR,
-        do_rescale=True,
-        rescale_factor=1.0 / 255.0,
-        do_normalize=True,
-        image_mean=[float(value) for value in mean],
-        image_std=[float(value) for value in std],
-    )

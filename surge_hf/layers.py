@@ -40,6 +40,7 @@ from .quantizers import (
     activation_codes,
     binary_weight,
     output_scale,
+    sign,
     weight_scale,
 )
 from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
@@ -407,10 +408,16 @@ class BinaryLayerMixin(nn.Module):
 
     @torch.no_grad()
     def load_from_surge(self, layer: SurgeLayerMixin) -> None:
-        """Pack the trained layer's signs and scales; copy bias, threshold and scale."""
+        """Pack the trained layer's signs and scales; copy bias, threshold and scale.
+
+        A learned alpha that went negative is folded into the signs of its output channel (stored: -sign(W), |alpha|),
+        which is exact: op(q, -s) * |alpha| == op(q, s) * alpha in floating point too (negation is exact)."""
         if self.surge_config.binarize_weights:
-            self.weight_packed.copy_(pack_signs(layer.weight))
-            self.weight_scale = layer.weight_alpha().detach().clone()
+            alpha = layer.weight_alpha().detach()
+            flip = torch.where(alpha < 0, -1.0, 1.0).to(layer.weight.dtype)
+            signs = sign(layer.weight.detach()) * flip.reshape(-1, *[1] * (layer.weight.ndim - 1))
+            self.weight_packed.copy_(pack_signs(signs))
+            self.weight_scale = alpha.abs().clone()
         else:
             self.weight = nn.Parameter(layer.weight.detach().clone())
         for name in ("bias", "input_threshold", "input_scale"):

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .glue import get_glue_task, metric_config_name
+from .metrics import get_glue_task, metric_config_name
 
 GLUE_HUB_ID = "nyu-mll/glue"
 LABEL_COLUMN = "label"
@@ -69,7 +69,7 @@ class TextDataInfo:
 
     @property
     def metric_config(self) -> str:
-        """Config name for ``surge_hf.glue.compute_glue_metrics`` / ``load_glue_metric``."""
+        """Config name for ``surge_hf.metrics.compute_metrics`` / ``load_glue_metric``."""
         return metric_config_name(self.task_name, self.is_regression)
 
 
@@ -242,39 +242,6 @@ def preprocess(
     if pad_to_max_length:
         return processed, default_data_collator
     return processed, DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-
-
-def check_label_compatibility(config: Any, info: TextDataInfo) -> None:
-    """Raise ValueError unless a model config (e.g. a distillation teacher's) predicts the data's labels.
-
-    ``num_labels`` must match. For classification, ``label2id`` must match too (names compared case-insensitively),
-    unless the config only has the generic names ``LABEL_0..LABEL_{n-1}``, which say nothing about the classes.
-    A ``problem_type`` set on the config must be the data's: ``regression`` or ``single_label_classification``.
-    """
-    if config.num_labels != info.num_labels:
-        kind = "regression (1 output)" if info.is_regression else f"{info.num_labels} classes {list(info.label_list)}"
-        raise ValueError(
-            f"the model config has num_labels={config.num_labels} but the data needs {kind}; "
-            "use a model fine-tuned on this task's labels"
-        )
-    problem_type = getattr(config, "problem_type", None)
-    expected = "regression" if info.is_regression else "single_label_classification"
-    if problem_type is not None and problem_type != expected:
-        raise ValueError(
-            f"the model config has problem_type={problem_type!r} but the data needs {expected!r}; "
-            "use a model fine-tuned on this kind of task"
-        )
-    if info.is_regression:
-        return
-    generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    config_label2id = {str(name): int(i) for name, i in config.label2id.items()}
-    if config_label2id == generic:
-        return
-    if {k.lower(): v for k, v in config_label2id.items()} != {k.lower(): v for k, v in info.label2id.items()}:
-        raise ValueError(
-            f"the model config has label2id={config_label2id} but the data has {info.label2id}; "
-            "use a model fine-tuned with the same classes in the same order"
-        )
 
 
 def _check_data_files(train_file: str | os.PathLike, validation_file: str | os.PathLike) -> str:

@@ -4,19 +4,16 @@ One loop, any task: the scripts build the model, the data loaders and a metric f
 precision, gradient accumulation, multi-process data parallelism, distillation, periodic evaluation, logging of the
 SURGE diagnostics, resumable checkpoints and the final evaluation.
 
-Checkpoints are written to `output_dir/checkpoints/step_<N>/` through a temporary folder that is renamed only when
-complete, so an interrupted run always leaves its last good checkpoint intact. A run resumed from step N's
-checkpoint replays exactly what the uninterrupted run did after step N (same data order, same RNG states).
+Checkpoints (`surge_hf.checkpointing`) are written every `checkpointing_steps` steps and at the last step. A run
+resumed from step N's checkpoint replays exactly what the uninterrupted run did after step N (same data order, same
+RNG states); a run resumed from its last step takes no further step.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,13 +27,25 @@ from transformers import get_scheduler
 
 from .binarize import diagnostics, surge_layers
 from .calibration import calibrate
+from .checkpointing import (
+    check_checkpoint,
+    load_checkpoint,
+    new_run_id,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .objective import DistillationConfig, compute_loss
+from .output_dir import check_output_dir
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
-_NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight", "input_threshold",
-             "input_scale", "weight_scale")
+# Normalisation layers: their weights (gains) and biases are never decayed.
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+# Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
+NO_DECAY_PARAMETERS = ("bias", "input_threshold", "input_scale", "weight_scale")
+# TrainingConfig fields that do not change what a run computes: they may differ when a run is resumed.
+_BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
+                       "checkpointing_steps", "checkpoints_total_limit", "report_to", "cpu",
+                       "per_device_eval_batch_size")
 
 
 @dataclass
@@ -44,6 +53,9 @@ class TrainingConfig:
     """Optimisation and bookkeeping settings of one run (the scripts fill it from their flags)."""
 
     output_dir: str
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     num_train_epochs: int = 3
@@ -65,21 +77,24 @@ class TrainingConfig:
     quantizer_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
-        positive = {
-            "learning_rate": self.learning_rate,
-            "num_train_epochs": self.num_train_epochs,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "logging_steps": self.logging_steps,
-        }
-        optional = {"max_train_steps": self.max_train_steps, "checkpointing_steps": self.checkpointing_steps,
-                    "checkpoints_total_limit": self.checkpoints_total_limit,
-                    "latent_weight_learning_rate": self.latent_weight_learning_rate,
-                    "quantizer_learning_rate": self.quantizer_learning_rate}
-        for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
+        positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
+                    "per_device_train_batch_size", "per_device_eval_batch_size")
+        optional = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm",
+                    "latent_weight_learning_rate", "quantizer_learning_rate")
+        for name in (*positive, *(name for name in optional if getattr(self, name) is not None)):
+            value = getattr(self, name)
             if not value > 0:
-                raise ValueError(f"--{name} must be > 0, got {value!r}.")
-        if self.num_warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("--num_warmup_steps and --weight_decay must be >= 0.")
+                raise ValueError(f"TrainingConfig.{name} must be > 0, got {value!r}.")
+        for name in ("num_warmup_steps", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"TrainingConfig.{name} must be >= 0, got {value!r}.")
+
+    def run_settings(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The fields that decide what the run computes, with the caller's `extra` settings (recipe, maximum
+        length, ...): what a checkpoint is written with and compared with on resume."""
+        own = {name: value for name, value in asdict(self).items() if name not in _BOOKKEEPING_FIELDS}
+        return {**own, **(extra or {})}
 
 
 @dataclass
@@ -105,13 +120,31 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
     )
 
 
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that weight decay applies to, decided by the module that holds each one.
+
+    Not decayed: every parameter of a normalisation layer (`NORM_LAYERS`: LayerNorm, BatchNorm, GroupNorm, ...,
+    whatever the model names the attribute, and model-specific norm classes whose name ends in "Norm", such as
+    `LlamaRMSNorm`), biases, the activation binarizers' thresholds and scales, and learned weight scales
+    (`NO_DECAY_PARAMETERS`).
+    """
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS) or type(module).__name__.endswith("Norm"):
+            continue
+        for name, _ in module.named_parameters(recurse=False):
+            if name not in NO_DECAY_PARAMETERS:
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
 def parameter_groups(
     model: nn.Module,
     weight_decay: float,
     latent_weight_learning_rate: float | None = None,
     quantizer_learning_rate: float | None = None,
 ) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and the activation quantizers' thresholds and scales.
+    """AdamW groups: `weight_decay` on `decay_parameter_names(model)`, none on the rest.
 
     With `latent_weight_learning_rate`, the latent weights of binarized layers (whose signs are the binary weights)
     form their own group at that learning rate and without weight decay, so that signs can move within a short run
@@ -124,6 +157,7 @@ def parameter_groups(
             latent_ids.add(id(layer.weight))
         quantizer_ids.update(id(p) for p in (layer.input_threshold, layer.input_scale, layer.weight_scale)
                              if p is not None)
+    decayed = decay_parameter_names(model)
     decay, no_decay, latent, quantizer = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -132,10 +166,10 @@ def parameter_groups(
             latent.append(param)
         elif quantizer_learning_rate is not None and id(param) in quantizer_ids:
             quantizer.append(param)
-        elif any(key in name for key in _NO_DECAY):
-            no_decay.append(param)
-        else:
+        elif name in decayed:
             decay.append(param)
+        else:
+            no_decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if latent:
         groups.append({"params": latent, "weight_decay": 0.0, "lr": latent_weight_learning_rate})
@@ -161,60 +195,23 @@ def evaluate(
     return metric_fn(torch.cat(predictions).numpy(), torch.cat(references).numpy())
 
 
-def _checkpoint_root(config: TrainingConfig) -> Path:
-    return Path(config.output_dir) / CHECKPOINT_DIR
+def prepare_run(
+    config: TrainingConfig,
+    run_settings: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str | None] | None = None,
+    own_folders: Collection[str] = (),
+) -> dict[str, Any] | None:
+    """Check, before any model or data is loaded, that the run may start: the output-folder rules
+    (`surge_hf.output_dir`) and, when resuming, that the checkpoint is sound and was written with the same settings
+    (`config.run_settings()` and `run_settings`, as `train` stores them).
 
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under `output_dir/checkpoints`, or None."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / STATE_FILE).exists()]
-    return max(steps, key=_step_of, default=None)
-
-
-def resolve_checkpoint(config: TrainingConfig) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names (`latest` = the newest one in output_dir), validated."""
-    if config.resume_from_checkpoint is None:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        path = latest_checkpoint(config.output_dir)
-        if path is None:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no checkpoint under {_checkpoint_root(config)}; start without "
-                "--resume_from_checkpoint, or point it at a checkpoint folder."
-            )
-        return path
-    path = Path(config.resume_from_checkpoint)
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE}); use a "
-            f"{CHECKPOINT_DIR}/step_<N> folder written by this script, or 'latest'."
-        )
-    return path
-
-
-def save_checkpoint(accelerator: Accelerator, config: TrainingConfig, step: int, state: dict[str, Any]) -> Path:
-    """Write model, optimizer, scheduler, RNG and loop state for `step`; prune the oldest beyond the limit."""
-    root = _checkpoint_root(config)
-    final, staging = root / f"step_{step}", root / f".step_{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        if config.checkpoints_total_limit:
-            complete = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).exists()), key=_step_of)
-            for old in complete[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+    Returns the checkpoint's loop state, or None for a fresh run. `inputs` names the model folders the run reads,
+    `own_folders` the folders of `output_dir` that the run's earlier stages wrote.
+    """
+    check_output_dir(config.output_dir, inputs=inputs, overwrite=config.overwrite_output_dir,
+                      resume=config.resume_from_checkpoint is not None, own_folders=own_folders)
+    path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    return None if path is None else check_checkpoint(path, config.run_settings(run_settings))
 
 
 def calibration_batch(dataloader: DataLoader) -> dict[str, torch.Tensor]:
@@ -247,6 +244,7 @@ def train(
     distillation: DistillationConfig | None = None,
     is_regression: bool = False,
     on_epoch_start: Callable[[int, int], None] | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
 
@@ -258,10 +256,15 @@ def train(
     whose earlier batches are skipped without being drawn). Use it to reseed per-epoch randomness that lives outside
     the sampler, e.g. `ImageCollator.set_epoch`.
 
+    `run_settings` (JSON values: recipe, maximum length, script, ...) are stored with the checkpoints together with
+    `config.run_settings()`; resuming a checkpoint written with other settings raises `CheckpointError`.
+
     Returns the metrics of the last evaluation. `model` is prepared (possibly wrapped) in place of the one given;
     use `accelerator.unwrap_model` to save it. Call `accelerator.end_training()` once all outputs are written.
     """
-    resume_path = resolve_checkpoint(config)
+    settings = config.run_settings(run_settings)
+    resume_path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    state = None if resume_path is None else check_checkpoint(resume_path, settings)
     if config.calibrate_activations and resume_path is None:  # a resumed run loads the trained values instead
         calibrate(model, **calibration_batch(train_dataloader))
     if train_dataloader.generator is None:
@@ -285,13 +288,14 @@ def train(
     if accelerator.trackers:
         accelerator.init_trackers("surge_hf", config=asdict(config))
 
-    completed_steps, history = 0, []
+    completed_steps, history, run_id = 0, [], new_run_id()
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / STATE_FILE).read_text())
-        completed_steps, history = state["completed_steps"], state["history"]
+        load_checkpoint(accelerator, resume_path)
+        completed_steps, history = state["completed_steps"], state.get("history", [])
+        run_id = state.get("run_id", run_id)
         accelerator.print(f"Resumed from {resume_path} at step {completed_steps}.")
-    start_epoch = completed_steps // steps_per_epoch
+    # A run resumed from its last step has nothing left to train.
+    start_epoch = num_epochs if completed_steps >= max_steps else completed_steps // steps_per_epoch
     batches_to_skip = (completed_steps % steps_per_epoch) * config.gradient_accumulation_steps
 
     def evaluate_all() -> dict[str, dict[str, float]]:
@@ -341,11 +345,13 @@ def train(
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 running_loss.zero_()
                 running_batches = 0
-            if config.checkpointing_steps and completed_steps % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config, completed_steps,
+            if config.checkpointing_steps and (completed_steps % config.checkpointing_steps == 0
+                                               or completed_steps == max_steps):
+                save_checkpoint(accelerator, config.output_dir, completed_steps,
                                 {"completed_steps": completed_steps, "history": history,
                                  "running_loss": accelerator.gather(running_loss).sum().item(),
-                                 "running_batches": running_batches})
+                                 "running_batches": running_batches, "run_id": run_id, "settings": settings},
+                                keep=config.checkpoints_total_limit)
             if completed_steps >= max_steps:
                 break
         metrics = evaluate_all()
@@ -355,5 +361,6 @@ def train(
         accelerator.print(f"epoch {epoch + 1}: {metrics}")
     if not metrics:  # resumed from the last step's checkpoint: only the final evaluation is left
         metrics = evaluate_all()
+        history.append({"epoch": num_epochs, "step": completed_steps, "eval": metrics})
     progress.close()
     return TrainingResult(metrics=metrics, completed_steps=completed_steps, history=history)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ from transformers import (
 
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import hub
+from surge_hf import checkpointing, cli, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
@@ -69,7 +71,7 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def run_args(model: Path, files: tuple[Path, Path], output_dir: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model), "--train_file", str(files[0]), "--validation_file", str(files[1]),
-            "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size", "8",
+            "--output_dir", str(output_dir), "--max_length", "16", "--per_device_train_batch_size", "8",
             "--learning_rate", "1e-3", "--max_train_steps", "4", "--logging_steps", "2", "--seed", "3",
             "--teacher_max_train_steps", "2", *extra]
 
@@ -165,7 +167,7 @@ def test_teacher_with_another_label_set_fails_before_training(tiny_bert, data_fi
 
 
 def test_flag_errors(tiny_bert, data_files, tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"--push_to_hub needs --hub_model_id"):
+    with pytest.raises(ValueError, match=r"HubConfig.push_to_hub needs HubConfig.hub_model_id"):
         glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--push_to_hub"))
     with pytest.raises(SystemExit):
         glue_script.main(["--task_name", "sst3", "--output_dir", str(tmp_path / "o")])
@@ -247,8 +249,8 @@ def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_b
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
     assert not torch.equal(raw.classifier.weight, tuned.classifier.weight)
     assert "Stage 1 of 2" in capsys.readouterr().out
-    # a second run over the same folder reuses the finished teacher stage
-    glue_script.main(run_args(tiny_bert, data_files, out))
+    # a second run over the same folder (which it may overwrite) reuses the finished teacher stage
+    glue_script.main(run_args(tiny_bert, data_files, out, "--overwrite_output_dir"))
     assert "Reusing the full-precision teacher" in capsys.readouterr().out
     assert student.config.model_type == "surge_bert"
 
@@ -290,3 +292,206 @@ def test_student_hidden_act_changes_the_student_only(tiny_bert, data_files, tmp_
     packed = AutoModelForSequenceClassification.from_pretrained(out)
     assert not packed.bert.encoder.layer[0].output.dense.activation_spec.signed
     assert packed.bert.encoder.layer[0].intermediate.dense.activation_spec.signed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders, resume, early errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_max_seq_length_is_an_alias_of_the_anchor_flag_max_length(tiny_bert, data_files, tmp_path):
+    args = run_args(tiny_bert, data_files, tmp_path / "o")
+    assert glue_script.parse_args(args).max_length == 16
+    alias = [("--max_seq_length" if a == "--max_length" else a) for a in args]
+    assert glue_script.parse_args(alias).max_length == 16
+
+
+def test_with_tracking_reports_to_every_tracker_unless_report_to_names_one(tiny_bert, data_files, tmp_path):
+    args = run_args(tiny_bert, data_files, tmp_path / "o")
+    report_to = [cli.training_config_from_args(glue_script.parse_args([*args, *extra])).report_to
+                 for extra in ((), ("--with_tracking",), ("--with_tracking", "--report_to", "tensorboard"))]
+    assert report_to == ["none", "all", "tensorboard"]
+
+
+def test_outputs_get_the_usual_permissions(tiny_bert, data_files, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        glue_script.main(run_args(tiny_bert, data_files, out))
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode)
+             for name in ("model.safetensors", "README.md", "config.json", "all_results.json",
+                          "training_history.json", "tokenizer.json", "train_state/model.safetensors")}
+    assert modes == dict.fromkeys(modes, 0o644)
+
+
+@pytest.mark.parametrize("flag", ["--model_name_or_path", "--teacher_model_name_or_path"])
+def test_output_dir_equal_to_an_input_model_is_refused(tiny_bert, data_files, tmp_path, flag):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    before = folder_bytes(model)
+    args = run_args(model, data_files, model, "--overwrite_output_dir")
+    if flag == "--teacher_model_name_or_path":
+        args = run_args(tiny_bert, data_files, model, "--overwrite_output_dir", flag, str(model))
+    with pytest.raises(ValueError, match=rf"--output_dir .*model would overwrite {flag} .*: the run would replace"):
+        glue_script.main(args)
+    assert folder_bytes(model) == before
+
+
+def test_non_empty_output_dir_is_refused_unless_overwritten(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"is not empty \(README.md\)"):
+        glue_script.main(run_args(tiny_bert, data_files, out))
+    assert (out / "README.md").read_text() == "my notes"
+    glue_script.main(run_args(tiny_bert, data_files, out, "--overwrite_output_dir"))
+    assert "surge" in (out / "README.md").read_text()
+
+
+def test_uncreatable_output_dir_fails_before_any_work(tiny_bert, data_files, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+    with pytest.raises(NotADirectoryError, match=r"cannot be created: .*file is a file"):
+        glue_script.main(run_args(tiny_bert, data_files, blocker / "out"))
+
+
+def test_a_run_prunes_only_its_own_checkpoints_and_latest_resumes_it(tiny_bert, data_files, tmp_path):
+    other = tmp_path / "other"
+    glue_script.main(run_args(tiny_bert, data_files, other, "--checkpointing_steps", "1", "--checkpoints_total_limit",
+                              "9", "--max_train_steps", "6"))
+    out = tmp_path / "out"
+    shutil.copytree(other / "checkpoints", out / "checkpoints")
+    glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "1", "--checkpoints_total_limit",
+                              "1", "--overwrite_output_dir", "--learning_rate", "2e-3"))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # Ours replaced the other run's steps 1-4 (--overwrite_output_dir) and kept its newest; the other's 5, 6 stay.
+    assert names == ["step_4", "step_5", "step_6"]
+    assert checkpointing.latest_checkpoint(out).name == "step_4"
+    state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["settings"]["learning_rate"] == 2e-3
+
+
+def test_a_finished_run_resumed_from_latest_takes_no_step_and_rewrites_identical_outputs(tiny_bert, data_files,
+                                                                                          tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")  # 4 steps: checkpoints 2 and 4
+    first = glue_script.main(args)
+    before = {name: data for name, data in folder_bytes(out).items() if not name.startswith("checkpoints/")}
+    again = glue_script.main([*args, "--resume_from_checkpoint", "latest"])
+    assert again["completed_steps"] == first["completed_steps"] == 4
+    after = {name: data for name, data in folder_bytes(out).items() if not name.startswith("checkpoints/")}
+    assert after == before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("--learning_rate", "2e-3"), r"learning_rate: checkpoint 0.001, now 0.002"),
+    (("--seed", "4"), r"seed: checkpoint 3, now 4"),
+    (("--max_length", "12"), r"max_length: checkpoint 16, now 12"),
+    (("--eta", "0.3"), r"recipe: checkpoint \{.*\"eta\": 0.1.*\}, now \{.*\"eta\": 0.3"),
+])
+def test_resume_with_other_settings_is_refused_before_any_work(tiny_bert, data_files, tmp_path, monkeypatch, change,
+                                                                message):
+    out = tmp_path / "run"
+    args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")
+    glue_script.main(args)
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        glue_script.main([*args, "--resume_from_checkpoint", "latest", *change])
+
+
+def test_corrupt_or_foreign_checkpoint_gives_a_clear_error(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")
+    glue_script.main(args)
+    checkpoint = out / "checkpoints" / "step_2"
+    # Written with another recipe by a version that stored no settings: Accelerate's own loading fails.
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "settings"}))
+    with pytest.raises(checkpointing.CheckpointError, match=r"step_2 does not fit this run's model [\s\S]* another "
+                                                       r"model, recipe or script"):
+        glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint), "--binarize", "ste"])
+    optimizer = checkpoint / "optimizer.bin"
+    saved_optimizer = optimizer.read_bytes()
+    optimizer.write_bytes(saved_optimizer[:200])
+    with pytest.raises(checkpointing.CheckpointError, match=r"step_2 does not fit [\s\S]* a file in it is damaged"):
+        glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint)])
+    optimizer.write_bytes(saved_optimizer)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(checkpointing.CheckpointError, match=rf"corrupt: {weights} does not load"):
+        glue_script.main([*args, "--resume_from_checkpoint", str(checkpoint)])
+
+
+def test_max_length_above_the_position_embeddings_fails_before_any_work(tiny_bert, data_files, tmp_path):
+    with pytest.raises(ValueError, match=r"--max_length 40 is above the 32 positions of --model_name_or_path"):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--max_length", "40"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("changes", "flag", "message"), [
+    ({"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}, "--distill_hidden_states_weight",
+     r"student's hidden_size: the student has 32, .* has 16"),
+    ({"num_hidden_layers": 1}, "--distill_attentions_weight", r"student's num_hidden_layers: the student has 2, "),
+])
+def test_teacher_of_another_shape_fails_before_training(tiny_bert, data_files, tmp_path, changes, flag, message):
+    teacher = tmp_path / "teacher"
+    config = BertConfig.from_pretrained(tiny_bert)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    BertForSequenceClassification(config).save_pretrained(teacher)
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=message):
+        glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", str(teacher), flag, "1"))
+    assert not out.exists()
+
+
+def test_invalid_hub_model_id_fails_before_any_work(tiny_bert, data_files, tmp_path):
+    with pytest.raises(ValueError, match=r"repo_id 'org/bad--name' is not a valid Hub model id"):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", "--hub_model_id", "org/bad--name"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_label_head_of_another_size_needs_ignore_mismatched_sizes(tiny_bert, tmp_path):
+    three = [(text, index % 3) for index, (text, _) in enumerate(sentiment_rows(24, 5))]
+    files = (write_csv(tmp_path / "train.csv", three), write_csv(tmp_path / "validation.csv", three[:6]))
+    with pytest.raises(ValueError, match=r"head of another size than the data's 3 label\(s\): pass "
+                                         r"--ignore_mismatched_sizes"):
+        glue_script.main(run_args(tiny_bert, files, tmp_path / "o"))
+    results = glue_script.main(run_args(tiny_bert, files, tmp_path / "o2", "--ignore_mismatched_sizes"))
+    assert results["completed_steps"] == 4
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "o2").config.num_labels == 3
+
+
+def test_a_failed_push_names_the_push_only_command_which_pushes_without_training(tiny_bert, data_files, tmp_path,
+                                                                                  monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: RecordingApi(fail=True))
+    with pytest.raises(RuntimeError, match=rf"--push_only --output_dir {out} --hub_model_id org/tiny"):
+        glue_script.main(run_args(tiny_bert, data_files, out, "--push_to_hub", "--hub_model_id", "org/tiny"))
+    before = folder_bytes(out)
+
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(glue_script, "train", lambda *args, **kwargs: pytest.fail("trained again"))
+    results = glue_script.main(["--push_only", "--output_dir", str(out), "--hub_model_id", "org/tiny"])
+    assert dict(api.calls)["create_commit"]["paths"] == hub.files_to_push(out)
+    assert results == json.loads((out / "all_results.json").read_text())
+    assert folder_bytes(out) == before
+    with pytest.raises(FileNotFoundError, match=r"--push_only: .*all_results.json does not exist"):
+        glue_script.main(["--push_only", "--output_dir", str(tmp_path / "none"), "--hub_model_id", "org/tiny"])
+
+
+def test_the_folder_of_a_finished_teacher_stage_does_not_make_the_output_dir_non_empty(tiny_bert, data_files,
+                                                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    glue_script.main(run_args(tiny_bert, data_files, out / "teacher", "--binarize", "none"))  # a finished stage 1
+    results = glue_script.main(run_args(tiny_bert, data_files, out))  # --teacher_model_name_or_path auto: reused
+    assert f"Reusing the full-precision teacher in {out / 'teacher'}" in capsys.readouterr().out
+    assert results["completed_steps"] == 4 and results["distillation"] is not None

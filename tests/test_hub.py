@@ -341,7 +341,7 @@ def test_failed_push_leaves_output_dir_intact(output_dir, fail_in, error, reason
     api = FakeHfApi(fail_in=fail_in, error=error)
     with pytest.raises(RuntimeError, match=rf"to the Hub repo 'org/binary-bert' failed: {reason}") as caught:
         push_to_hub(output_dir, "org/binary-bert", api=api)
-    assert "is intact" in str(caught.value) and "retry the push with the same command" in str(caught.value)
+    assert "is intact" in str(caught.value) and "retry the same push_to_hub call" in str(caught.value)
     assert caught.value.__cause__ is error
     assert snapshot(output_dir) == before
 

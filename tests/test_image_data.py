@@ -1,4 +1,5 @@
-"""Tests of surge_hf.image_data and benchmarks/prepare_fashion_mnist.py on tiny generated datasets (offline)."""
+"""Tests of surge_hf.image_data, image_transforms, image_processing and benchmarks/prepare_fashion_mnist.py, on tiny
+generated datasets (offline)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from surge_hf.image_data import (
+from surge_hf.image_data import ImageDataInfo, detect_dataset_source, load_image_classification_data
+from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.image_transforms import (
     AugmentConfig,
-    ImageCollator,
-    ImageDataInfo,
-    build_image_processor,
-    compute_mean_std,
     crop_with_offsets,
     cutmix_batch,
-    detect_dataset_source,
-    load_image_classification_data,
     mixup_batch,
     normalize,
     prepare_image,
     random_crop,
     random_horizontal_flip,
     resize_image,
-    soft_cross_entropy,
     to_tensor,
 )
 
@@ -116,6 +111,7 @@ def test_imagefolder_loads_with_deterministic_carved_validation(tmp_path, mode, 
         "num_labels": 3,
         "id2label": {0: "ant", 1: "bee", 2: "cat"},
         "label2id": {"ant": 0, "bee": 1, "cat": 2},
+        "problem_type": "single_label_classification",
     }
 
 
@@ -239,9 +235,9 @@ def test_bad_arguments():
         load_image_classification_data(dataset, validation_fraction=1.0)
     with pytest.raises(ValueError, match=r"image_size must be a positive int or \(height, width\)"):
         load_image_classification_data(dataset, image_size=(8, 0))
-    with pytest.raises(ValueError, match="crop_padding must be >= 0"):
+    with pytest.raises(ValueError, match="AugmentConfig.crop_padding must be >= 0"):
         AugmentConfig(crop_padding=-1)
-    with pytest.raises(ValueError, match="mixup_alpha and cutmix_alpha must be >= 0"):
+    with pytest.raises(ValueError, match="AugmentConfig.mixup_alpha and cutmix_alpha must be >= 0"):
         AugmentConfig(mixup_alpha=-0.1)
 
 
@@ -359,12 +355,6 @@ def test_mix_soft_labels_match_the_mixed_pixels(mix):
         assert soft.shape == (num, num) and soft.dtype == torch.float32
         assert torch.allclose(soft.sum(dim=1), torch.ones(num), atol=1e-6)
         assert torch.allclose(mixed.mean(dim=(1, 2, 3)), soft @ torch.arange(num, dtype=torch.float32), atol=1e-5)
-
-
-def test_soft_cross_entropy_equals_cross_entropy_on_one_hot():
-    logits = torch.tensor([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
-    labels = torch.tensor([1, 2])
-    assert torch.allclose(soft_cross_entropy(logits, F.one_hot(labels, 3).float()), F.cross_entropy(logits, labels))
 
 
 def test_collator_eval_and_train(info_rgb):

@@ -716,3 +716,21 @@ def test_nan_input_gives_nan_outputs_where_the_float_model_does() -> None:
     assert torch.equal(model.train()(x).isnan(), expected)
     assert torch.equal(model.eval()(x).isnan(), expected)
     assert torch.equal(finalize(model)(x).isnan(), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["channel", "tensor"])
+def test_negative_learned_weight_scale_is_folded_into_the_signs(kind: str, mode: str) -> None:
+    """A learned alpha < 0 packs as (-sign(W), |alpha|): packed outputs stay exact and the scales stay positive."""
+    layer = _make_layer(kind, SurgeConfig(learnable_weight_scale=True, weight_scale=mode))
+    with torch.no_grad():
+        layer.weight_scale.mul_(-1 if mode == "tensor" else torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0][
+            :layer.weight_scale.numel()]))
+    x = _make_input(kind, 1)
+    y_eval = layer.eval()(x)
+    packed = _finalized(layer)
+    assert (packed.weight_scale > 0).all()
+    assert torch.equal(packed.weight_scale, layer.weight_scale.detach().abs())
+    assert torch.equal(packed(x), y_eval)
+    assert torch.equal(packed.dequantized_weight(),
+                       layer.weight_scale.detach().reshape(-1, *[1] * (layer.weight.ndim - 1)) * _sgn(layer.weight))

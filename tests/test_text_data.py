@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertTokenizer
 
-from surge_hf.text_data import TextDataInfo, check_label_compatibility, load_text_data, preprocess, resolve_data_info
+from surge_hf.compatibility import check_label_compatibility
+from surge_hf.text_data import TextDataInfo, load_text_data, preprocess, resolve_data_info
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "film", "great", "awful", "the",

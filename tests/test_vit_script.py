@@ -18,7 +18,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
 from surge_hf import BinaryConv2d, SurgeViTForImageClassification
-from surge_hf.image_data import ImageCollator, load_image_classification_data
+from surge_hf.checkpointing import CheckpointError
+from surge_hf.image_data import load_image_classification_data
+from surge_hf.image_processing import ImageCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["dark", "mid", "light"]
@@ -70,7 +72,8 @@ def run_args(data: Path | str, output_dir: Path, *extra: str) -> list[str]:
             "--per_device_eval_batch_size", "8", "--logging_steps", "2", "--seed", "3", *extra]
 
 
-SURGE_RUN = ("--config", SIZES, "--max_train_steps", "8", "--checkpointing_steps", "3", "--crop_padding", "1",
+SURGE_RUN = ("--config", SIZES, "--max_train_steps", "8", "--checkpointing_steps", "3", "--checkpoints_total_limit",
+             "3", "--crop_padding", "1",
              "--horizontal_flip", "--mixup_alpha", "0.4", "--binary_patch_embedding")
 
 
@@ -86,7 +89,8 @@ def test_save_to_disk_run_writes_every_output(surge_run):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "all_results.json",
                  "training_history.json", "README.md", "train_state/model.safetensors"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
+    # Every 3 steps and at the last one.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6", "step_8"]
     assert json.loads((out / "all_results.json").read_text())["eval"] == results["eval"]
     assert list(results["eval"]) == ["validation"] and results["completed_steps"] == 8
     assert results["recipe"]["target_modules"].endswith(r"|(?:.*\.)?patch_embeddings\.projection")
@@ -228,7 +232,7 @@ def _bad_dataset(kind: str, path: Path) -> Path:
         ("good", ("--image_column", "photo"), ValueError,
          r"image column 'photo' not found; the dataset has columns \['image', 'label'\]"),
         ("missing", (), FileNotFoundError, r"dataset path '.*missing' does not exist"),
-        ("good", ("--push_to_hub",), ValueError, r"--push_to_hub needs --hub_model_id"),
+        ("good", ("--push_to_hub",), ValueError, r"HubConfig.push_to_hub needs HubConfig.hub_model_id"),
         ("good", ("--binarize", "none", "--binary_patch_embedding"), ValueError,
          r"--binary_patch_embedding needs a binarization recipe"),
         ("good", ("--config", SIZES, "--model_name_or_path", "x"), ValueError, r"Pass exactly one of --config"),
@@ -269,3 +273,20 @@ def test_two_cpu_processes_with_accelerate_launch(disk_data, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert (results["num_processes"], results["completed_steps"]) == (2, 6)
     assert AutoModelForImageClassification.from_pretrained(out).is_packed
+
+
+def test_resume_with_another_augmentation_is_refused(surge_run, disk_data, tmp_path):
+    _, full = surge_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
+    changed = [("0" if value == "1" and flag == "--crop_padding" else value)
+               for flag, value in zip(("",) + SURGE_RUN, SURGE_RUN)]
+    with pytest.raises(CheckpointError, match=r"augmentation: checkpoint \{.*\"crop_padding\": 1.*\}, now "
+                                              r"\{.*\"crop_padding\": 0"):
+        vit_script.main(run_args(disk_data, resumed_dir, *changed, "--resume_from_checkpoint", "latest"))
+
+
+def test_output_dir_equal_to_the_checkpoint_is_refused(surge_run, disk_data, tmp_path):
+    _, full = surge_run
+    with pytest.raises(ValueError, match=r"would overwrite --model_name_or_path .*: the run would replace the weights"):
+        vit_script.main(run_args(disk_data, full, "--model_name_or_path", str(full), "--overwrite_output_dir"))

@@ -7,9 +7,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from surge_hf.glue import (
+from surge_hf.metrics import (
     GLUE_TASKS,
-    compute_glue_metrics,
+    compute_metrics,
     get_glue_task,
     is_regression_config,
     load_glue_metric,
@@ -81,7 +81,7 @@ def test_unknown_task_lists_valid_names():
         get_glue_task("sst3")
     with pytest.raises(ValueError, match=r"unknown GLUE task or metric config 'sst3'; valid names: cola, .*, wnli, "
                                          r"classification, regression$"):
-        compute_glue_metrics("sst3", [1], [1])
+        compute_metrics("sst3", [1], [1])
     with pytest.raises(ValueError, match="unknown GLUE task or metric config 'sst3'"):
         load_glue_metric("sst3")
 
@@ -102,7 +102,7 @@ def test_metric_config_name():
 
 @pytest.mark.parametrize("task", ["mrpc", "qqp"])
 def test_accuracy_and_f1(task):
-    result = compute_glue_metrics(task, BINARY_PREDS, BINARY_REFS)
+    result = compute_metrics(task, BINARY_PREDS, BINARY_REFS)
     assert result == pytest.approx({"accuracy": BINARY_ACCURACY, "f1": BINARY_F1}, rel=1e-15)
     assert result["accuracy"] == accuracy_score(BINARY_REFS, BINARY_PREDS)
     assert result["f1"] == pytest.approx(f1_score(BINARY_REFS, BINARY_PREDS), rel=1e-15)
@@ -111,40 +111,40 @@ def test_accuracy_and_f1(task):
 
 @pytest.mark.parametrize("task", ["sst2", "qnli", "rte", "wnli", "classification"])
 def test_accuracy(task):
-    assert compute_glue_metrics(task, BINARY_PREDS, BINARY_REFS) == {"accuracy": 0.6}
+    assert compute_metrics(task, BINARY_PREDS, BINARY_REFS) == {"accuracy": 0.6}
 
 
 def test_accuracy_three_classes():
-    result = compute_glue_metrics("mnli", MULTI_PREDS, MULTI_REFS)
+    result = compute_metrics("mnli", MULTI_PREDS, MULTI_REFS)
     assert result == {"accuracy": pytest.approx(4 / 6, rel=1e-15)}
     assert result["accuracy"] == accuracy_score(MULTI_REFS, MULTI_PREDS)
 
 
 def test_matthews_correlation():
-    result = compute_glue_metrics("cola", BINARY_PREDS, BINARY_REFS)
+    result = compute_metrics("cola", BINARY_PREDS, BINARY_REFS)
     assert BINARY_MCC == pytest.approx(1 / 6, rel=1e-15)
     assert result == {"matthews_correlation": pytest.approx(BINARY_MCC, rel=1e-12)}
     assert result["matthews_correlation"] == pytest.approx(matthews_corrcoef(BINARY_REFS, BINARY_PREDS), rel=1e-12)
 
 
 def test_matthews_correlation_multiclass_formula():
-    result = compute_glue_metrics("cola", MULTI_PREDS, MULTI_REFS)["matthews_correlation"]
+    result = compute_metrics("cola", MULTI_PREDS, MULTI_REFS)["matthews_correlation"]
     assert result == pytest.approx(MULTI_MCC, rel=1e-12)
     assert result == pytest.approx(matthews_corrcoef(MULTI_REFS, MULTI_PREDS), rel=1e-12)
 
 
 def test_degenerate_inputs_give_zero_like_sklearn():
     all_negative = [0, 0, 0, 0]
-    assert compute_glue_metrics("mrpc", all_negative, all_negative) == {"accuracy": 1.0, "f1": 0.0}
+    assert compute_metrics("mrpc", all_negative, all_negative) == {"accuracy": 1.0, "f1": 0.0}
     assert f1_score(all_negative, all_negative, zero_division=0.0) == 0.0
     constant_preds, refs = [1, 1, 1, 1], [0, 1, 0, 1]
-    assert compute_glue_metrics("cola", constant_preds, refs) == {"matthews_correlation": 0.0}
+    assert compute_metrics("cola", constant_preds, refs) == {"matthews_correlation": 0.0}
     assert matthews_corrcoef(refs, constant_preds) == 0.0
 
 
 @pytest.mark.parametrize("task", ["stsb", "regression"])
 def test_pearson_and_spearman(task):
-    result = compute_glue_metrics(task, SCORES_X, SCORES_Y)
+    result = compute_metrics(task, SCORES_X, SCORES_Y)
     assert result == {"pearson": pytest.approx(PEARSON, rel=1e-12), "spearmanr": pytest.approx(SPEARMAN, rel=1e-12)}
     assert result["pearson"] == pytest.approx(pearsonr(SCORES_X, SCORES_Y).statistic, rel=1e-12)
     assert result["spearmanr"] == pytest.approx(spearmanr(SCORES_X, SCORES_Y).statistic, rel=1e-12)
@@ -153,32 +153,32 @@ def test_pearson_and_spearman(task):
 def test_spearman_with_ties_on_both_sides_matches_scipy():
     x = [0.5, 3.0, 3.0, 1.25, 4.0, 0.5, 2.0]
     y = [1.0, 2.0, 2.0, 2.0, 5.0, 0.0, 3.5]
-    result = compute_glue_metrics("stsb", x, y)
+    result = compute_metrics("stsb", x, y)
     assert result["pearson"] == pytest.approx(pearsonr(x, y).statistic, rel=1e-12)
     assert result["spearmanr"] == pytest.approx(spearmanr(x, y).statistic, rel=1e-12)
 
 
 def test_constant_scores_give_nan_like_scipy():
-    result = compute_glue_metrics("stsb", [2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+    result = compute_metrics("stsb", [2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
     assert math.isnan(result["pearson"]) and math.isnan(result["spearmanr"])
 
 
 def test_numpy_and_tuple_inputs():
     preds = np.array(BINARY_PREDS, dtype=np.int64)
-    assert compute_glue_metrics("sst2", preds, tuple(BINARY_REFS)) == {"accuracy": 0.6}
+    assert compute_metrics("sst2", preds, tuple(BINARY_REFS)) == {"accuracy": 0.6}
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"^predictions has 2 values but references has 3; pass one prediction per"):
-        compute_glue_metrics("sst2", [0, 1], [0, 1, 1])
+        compute_metrics("sst2", [0, 1], [0, 1, 1])
     with pytest.raises(ValueError, match=r"^predictions and references are empty; evaluate on at least one example$"):
-        compute_glue_metrics("sst2", [], [])
+        compute_metrics("sst2", [], [])
     with pytest.raises(ValueError, match=r"must be 1-D, got shapes \(2, 2\) and \(2,\); .*logits.argmax\(-1\)"):
-        compute_glue_metrics("sst2", [[0.1, 0.9], [0.8, 0.2]], [1, 0])
+        compute_metrics("sst2", [[0.1, 0.9], [0.8, 0.2]], [1, 0])
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_METRICS))
-def test_evaluate_module_matches_compute_glue_metrics(name):
+def test_evaluate_module_matches_compute_metrics(name):
     if is_regression_config(name):
         preds, refs = [0.5, 3.0, 3.0, 1.25, 4.0, 0.5, 2.0], [1.0, 2.0, 2.0, 2.0, 5.0, 0.0, 3.5]
     else:
@@ -187,4 +187,4 @@ def test_evaluate_module_matches_compute_glue_metrics(name):
     assert metric.config_name == name
     metric.add_batch(predictions=preds[:4], references=refs[:4])
     metric.add_batch(predictions=preds[4:], references=refs[4:])
-    assert metric.compute() == compute_glue_metrics(name, preds, refs)
+    assert metric.compute() == compute_metrics(name, preds, refs)

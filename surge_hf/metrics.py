@@ -1,4 +1,5 @@
-"""GLUE task table and the official GLUE metrics, in plain numpy.
+"""The evaluation metrics of both scripts, in plain numpy: GLUE's official metrics, and accuracy for any
+classifier (text or image).
 
 The table gives, for each GLUE task, the input columns, the label names, the metrics and the evaluation splits.
 The metrics follow the official GLUE definitions (and the key names of the ``glue`` metric of ``evaluate``):
@@ -11,8 +12,9 @@ The metrics follow the official GLUE definitions (and the key names of the ``glu
 - ``pearson`` (stsb) = cov(x, y) / (std(x) std(y))
 - ``spearmanr`` (stsb) = the Pearson correlation of the average ranks (ties share the mean of their ranks)
 
-Data from local files has no task name: classification is scored with ``accuracy`` and regression with
-``pearson``/``spearmanr`` (the metric configs ``"classification"`` and ``"regression"``).
+Data without a GLUE task name (local text files, every image dataset) is scored with ``accuracy`` for
+classification and ``pearson``/``spearmanr`` for regression (the metric configs ``"classification"`` and
+``"regression"``).
 
 :func:`load_glue_metric` returns the same metrics as an ``evaluate`` module, loaded offline from the script that
 ships in this package (``glue_metric/glue_metric.py``), so the ``evaluate`` API works without the Hub.
@@ -101,7 +103,7 @@ def metric_config_name(task_name: str | None, is_regression: bool) -> str:
 
 
 def metric_names(config_name: str) -> tuple[str, ...]:
-    """Names of the metrics that ``compute_glue_metrics(config_name, ...)`` returns, in order."""
+    """Names of the metrics that ``compute_metrics(config_name, ...)`` returns, in order."""
     if config_name in LOCAL_METRICS:
         return LOCAL_METRICS[config_name]
     if config_name in GLUE_TASKS:
@@ -115,7 +117,7 @@ def is_regression_config(config_name: str) -> bool:
     return metric_names(config_name) == _CORRELATIONS
 
 
-def compute_glue_metrics(task_name: str, predictions: Any, references: Any) -> dict[str, float]:
+def compute_metrics(task_name: str, predictions: Any, references: Any) -> dict[str, float]:
     """Score predictions with the official metrics of a GLUE task (or of a local metric config).
 
     Args:
@@ -150,7 +152,7 @@ def load_glue_metric(task_name: str, **load_kwargs: Any) -> Any:
 
     ``task_name`` is a GLUE task or ``"classification"``/``"regression"``; ``load_kwargs`` go to
     ``evaluate.load`` (e.g. ``experiment_id``, ``keep_in_memory``). The module computes exactly
-    :func:`compute_glue_metrics`.
+    :func:`compute_metrics`.
     """
     metric_names(task_name)  # raises ValueError for an unknown name, before evaluate is imported
     import evaluate
