@@ -27,7 +27,6 @@ from torch import nn
 
 from .accounting import summary
 from .configuration_surge import SurgeConfig
-from .deployment import measure_deployment
 from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
 from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
@@ -119,11 +118,6 @@ def export_run(
             model.save_pretrained(staging, packed=True)
         preprocessor.save_pretrained(staging)
         all_results["model_file_bytes"] = (staging / "model.safetensors").stat().st_size
-        if recipe is not None:
-            cpu_inputs = {name: value.cpu() for name, value in example_inputs.items()}
-            all_results["deployment"] = measure_deployment(
-                type(model).from_pretrained(staging), cpu_inputs, file_bytes=all_results["model_file_bytes"]
-            ).to_dict()
         (staging / "all_results.json").write_text(json.dumps(all_results, indent=2))
         (staging / "training_history.json").write_text(json.dumps(result.history))
         card = ModelCardContext(
@@ -137,7 +131,6 @@ def export_run(
             bit_account=str(account),
             packed_bytes=all_results["model_file_bytes"],
             float32_bytes=account.float32_bytes,
-            deployment=all_results.get("deployment"),
             base_model=base_model,
             distillation=teacher,
             hyperparameters={"batch size per device": training.per_device_train_batch_size,

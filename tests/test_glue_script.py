@@ -101,9 +101,6 @@ def test_run_writes_packed_and_train_form_outputs_that_reload_exactly(tiny_bert,
     assert (out / "model.safetensors").stat().st_size < (out / "train_state" / "model.safetensors").stat().st_size
     card = (out / "README.md").read_text()
     assert "surge" in card and "binary-neural-network" in card
-    # The deployment numbers of the packed file, measured on this machine, are in the results and the card.
-    assert saved["deployment"]["file_bytes"] == (out / "model.safetensors").stat().st_size
-    assert f"| ms per forward | {saved['deployment']['packed_ms']:.2f} |" in card
 
 
 def test_resumed_run_ends_exactly_like_the_uninterrupted_run(tiny_bert, data_files, tmp_path):
