@@ -54,6 +54,8 @@ ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
 BIT = (*FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
 ALPHA = ("--learnable_weight_scale",)
 SPLIT_LR = ("--learning_rate", "1e-4", "--latent_weight_learning_rate", "5e-4", "--quantizer_learning_rate", "5e-4")
+VISION_SHORTCUTS = ("--shortcuts",)
+VISION_RESNET_KD = ("--train_teacher", "resnet", "--distill_logits_weight", "1", "--distill_label_weight", "0")
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,13 @@ VISION = Task(
         "surge_eta1.0": _surge("1.0"),
         "ste_kd": ("--binarize", "ste", *VISION_KD),
         "surge_kd": (*_surge("0.5"), *VISION_KD),
+        # The binary-ViT ladder (issue: binary ViT close to full precision): shortcuts around every binary Linear,
+        # then logit-only distillation from a small full-precision ResNet that each run trains first.
+        "surge_shortcuts": (*_surge("0.5"), *VISION_SHORTCUTS),
+        "ste_shortcuts_resnet_teacher": ("--binarize", "ste", *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_binary_attention": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD, "--binarize_attention"),
+        "full_precision_resnet_teacher": ("--binarize", "none", *VISION_RESNET_KD),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),
@@ -169,6 +178,17 @@ VISION = Task(
                      ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
                       "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding", "2",
                       "--horizontal_flip", "--max_train_samples", "5000")),
+        # The ladder on the CPU: the budget of "cpu", with cosine decay and no weight decay for every rung, and the
+        # rsign activations (no calibration) that the committed runs used.
+        "cpu_ladder": Suite(("full_precision", "surge", "surge_shortcuts", "surge_shortcuts_resnet_teacher",
+                             "ste_shortcuts_resnet_teacher", "surge_binary_attention",
+                             "full_precision_resnet_teacher"), (0, 1, 2),
+                            {"full_precision": (1e-3,), "binary": (1e-3,)},
+                            ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
+                             "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding",
+                             "2", "--horizontal_flip", "--max_train_samples", "5000", "--lr_scheduler_type",
+                             "cosine", "--weight_decay", "0", "--activation_binarizer", "rsign",
+                             "--no-calibrate_activations"), (0,)),
         "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
                        ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
                         "patch_size=7", "--max_train_steps", "4", "--max_train_samples", "256",
@@ -210,15 +230,23 @@ def run_one(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed
     out = run_dir(args.runs_dir, recipe, lr, seed)
     results_file = out / "all_results.json"
     start = time.perf_counter()
+    wall_file = out / "benchmark_wall_s.json"  # a reused run reports the time it took when it ran
     if not (args.reuse and results_file.exists()):
         out.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"seed{seed}.log", "w") as log:
             subprocess.run(command(args, suite, recipe, lr, seed), check=True, stdout=log,
                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall_file.write_text(json.dumps(time.perf_counter() - start))
     results = json.loads(results_file.read_text())
     metrics = next(iter(results["eval"].values()))
-    return {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
-            "steps": results["completed_steps"], "wall_s": time.perf_counter() - start, "run_dir": str(out)}
+    record = {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
+              "steps": results["completed_steps"],
+              "wall_s": json.loads(wall_file.read_text()) if wall_file.exists() else time.perf_counter() - start,
+              "run_dir": str(out)}
+    teacher_file = out / "teacher" / "all_results.json"  # runs that trained their own teacher (--train_teacher)
+    if teacher_file.exists():
+        record["teacher_accuracy"] = next(iter(json.loads(teacher_file.read_text())["eval"].values()))["accuracy"]
+    return record
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -243,6 +271,7 @@ def main() -> None:
     parser.add_argument("--task", choices=list(TASKS), required=True)
     parser.add_argument("--suite", default="cpu")
     parser.add_argument("--recipes", help="Comma-separated subset of the suite's recipes.")
+    parser.add_argument("--seeds", help="Comma-separated seeds for every recipe (default: the suite's).")
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "all-MiniLM-L6-v2", help="text only")
     parser.add_argument("--data_dir", type=Path,
                         help="Rotten Tomatoes csv folder (text) or Fashion-MNIST npz folder (vision); "
@@ -258,6 +287,7 @@ def main() -> None:
         parser.error(f"--suite {args.suite!r}: the {args.task} task has suites {', '.join(task.suites)}")
     suite = task.suites[args.suite]
     recipes = args.recipes.split(",") if args.recipes else list(suite.recipes)
+    seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else None
     args.data_dir = args.data_dir or SHARED / "data" / ("rotten_tomatoes" if args.task == "text" else "fashion_mnist")
     args.runs_dir = args.runs_dir or ROOT / "outputs" / f"{args.task}_accuracy"
     args.vision_dataset = args.runs_dir / "fashion_mnist_dataset"
@@ -271,7 +301,7 @@ def main() -> None:
     def jobs(kd: bool) -> list[tuple[str, float, int]]:
         return [(recipe, lr, seed) for recipe in recipes if uses_teacher(task, recipe) == kd
                 for lr in suite.learning_rates["full_precision" if recipe == suite.teacher else "binary"]
-                for seed in (suite.teacher_seeds if recipe == suite.teacher else suite.seeds)]
+                for seed in (seeds or (suite.teacher_seeds if recipe == suite.teacher else suite.seeds))]
 
     start = time.perf_counter()
     records = []

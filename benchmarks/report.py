@@ -50,6 +50,8 @@ def plot_accuracy(report: dict, path: Path) -> None:
     axis.bar(labels, [row["mean"] for row in rows], yerr=[row["std"] for row in rows], capsize=4, color="#4c72b0")
     for index, row in enumerate(rows):
         axis.scatter([index] * len(row["values"]), row["values"], color="black", s=12, zorder=3)
+    if max(len(row["recipe"]) for row in rows) > 16:  # long recipe names would overlap side by side
+        plt.setp(axis.get_xticklabels(), rotation=20, ha="right")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_ylim(min(row["min"] for row in rows) - 5, max(row["max"] for row in rows) + 3)
     axis.set_title(f"{report['task']}, {report['suite']} suite")

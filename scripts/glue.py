@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.demo:  # the demo's defaults, under any flag the user gave
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
+    args.stages = []  # one model-card line per earlier stage (teacher, lower precision), filled as they finish
     if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
         args.teacher_model_name_or_path = None
     elif args.teacher_model_name_or_path == "none":
@@ -139,6 +141,14 @@ def precision_stage_args(args: argparse.Namespace, bits: int, init: str) -> argp
     })
 
 
+def stage_summary(folder: Path, what: str) -> str:
+    """One line of the model card for an earlier stage: what it trained, its settings and its final metrics."""
+    results = json.loads((folder / "all_results.json").read_text())
+    metrics = ", ".join(f"{name} {value:.4g}" for name, value in next(iter(results["eval"].values())).items())
+    return (f"{what} (`{folder.name}/`): {results['completed_steps']} steps at lr {results['learning_rate']:g}, "
+            f"{metrics}")
+
+
 def run_precision_stages(args: argparse.Namespace) -> None:
     """Train every stage of `--activation_bits_schedule` but the last (reusing finished ones), then start the final
     stage from the previous one's train-form model."""
@@ -148,6 +158,7 @@ def run_precision_stages(args: argparse.Namespace) -> None:
         if not (Path(stage.output_dir) / "all_results.json").exists():
             print(f"Precision stage W1A{bits} into {stage.output_dir}.")
             run(stage, final=False)
+        args.stages.append(stage_summary(Path(stage.output_dir), f"W1A{bits} student"))
         init = str(Path(stage.output_dir) / TRAIN_STATE_DIR)
     args.model_name_or_path, args.activation_bits = init, args.activation_bits_schedule[-1]
 
@@ -162,6 +173,7 @@ def run_teacher_stage(args: argparse.Namespace) -> None:
         print(f"Stage 1 of 2: fine-tuning the full-precision model into {teacher_dir}.")
         run(teacher_stage_args(args), final=False)
         print("Stage 2 of 2: the binary student, initialised from that model and distilled from it.")
+    args.stages.append(stage_summary(teacher_dir, "full-precision teacher, fine-tuned on the task"))
     args.model_name_or_path = args.teacher_model_name_or_path = str(teacher_dir)
 
 
@@ -284,7 +296,8 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
                          recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
                          base_model=hub_base_model(args), teacher=args.teacher_model_name_or_path,
-                         hyperparameters={"max length": args.max_length})
+                         hyperparameters={"max length": args.max_length,
+                                          **({"earlier stages": "; ".join(args.stages)} if args.stages else {})})
     if run_setup.hub.push_to_hub:
         push_run(accelerator, args.output_dir, run_setup.hub)
     if args.demo and accelerator.is_main_process:

@@ -18,16 +18,25 @@ evaluated. The recipe, distillation (logits), Accelerate and Hub flags are share
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import re
+import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoImageProcessor, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import surge_hf
 from surge_hf import cli
@@ -41,10 +50,11 @@ from surge_hf.image_data import (
     load_image_classification_data,
 )
 from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.image_teachers import load_image_teacher, small_resnet_config
 from surge_hf.image_transforms import AugmentConfig
 from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
-from surge_hf.training import build_accelerator, train
+from surge_hf.training import TrainingConfig, build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
 DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id", "problem_type")
@@ -92,10 +102,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Binarize the patch embedding convolution too (with the recipe's activation "
                             "binarizer, the input pixels are binarized as well).")
     cli.add_shared_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, intermediate_distillation=False)
+    add_binary_vit_arguments(parser)
+    preset = _preset_parser().parse_known_args(argv)[0].recipe
+    if preset is not None:
+        parser.set_defaults(**RECIPE_PRESETS[preset])
     args = parser.parse_args(argv)
     if not args.push_only:
         validate_args(args)
+    args.command = shlex.join(["accelerate", "launch", "scripts/vit.py", *(sys.argv[1:] if argv is None else argv)])
     return args
+
+
+# -- binary-ViT recipe preset and teacher training -------------------------------------------------------------------
+# `--recipe binary-vit`: the defaults that the binary-ViT ladder in benchmarks/README.md favours (flags given
+# explicitly still win). It leaves the compensator to --binarize (default surge). Without
+# --teacher_model_name_or_path it also trains a small ResNet teacher first.
+RECIPE_PRESETS: dict[str, dict[str, Any]] = {
+    "binary-vit": {"eta": 0.5, "shortcuts": True, "weight_decay": 0.0,
+                   "lr_scheduler_type": "cosine", "distill_logits_weight": 1.0, "distill_label_weight": 0.0},
+}
+TEACHER_ARCHITECTURES = ("resnet", "none")
+TEACHER_DIR = "teacher"
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _preset_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe", choices=list(RECIPE_PRESETS))
+    return parser
+
+
+def add_binary_vit_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--recipe` and the flags that train a distillation teacher before the student."""
+    group = parser.add_argument_group("binary-ViT recipe and teacher training")
+    group.add_argument("--recipe", choices=list(RECIPE_PRESETS),
+                       help="binary-vit: shortcuts around every binary Linear (with the --binarize compensator; "
+                            "SURGE at eta 0.5 unless set), logit-only "
+                            "distillation (from a small ResNet trained first unless --teacher_model_name_or_path is "
+                            "given), weight decay 0, cosine decay, no dropout. Explicit flags override it.")
+    group.add_argument("--train_teacher", choices=TEACHER_ARCHITECTURES,
+                       help="resnet: first train a small full-precision ResNet on the same data (saved to "
+                            "OUTPUT_DIR/teacher) and distil from it; none: no teacher. Default: resnet with "
+                            "--recipe binary-vit and no --teacher_model_name_or_path, else none.")
+    group.add_argument("--teacher_num_train_epochs", type=int,
+                       help="Epochs of teacher training (default: --num_train_epochs).")
+    group.add_argument("--teacher_learning_rate", type=float, default=1e-3)
+
+
+def validate_teacher_args(args: argparse.Namespace) -> None:
+    if args.train_teacher is None:
+        wants_teacher = args.recipe == "binary-vit" and args.teacher_model_name_or_path is None
+        args.train_teacher = "resnet" if wants_teacher else "none"
+    if args.train_teacher != "none" and args.teacher_model_name_or_path is not None:
+        raise ValueError("--train_teacher trains a teacher, --teacher_model_name_or_path names one; pass only one.")
+    if args.teacher_num_train_epochs is not None and args.teacher_num_train_epochs < 1:
+        raise ValueError(f"--teacher_num_train_epochs must be >= 1, got {args.teacher_num_train_epochs}.")
+
+
+def train_teacher(args: argparse.Namespace, accelerator, config: TrainingConfig, info: ImageDataInfo,
+                  loaders: dict[str, DataLoader], on_epoch_start, processor) -> Path:
+    """Train the `--train_teacher` model on the student's data and inputs; save it (with the student's image
+    `processor`, and its metrics in all_results.json) to OUTPUT_DIR/teacher. A finished teacher there is reused (as
+    `scripts/glue.py` reuses its teacher stage)."""
+    output_dir = Path(args.output_dir) / TEACHER_DIR
+    if (output_dir / "all_results.json").is_file():
+        accelerator.print(f"Reusing the teacher in {output_dir}.")
+        return output_dir
+    teacher_config = dataclasses.replace(
+        config, output_dir=str(output_dir), learning_rate=args.teacher_learning_rate, max_train_steps=None,
+        num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs, checkpointing_steps=None,
+        resume_from_checkpoint=None, calibrate_activations=False)
+    teacher = ResNetForImageClassification(small_resnet_config(info))
+    result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]}, teacher_config,
+                   functools.partial(compute_metrics, "classification"), on_epoch_start=on_epoch_start)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(teacher).save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(
+            {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
+    accelerator.wait_for_everyone()
+    return output_dir
+# -- end of the binary-ViT block ---------------------------------------------------------------------------------------
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -117,6 +204,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     cli.validate_common_args(args)
+    validate_teacher_args(args)
     augment_config(args)  # validates the augmentation flags
     args.vit_fields = None if args.config is None else parse_vit_config(args.config)
 
@@ -238,7 +326,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
                   problem_type="single_label_classification",
-                  ignore_mismatched_sizes=pretrained.num_labels != info.num_labels)
+                  ignore_mismatched_sizes=pretrained.num_labels != info.num_labels,
+                  **(NO_DROPOUT if args.recipe == "binary-vit" else {}))
     if recipe is None:
         return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)
     return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
@@ -274,29 +363,41 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
-    run = cli.start_run(args, "vit", recipe, config=args.vit_fields, image_size=args.image_size,
-                        convert_rgb=args.convert_rgb, augmentation=asdict(augment_config(args)),
-                        max_train_samples=args.max_train_samples, validation_fraction=args.validation_fraction)
+    if args.train_teacher != "none":  # trained below, before the student; its folder is known now
+        args.teacher_model_name_or_path = str(Path(args.output_dir) / TEACHER_DIR)
+    run = cli.start_run(args, "vit", recipe, own_folders=(TEACHER_DIR,), config=args.vit_fields,
+                        image_size=args.image_size, convert_rgb=args.convert_rgb,
+                        augmentation=asdict(augment_config(args)), max_train_samples=args.max_train_samples,
+                        validation_fraction=args.validation_fraction)
     distillation, config = run.distillation, run.training
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
-    if args.teacher_model_name_or_path:
+    if args.teacher_model_name_or_path and args.train_teacher == "none":
         check_image_teacher(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info,
                             f"--teacher_model_name_or_path {args.teacher_model_name_or_path}")
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
     model = load_student(args, recipe, info, pretrained)
-    teacher = None
-    if distillation is not None:
-        teacher = ViTForImageClassification.from_pretrained(args.teacher_model_name_or_path, dtype=torch.float32)
     train_collator = ImageCollator(info, mean, std, augment_config(args), seed=args.seed + accelerator.process_index)
     eval_collator = ImageCollator(info, mean, std)
-    train_loader = DataLoader(data.train, shuffle=True, collate_fn=train_collator,
-                              batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers)
-    eval_loader = DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
-                             num_workers=args.dataloader_num_workers)
+
+    def loaders() -> dict[str, DataLoader]:
+        return {"train": DataLoader(data.train, shuffle=True, collate_fn=train_collator,
+                                    batch_size=args.per_device_train_batch_size,
+                                    num_workers=args.dataloader_num_workers),
+                "eval": DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
+                                   num_workers=args.dataloader_num_workers)}
+
+    if args.train_teacher != "none":
+        args.teacher_model_name_or_path = str(train_teacher(args, accelerator, config, info, loaders(),
+                                                            train_collator.set_epoch,
+                                                            build_image_processor(info, mean, std)))
+    teacher = None
+    if distillation is not None:
+        teacher = load_image_teacher(args.teacher_model_name_or_path, info, mean, std)
+    train_loader, eval_loader = loaders().values()
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
                    functools.partial(compute_metrics, "classification"),
                    teacher=teacher, distillation=distillation, on_epoch_start=train_collator.set_epoch,
@@ -308,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
                          base_model=cli.hub_id_or_none(args.model_name_or_path),
-                         teacher=args.teacher_model_name_or_path)
+                         teacher=args.teacher_model_name_or_path, command=args.command,
+                         hyperparameters={"recipe preset": args.recipe} if args.recipe else None)
     if run.hub.push_to_hub:
         push_run(accelerator, args.output_dir, run.hub)
     accelerator.end_training()

@@ -19,6 +19,7 @@ from .modeling_surge_bert import (
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
 from .objective import DistillationConfig, collect_auxiliary_loss, compute_loss
+from .shortcuts import ShortcutLinear, add_shortcuts
 from .trainer import SurgeTrainer
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "DistillationConfig",
     "Int8Embedding",
     "LayerAccount",
+    "ShortcutLinear",
     "SurgeBertConfig",
     "SurgeBertForQuestionAnswering",
     "SurgeBertForSequenceClassification",
@@ -47,6 +49,7 @@ __all__ = [
     "SurgeViTForImageClassification",
     "SurgeViTModel",
     "SurgeViTPreTrainedModel",
+    "add_shortcuts",
     "collect_auxiliary_loss",
     "compute_loss",
     "binarize",

@@ -1,6 +1,7 @@
 """Turn any PyTorch / transformers model into a SURGE binary network and back.
 
-- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place.
+- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place (inside a
+  `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
 - `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor).
 - `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .binary_attention import add_binary_attention
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
 from .layers import (
     BINARY_LAYER_TYPES,
@@ -24,6 +26,7 @@ from .layers import (
     SurgeLayerMixin,
     layer_kind,
 )
+from .shortcuts import add_shortcuts
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -113,6 +116,10 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
         replacements[name]._surge_state_pending = module.weight.is_meta
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
+    if config.shortcuts:
+        add_shortcuts(model, config)
+    if config.binarize_attention:
+        add_binary_attention(model, config)
     _keep_local_state_out_of_ddp(model)
     from .auto import adopt_surge_classes  # the SURGE model classes build on this module
 

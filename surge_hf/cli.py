@@ -35,9 +35,11 @@ _RECIPE_FLAGS = {
     "eta": float, "surrogate": SURROGATES, "activation_binarizer": ACTIVATION_BINARIZERS,
     "weight_scale": WEIGHT_SCALES, "aux_weight": AUX_WEIGHTS, "lambda_placement": LAMBDA_PLACEMENTS,
     "aux_loss_weight": float, "swish_beta": float, "target_modules": str, "exclude_modules": str,
-    "activation_bits": int, "unsigned_activation_modules": str,
+    "activation_bits": int, "unsigned_activation_modules": str, "shortcut_gate_init": float,
+    "attention_alpha_init": float,
 }
-_RECIPE_SWITCHES = ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale")
+_RECIPE_SWITCHES = ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale", "shortcuts",
+                    "binarize_attention")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .image_data import ImageDataInfo, as_size
+from transformers import AutoModelForImageClassification
+
+from .image_data import ImageDataInfo
 from .objective import DistillationConfig
 from .text_data import TextDataInfo
 
@@ -76,15 +78,12 @@ def check_label_compatibility(config: Any, info: TextDataInfo) -> None:
 
 
 def check_image_teacher(config: Any, info: ImageDataInfo, source: str) -> None:
-    """Raise unless a distillation teacher with `config` is a full-precision ViT that takes the student's images
-    (size and channels) and predicts the data's classes in the same order (or has only generic label names)."""
-    if config.model_type != "vit":
-        raise ValueError(f"{source} is a {config.model_type!r} model; the teacher must be a full-precision ViT "
-                         "(model_type 'vit'), e.g. the output of a --binarize none run.")
-    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if size is None or as_size(size) != info.image_size or channels != info.num_channels:
-        raise ValueError(f"{source} takes {channels}-channel {size} images, the student "
-                         f"{info.num_channels}-channel {info.image_size}; use a teacher trained on this data.")
+    """Raise unless a distillation teacher with `config` is an image classifier (any architecture that
+    `AutoModelForImageClassification` loads: logits are all it gives) predicting the data's classes in the same
+    order (or with only generic label names). Its input size and channels may differ: `image_teachers` adapts them."""
+    if type(config) not in AutoModelForImageClassification._model_mapping:
+        raise ValueError(f"{source} is a {config.model_type!r} model, not an image classifier that "
+                         "AutoModelForImageClassification can load; use e.g. a ResNet, ConvNeXt or ViT classifier.")
     generic = {f"LABEL_{i}": i for i in range(config.num_labels)}
     label2id = {str(name): int(index) for name, index in config.label2id.items()}
     if config.num_labels != info.num_labels or label2id not in (generic, info.label2id):

@@ -83,6 +83,13 @@ class SurgeConfig:
         aux_loss_weight: weight of the auxiliary-branch loss mean((W_a x - f_b)^2) per layer (0 disables it; when on,
             the auxiliary forward product must be computed).
         eps: the epsilon in the AGS denominator.
+        shortcuts: wrap every binarized Linear in a `shortcuts.ShortcutLinear`: LayerNorm of its output plus a
+            (repeat / average-pool) shortcut of its input, a gate and an RPReLU (Bi-Real / ReActNet / BinaryViT).
+        shortcut_gate_init: the gate's initial value: 1 for training from scratch, 0 to keep a trained model's
+            function exactly at step 0.
+        binarize_attention: binarize both attention matmuls (`binary_attention`): sign(Q) sign(K)^T, and attention
+            probabilities binarized to {0, alpha} with a learnable alpha per head.
+        attention_alpha_init: the initial alpha of the binarized attention probabilities.
         version: the recipe format version.
     """
 
@@ -104,6 +111,10 @@ class SurgeConfig:
     scale_aux_grad: bool = False
     aux_loss_weight: float = 0.0
     eps: float = 1e-8
+    shortcuts: bool = False
+    shortcut_gate_init: float = 1.0
+    binarize_attention: bool = False
+    attention_alpha_init: float = 0.05
     version: int = field(default=SURGE_CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -117,7 +128,8 @@ class SurgeConfig:
         _choice("compensator", self.compensator, COMPENSATORS)
         _choice("aux_weight", self.aux_weight, AUX_WEIGHTS)
         _choice("lambda_placement", self.lambda_placement, LAMBDA_PLACEMENTS)
-        for name in ("eta", "swish_beta", "eps", "aux_loss_weight"):
+        for name in ("eta", "swish_beta", "eps", "aux_loss_weight", "shortcut_gate_init",
+                     "attention_alpha_init"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SurgeConfig.{name}={value!r} must be a finite number.")
@@ -125,6 +137,8 @@ class SurgeConfig:
             raise ValueError(f"SurgeConfig.eta={self.eta!r} must be >= 0.")
         if self.swish_beta <= 0 or self.eps <= 0:
             raise ValueError("SurgeConfig.swish_beta and SurgeConfig.eps must be > 0.")
+        if self.attention_alpha_init <= 0:
+            raise ValueError(f"SurgeConfig.attention_alpha_init={self.attention_alpha_init!r} must be > 0.")
         if self.aux_loss_weight < 0:
             raise ValueError(f"SurgeConfig.aux_loss_weight={self.aux_loss_weight!r} must be >= 0.")
         if isinstance(self.activation_bits, bool) or self.activation_bits not in ACTIVATION_BITS:
@@ -144,7 +158,8 @@ class SurgeConfig:
                 "SurgeConfig.learnable_weight_scale=True needs weight_scale='channel' or 'tensor' (the shape and "
                 "initial value of the learned scale), not 'none'."
             )
-        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale"):
+        for name in ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale",
+                     "shortcuts", "binarize_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SurgeConfig.{name}={getattr(self, name)!r} must be True or False.")
         for name in MODULE_PATTERN_FIELDS:

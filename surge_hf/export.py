@@ -85,10 +85,12 @@ def export_run(
     base_model: str | None = None,
     teacher: str | None = None,
     hyperparameters: dict[str, Any] | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Write the run's outputs (see the module docstring) from the main process; returns `all_results`.
 
-    `teacher` names the distillation teacher and `hyperparameters` adds rows to the card's recipe table.
+    `teacher` names the distillation teacher, `hyperparameters` adds rows to the card's recipe table and `command`
+    is the command line shown on the card.
     """
     accelerator.wait_for_everyone()
     output_dir = Path(training.output_dir)
@@ -133,6 +135,7 @@ def export_run(
             float32_bytes=account.float32_bytes,
             base_model=base_model,
             distillation=teacher,
+            command=command,
             hyperparameters={"batch size per device": training.per_device_train_batch_size,
                              "processes": accelerator.num_processes,
                              "gradient accumulation": training.gradient_accumulation_steps,

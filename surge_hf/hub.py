@@ -104,8 +104,12 @@ class ModelCardContext:
         model_name: title of the card and model-index name; defaults to the name part of `repo_id`.
         description: a free paragraph added after the model summary.
         image_mode: PIL mode of the images an image model takes ("L" for grayscale, "RGB"), for the usage example.
+<<<<<<< HEAD
         deployment: `DeploymentReport.to_dict()` of the packed model, measured where the card was made (speed
             against float32, weights in memory).
+=======
+        command: the command line that trained the model, shown under the recipe.
+>>>>>>> main
     """
 
     repo_id: str
@@ -130,6 +134,7 @@ class ModelCardContext:
     model_name: str | None = None
     description: str | None = None
     image_mode: str = "RGB"
+    command: str | None = None
     deployment: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -138,7 +143,7 @@ class ModelCardContext:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"ModelCardContext.{name} must be a non-empty string, got {value!r}.")
-        for name in ("base_model", "dataset_config", "distillation", "model_name", "description"):
+        for name in ("base_model", "dataset_config", "distillation", "model_name", "description", "command"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"ModelCardContext.{name} must be a non-empty string or None, got {value!r}.")
@@ -320,6 +325,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         image_mode=context.image_mode,
         hyperparameters=hyperparameters,
         surge_recipe_json=json.dumps(context.surge_recipe, indent=2, sort_keys=True),
+        command=context.command,
         metric_rows=[
             {"name": _table_cell(_metric_name(metric)), "value": f"{float(value):.4f}"}
             for metric, value in context.metrics.items()

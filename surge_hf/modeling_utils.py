@@ -33,18 +33,21 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .binarize import binarize, packed_layer, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
+from .binary_attention import BinaryAttentionProbabilities, init_binary_attention_parameters
 from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
 from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
+from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
 SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
@@ -130,6 +133,10 @@ class SurgePreTrainedMixin:
         super()._init_weights(module)
         if isinstance(module, SURGE_LAYER_TYPES):
             init_surge_parameters(module)
+        elif isinstance(module, ShortcutLinear):
+            init_shortcut_parameters(module)
+        elif isinstance(module, BinaryAttentionProbabilities):
+            init_binary_attention_parameters(module)
 
     # -- the two forms ---------------------------------------------------------------------------------------
     def _binarized_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -216,6 +223,9 @@ class SurgePreTrainedMixin:
                 or a packed checkpoint is loaded into trainable layers.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        shortcut_recipe = cls._shortcuts_to_add(pretrained_model_name_or_path, kwargs)
+        if shortcut_recipe is not None:
+            kwargs[RECIPE_KEYWORD] = shortcut_recipe.replace(shortcuts=False)
         config = kwargs.get("config")
         if RECIPE_KEYWORD in kwargs and config is not None and not isinstance(config, (str, os.PathLike)):
             kwargs["config"] = copy.deepcopy(config)
@@ -231,7 +241,25 @@ class SurgePreTrainedMixin:
                 "force_download=True)."
             ) from error
         model._check_loading(pretrained_model_name_or_path, info)
+        if shortcut_recipe is not None:
+            add_shortcuts(model, shortcut_recipe)
+            model.config.surge_config = shortcut_recipe
         return (model, info) if output_loading_info else model
+
+    @staticmethod
+    def _shortcuts_to_add(source: str | os.PathLike | None, kwargs: dict[str, Any]) -> SurgeConfig | None:
+        """The recipe passed as `surge=` when it asks for shortcuts that the checkpoint does not have (a plain or
+        shortcut-free SURGE checkpoint): such a checkpoint loads without them and gets them added afterwards (see
+        `shortcuts.add_shortcuts`), so its Linear weights keep their names and, with `shortcut_gate_init=0`, the
+        model keeps its function."""
+        if kwargs.get(RECIPE_KEYWORD) is None or source is None:
+            return None
+        recipe = as_surge_config(kwargs[RECIPE_KEYWORD])
+        if not recipe.shortcuts:
+            return None
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        saved = getattr(AutoConfig.from_pretrained(source, **hub_kwargs), "surge_config", None)
+        return None if saved is not None and saved.shortcuts else recipe
 
     def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
         """Raise if binarized layers did not load completely or hold invalid scales (see `from_pretrained`)."""

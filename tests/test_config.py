@@ -169,7 +169,8 @@ def test_defaults() -> None:
         "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
         "weight_scale": "channel", "activation_binarizer": "elastic", "surrogate": "clipped_ste", "swish_beta": 5.0,
         "compensator": "surge", "eta": 0.1, "aux_weight": "separate", "lambda_placement": "fork",
-        "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "version": 1,
+        "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "shortcuts": False, "shortcut_gate_init": 1.0,
+        "binarize_attention": False, "attention_alpha_init": 0.05, "version": 1,
         "activation_bits": 1, "unsigned_activation_modules": None, "learnable_weight_scale": False,
     }
 
@@ -196,9 +197,10 @@ def test_json_round_trip(changes: dict) -> None:
 def test_from_dict_unknown_keys_list_known_keys() -> None:
     message = (
         "Unknown SURGE recipe key(s) ['lam', 'zeta']; known keys: activation_binarizer, activation_bits, "
-        "aux_loss_weight, aux_weight, binarize_activations, binarize_weights, compensator, eps, eta, "
-        "exclude_modules, lambda_placement, learnable_weight_scale, scale_aux_grad, surrogate, swish_beta, "
-        "target_modules, unsigned_activation_modules, version, weight_scale. "
+        "attention_alpha_init, aux_loss_weight, aux_weight, binarize_activations, binarize_attention, "
+        "binarize_weights, compensator, eps, eta, exclude_modules, lambda_placement, learnable_weight_scale, "
+        "scale_aux_grad, shortcut_gate_init, shortcuts, surrogate, swish_beta, target_modules, "
+        "unsigned_activation_modules, version, weight_scale. "
         "Remove or rename them."
     )
     with pytest.raises(ValueError, match=_exact(message)):

@@ -246,6 +246,8 @@ def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_b
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
     assert not torch.equal(raw.classifier.weight, tuned.classifier.weight)
     assert "Stage 1 of 2" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "earlier stages" in card and "full-precision teacher, fine-tuned on the task (`teacher/`): 2 steps" in card
     # a second run over the same folder (which it may overwrite) reuses the finished teacher stage
     glue_script.main(run_args(tiny_bert, data_files, out, "--overwrite_output_dir"))
     assert "Reusing the full-precision teacher" in capsys.readouterr().out

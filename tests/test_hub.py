@@ -180,6 +180,15 @@ def test_image_card_from_scratch():
     assert 'AutoImageProcessor.from_pretrained("binary-vit-fashion-mnist")' in card
     assert 'from_pretrained("binary-vit-fashion-mnist", trust_remote_code=True)' in card
     assert "AutoTokenizer" not in card
+    assert "Trained with:" not in card
+
+
+def test_card_shows_the_recipe_preset_and_the_training_command():
+    command = "accelerate launch scripts/vit.py --dataset fmnist --recipe binary-vit --output_dir out"
+    card = render_model_card("image", ModelCardContext(**image_context(
+        command=command, hyperparameters={"recipe preset": "binary-vit"})))
+    assert f"Trained with:\n\n```bash\n{command}\n```" in card
+    assert "| recipe preset | binary-vit |" in card
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import BinaryConv2d, SurgeViTForImageClassification
+from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassification
 from surge_hf.checkpointing import CheckpointError
 from surge_hf.image_data import load_image_classification_data
 from surge_hf.image_processing import ImageCollator
@@ -243,6 +250,10 @@ def _bad_dataset(kind: str, path: Path) -> Path:
         ("good", ("--config", "hidden_size=30,num_attention_heads=4"), ValueError,
          r"hidden_size=30 is not a multiple of num_attention_heads=4"),
         ("good", ("--config", "patch_size=3"), ValueError, r"image size \(8, 8\) is not a multiple of patch_size 3"),
+        ("good", ("--train_teacher", "resnet", "--teacher_model_name_or_path", "t"), ValueError,
+         r"--train_teacher trains a teacher, --teacher_model_name_or_path names one; pass only one"),
+        ("good", ("--recipe", "binary-vit", "--teacher_num_train_epochs", "0"), ValueError,
+         r"--teacher_num_train_epochs must be >= 1, got 0"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, kind, extra, error, message):
@@ -254,15 +265,58 @@ def test_bad_input_fails_before_training(tmp_path, kind, extra, error, message):
     assert not out.exists()
 
 
-def test_teacher_for_other_images_fails_before_training(disk_data, tmp_path):
+def test_teacher_for_other_classes_fails_before_training(disk_data, tmp_path):
     teacher_dir = tmp_path / "teacher"
     ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=48, image_size=16, patch_size=4, num_labels=3)
+                                        intermediate_size=48, image_size=8, patch_size=4, num_labels=4)
                               ).save_pretrained(teacher_dir)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"takes 3-channel 16 images, the student 3-channel \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"predicts 4 classes .* the data has \{'dark': 0, 'mid': 1, 'light': 2\}"):
         vit_script.main(run_args(disk_data, out, "--config", SIZES, "--teacher_model_name_or_path", str(teacher_dir)))
     assert not out.exists()
+
+
+def test_teacher_of_another_architecture_size_and_channels_is_adapted(folder_data, tmp_path):
+    """A 3-channel 16x16 ResNet teacher for the grayscale 8x8 student: logit distillation through the adapter."""
+    teacher_dir = tmp_path / "teacher"
+    ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1],
+                                              num_labels=3)).save_pretrained(teacher_dir)
+    results = vit_script.main(run_args(folder_data, tmp_path / "out", "--config", SIZES, "--max_train_steps", "2",
+                                       "--binarize", "ste", "--teacher_model_name_or_path", str(teacher_dir)))
+    assert results["distillation"]["logits_weight"] == 1.0 and results["completed_steps"] == 2
+
+
+def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path):
+    out = tmp_path / "out"
+    sizes = SIZES.replace("intermediate_size=48", "intermediate_size=64")  # shortcuts need integer width ratios
+    results = vit_script.main(run_args(disk_data, out, "--config", sizes, "--recipe", "binary-vit",
+                                       "--num_train_epochs", "1", "--teacher_num_train_epochs", "2"))
+    teacher = json.loads((out / "teacher" / "all_results.json").read_text())
+    assert teacher["completed_steps"] == 12 and 0 <= teacher["eval"]["validation"]["accuracy"] <= 1
+    assert AutoModelForImageClassification.from_pretrained(out / "teacher").config.model_type == "resnet"
+    assert results["recipe"]["shortcuts"] and results["recipe"]["eta"] == 0.5
+    assert (results["distillation"]["logits_weight"], results["distillation"]["label_weight"]) == (1.0, 0.0)
+    assert results["completed_steps"] == 6
+    packed = AutoModelForImageClassification.from_pretrained(out)
+    assert packed.is_packed and isinstance(packed.vit.layers[0].mlp.fc1, ShortcutLinear)
+    card = (out / "README.md").read_text()
+    assert "| recipe preset | binary-vit |" in card and "--recipe binary-vit" in card
+    again = vit_script.main(run_args(disk_data, out, "--config", sizes, "--recipe", "binary-vit",
+                                     "--max_train_steps", "1", "--teacher_num_train_epochs", "1",
+                                     "--overwrite_output_dir"))
+    assert json.loads((out / "teacher" / "all_results.json").read_text()) == teacher  # reused, not retrained
+    assert again["completed_steps"] == 1
+
+
+def test_binary_vit_recipe_sets_defaults_that_flags_override():
+    args = vit_script.parse_args(["--dataset", "d", "--output_dir", "o", "--config", SIZES, "--recipe", "binary-vit"])
+    assert (args.shortcuts, args.weight_decay, args.lr_scheduler_type, args.train_teacher) == (
+        True, 0.0, "cosine", "resnet")
+    args = vit_script.parse_args(["--dataset", "d", "--output_dir", "o", "--config", SIZES, "--recipe", "binary-vit",
+                                  "--no-shortcuts", "--weight_decay", "0.05", "--teacher_model_name_or_path", "t"])
+    assert (args.shortcuts, args.weight_decay, args.train_teacher) == (False, 0.05, "none")
+    args = vit_script.parse_args(["--dataset", "d", "--output_dir", "o", "--config", SIZES])
+    assert (args.shortcuts, args.weight_decay, args.train_teacher) == (None, 0.01, "none")
 
 
 def test_two_cpu_processes_with_accelerate_launch(disk_data, tmp_path):
