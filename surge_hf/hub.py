@@ -104,12 +104,9 @@ class ModelCardContext:
         model_name: title of the card and model-index name; defaults to the name part of `repo_id`.
         description: a free paragraph added after the model summary.
         image_mode: PIL mode of the images an image model takes ("L" for grayscale, "RGB"), for the usage example.
-<<<<<<< HEAD
+        command: the command line that trained the model, shown under the recipe.
         deployment: `DeploymentReport.to_dict()` of the packed model, measured where the card was made (speed
             against float32, weights in memory).
-=======
-        command: the command line that trained the model, shown under the recipe.
->>>>>>> main
     """
 
     repo_id: str
