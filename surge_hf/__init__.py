@@ -7,6 +7,8 @@ from .calibration import calibrate
 from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
+from .deployment import DeploymentReport, measure_deployment
+from .embeddings import Int8Embedding, quantize_embeddings
 from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
 from .modeling_surge_bert import (
     SurgeBertForQuestionAnswering,
@@ -28,7 +30,9 @@ __all__ = [
     "BinaryConv2d",
     "BinaryLinear",
     "BitAccount",
+    "DeploymentReport",
     "DistillationConfig",
+    "Int8Embedding",
     "LayerAccount",
     "ShortcutLinear",
     "SurgeBertConfig",
@@ -52,6 +56,8 @@ __all__ = [
     "calibrate",
     "diagnostics",
     "finalize",
+    "measure_deployment",
+    "quantize_embeddings",
     "register_auto_classes",
     "resolve_targets",
     "summary",

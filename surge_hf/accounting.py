@@ -3,14 +3,17 @@
 For every module that owns parameters or buffers:
 - binary parameters: weights stored at 1 bit (latent weights of SURGE layers, packed bits of finalized layers);
 - scale parameters: the per-channel scales alpha of binary weights (stored as full-precision numbers);
+- int8 parameters: embedding tables stored in int8 with per-row scales (`Int8Embedding`; the scales count as
+  scale parameters);
 - full-precision parameters: everything else needed at inference (biases, thresholds, embeddings, norms, heads);
 - training-only parameters: the auxiliary weights W_a, dropped by `finalize`.
 
-Sizes: `packed_bytes = sum over binary layers of out * ceil(n / 8) + bytes(scales) + bytes(full precision)` with
-full-precision numbers at 4 bytes; `float32_bytes = 4 * (binary + full precision)`, the same model with every
-weight in float32 and no scales. When example inputs are given, a forward pass counts the multiply-accumulates of
-every Linear/Conv2d module (binary or not), so the binary share of those MACs can be reported; matmuls outside
-modules (attention scores) are not counted.
+Sizes: `packed_bytes = sum over binary layers of out * ceil(n / 8) + int8 + bytes(scales) + bytes(full precision)`
+with full-precision numbers at 4 bytes; `float32_bytes = 4 * (binary + int8 + full precision)`, the same model with
+every weight in float32 and no scales. When example inputs are given, a forward pass counts the multiply-accumulates
+of every Linear/Conv2d module (binary or not), so the binary share of those MACs can be reported; matmuls outside
+modules (attention scores) are not counted. `summary(model, ..., deployment=measure_deployment(...))` adds the
+measured speed and memory of the packed model on this machine (`surge_hf.deployment`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .deployment import DeploymentReport
+from .embeddings import Int8Embedding
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .packing import packed_row_bytes
 
@@ -35,6 +40,7 @@ class LayerAccount:
     kind: str
     binary_params: int = 0
     scale_params: int = 0
+    int8_params: int = 0
     full_precision_params: int = 0
     training_only_params: int = 0
     packed_weight_bytes: int = 0
@@ -47,6 +53,7 @@ class BitAccount:
     """Per-layer rows and totals; `str()` gives a table."""
 
     layers: list[LayerAccount] = field(default_factory=list)
+    deployment: DeploymentReport | None = None
 
     def total(self, attribute: str) -> int:
         return sum(getattr(layer, attribute) for layer in self.layers)
@@ -64,14 +71,18 @@ class BitAccount:
         return self.total("training_only_params")
 
     @property
+    def int8_params(self) -> int:
+        return self.total("int8_params")
+
+    @property
     def packed_bytes(self) -> int:
-        """Inference size with binary weights at 1 bit and every other number at 4 bytes."""
-        return self.total("packed_weight_bytes") + _FLOAT_BYTES * self.full_precision_params
+        """Inference size with binary weights at 1 bit, int8 tables at 1 byte and every other number at 4 bytes."""
+        return self.total("packed_weight_bytes") + self.int8_params + _FLOAT_BYTES * self.full_precision_params
 
     @property
     def float32_bytes(self) -> int:
         """Size of the same model with every weight in float32 (no scales)."""
-        return _FLOAT_BYTES * (self.binary_params + self.total("full_precision_params"))
+        return _FLOAT_BYTES * (self.binary_params + self.int8_params + self.total("full_precision_params"))
 
     @property
     def compression_ratio(self) -> float:
@@ -92,8 +103,12 @@ class BitAccount:
         total = sum(layer.macs for layer in counted)
         return sum(layer.macs for layer in counted if layer.binary_macs) / total if total else 0.0
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        return {
+    def to_dict(self) -> dict:
+        """The totals; with `int8_params` when the model has int8 tables and `deployment` when it was measured."""
+        extra = {} if not self.int8_params else {"int8_params": self.int8_params}
+        if self.deployment is not None:
+            extra["deployment"] = self.deployment.to_dict()
+        return {**extra,
             "binary_params": self.binary_params,
             "full_precision_params": self.full_precision_params,
             "training_only_params": self.training_only_params,
@@ -123,6 +138,11 @@ class BitAccount:
                      f"(binarized layers {self.binarized_layer_compression_ratio:.1f}x)")
         if self.binary_mac_share is not None:
             lines.append(f"binary share of Linear/Conv2d multiply-accumulates: {100 * self.binary_mac_share:.1f}%")
+        if self.int8_params:
+            lines.append(f"int8 embedding parameters (per-row scales counted as full precision): "
+                         f"{self.int8_params:,}")
+        if self.deployment is not None:
+            lines.append(f"deployment: {self.deployment}".replace("\n", "\n  "))
         return "\n".join(lines)
 
 
@@ -130,6 +150,9 @@ def _account(name: str, module: nn.Module) -> LayerAccount | None:
     """The row of one module from its own parameters (and, for packed layers, its bit and scale buffers)."""
     params = dict(module.named_parameters(recurse=False))
     packed = isinstance(module, BINARY_LAYER_TYPES) and module.surge_config.binarize_weights
+    if isinstance(module, Int8Embedding):
+        return LayerAccount(name=name, kind=type(module).__name__, int8_params=module.weight_int8.numel(),
+                            scale_params=module.weight_scale.numel())
     if not params and not packed:
         return None
     row = LayerAccount(name=name or "(root)", kind=type(module).__name__)
@@ -176,8 +199,10 @@ def _count_macs(model: nn.Module, rows: dict[str, LayerAccount], args: tuple, kw
             handle.remove()
 
 
-def summary(model: nn.Module, *example_args, **example_kwargs) -> BitAccount:
-    """The bit account of `model`; pass example inputs (as for `model(...)`) to also count MACs."""
+def summary(model: nn.Module, *example_args, deployment: DeploymentReport | None = None,
+            **example_kwargs) -> BitAccount:
+    """The bit account of `model`; pass example inputs (as for `model(...)`) to also count MACs, and a
+    `measure_deployment` report to include the measured speed and memory."""
     rows = {}
     for name, module in model.named_modules():
         row = _account(name, module)
@@ -185,4 +210,4 @@ def summary(model: nn.Module, *example_args, **example_kwargs) -> BitAccount:
             rows[name] = row
     if example_args or example_kwargs:
         _count_macs(model, rows, example_args, example_kwargs)
-    return BitAccount(list(rows.values()))
+    return BitAccount(list(rows.values()), deployment)

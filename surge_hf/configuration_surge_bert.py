@@ -18,6 +18,8 @@ class SurgeBertConfig(SurgeConfigMixin, BertConfig):
             a `SurgeConfig`, written to `config.json` as a plain dict. Its `target_modules=None` binarizes every Linear
             inside the encoder layers.
         surge_packed: whether the binarized layers hold packed sign bits (inference) rather than latent weights.
+        surge_int8_embeddings: names of the embedding modules stored in int8 with per-row scales (packed models,
+            see `surge_hf.embeddings`); None when every embedding is full precision.
         **kwargs: the `BertConfig` fields.
 
     Example:
@@ -29,6 +31,7 @@ class SurgeBertConfig(SurgeConfigMixin, BertConfig):
 
     surge_config: SurgeConfig | dict[str, Any] | None = None
     surge_packed: bool = False
+    surge_int8_embeddings: list[str] | None = None
 
     @classmethod
     def from_bert_config(

@@ -1,6 +1,6 @@
 """What the SURGE model configs share: the recipe and the packed-weights flag.
 
-A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with two more
+A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with three more
 fields:
 
 - `surge_config`: the `SurgeConfig` recipe, held as the validated (immutable) object. Any assignment (constructor,
@@ -9,6 +9,8 @@ fields:
   what `config.json` holds (a dataclass value would break transformers' JSON writer).
 - `surge_packed`: True when the binarized layers hold packed sign bits (`BinaryLinear`), False when they hold
   trainable latent weights (`SurgeLinear`).
+- `surge_int8_embeddings`: the embedding modules that a packed model stores in int8 with per-row scales
+  (`surge_hf.embeddings`), or None.
 
 `from_pretrained(..., surge=recipe)` is the one place where the recipe has a short keyword (the model classes'
 `from_pretrained` and the config classes' `from_dict` both accept it). A plain checkpoint of the wrapped architecture
@@ -58,6 +60,10 @@ class SurgeConfigMixin:
             value = as_surge_config(value)
         elif key == "surge_packed" and not isinstance(value, bool):
             raise ValueError(f"surge_packed must be True or False, got {value!r}.")
+        elif key == "surge_int8_embeddings" and value is not None:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+                raise ValueError(f"surge_int8_embeddings must be a list of module names or None, got {value!r}.")
+            value = list(value)
         super().__setattr__(key, value)
 
     @classmethod
@@ -104,5 +110,5 @@ class SurgeConfigMixin:
             fields.pop(key, None)
         if surge_config is not None:
             fields["surge_config"] = surge_config
-        fields.update(surge_packed=False, **kwargs)
+        fields.update(surge_packed=False, surge_int8_embeddings=None, **kwargs)
         return cls(**fields)

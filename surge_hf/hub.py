@@ -105,6 +105,8 @@ class ModelCardContext:
         description: a free paragraph added after the model summary.
         image_mode: PIL mode of the images an image model takes ("L" for grayscale, "RGB"), for the usage example.
         command: the command line that trained the model, shown under the recipe.
+        deployment: `DeploymentReport.to_dict()` of the packed model, measured where the card was made (speed
+            against float32, weights in memory).
     """
 
     repo_id: str
@@ -130,6 +132,7 @@ class ModelCardContext:
     description: str | None = None
     image_mode: str = "RGB"
     command: str | None = None
+    deployment: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_repo_id(self.repo_id)
@@ -328,6 +331,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         packed_size=_size(context.packed_bytes),
         float32_size=_size(context.float32_bytes),
         size_ratio=f"{context.float32_bytes / context.packed_bytes:.1f}",
+        deployment=context.deployment,
     )
 
 

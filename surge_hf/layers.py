@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_surge import SurgeConfig
+from .kernels import available as kernels_available
+from .kernels import binary_linear, pack_weight_panels, quantized_linear, weight_row_counts
 from .objective import record_auxiliary_loss
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
@@ -449,9 +451,19 @@ class BinaryLayerMixin(nn.Module):
                 "trained. Call `surge_hf.unfinalize(model)` to rebuild trainable SURGE layers from the bits, or "
                 "load the train-form checkpoint; call `model.eval()` for inference."
             )
+        if self.uses_kernel(x):
+            return self.kernel_forward(x)
         alpha = self.weight_scale if self.surge_config.binarize_weights else None
         product = self.binary_op(self.input_codes(x), self.weight_signs())
         return self.add_bias(self.apply_output_scale(product, output_scale(self.input_scale, alpha)))
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference
+        path; the layer kinds that have a kernel override `uses_kernel` and `kernel_forward`."""
+        return False
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
 
 
 class BinaryLinear(BinaryLayerMixin):
@@ -475,6 +487,39 @@ class BinaryLinear(BinaryLayerMixin):
     binary_op = SurgeLinear.binary_op
     add_bias = SurgeLinear.add_bias
     apply_output_scale = SurgeLinear.apply_output_scale
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Binary weights and activations (sign, k-bit or unsigned codes) on float32 CPU inputs, when the kernel is
+        built and enabled (see `surge_hf.kernels`); not under CPU autocast (the reference path computes in its
+        dtype) nor under `torch.compile` (which compiles the reference path). Codes other than signs only without
+        gradients (the kernel has none for their step)."""
+        recipe = self.surge_config
+        return (
+            recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
+            and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
+            and (self.activation_spec.is_sign or not torch.is_grad_enabled())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and kernels_available()
+        )
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        """`float(q_x . sign(W_j)) * (alpha_j * s) + b_j` from the packed bits, without unpacking them: the reference
+        path's operations in the reference path's order."""
+        panels, weight_counts = self.weight_panels()
+        if self.activation_spec.is_sign:
+            return binary_linear(x, self.input_threshold, panels, self.out_features, self.weight_scale,
+                                 self.input_scale, self.bias)
+        return quantized_linear(x, self.input_threshold, self.input_scale, self.activation_spec.levels, panels,
+                                weight_counts, self.out_features, self.weight_scale, self.bias)
+
+    def weight_panels(self) -> tuple[Tensor, Tensor]:
+        """The packed weight in the kernel's panel layout and the +1 count of each row, rebuilt when
+        `weight_packed` is replaced or changed."""
+        packed = self.weight_packed
+        key = (packed.data_ptr(), None if packed.is_inference() else packed._version)
+        if self.__dict__.get("_panels_key") != key:
+            self._panels = pack_weight_panels(packed, self.in_features), weight_row_counts(packed)
+            self._panels_key = key
+        return self._panels
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

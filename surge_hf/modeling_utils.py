@@ -10,6 +10,8 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   binarized layer, `weight_packed` (uint8, 8 signs per byte, see `packing`) and `weight_scale` (alpha), and no
   auxiliary weight. `model.finalize()` turns a trained model into this form in memory;
   `model.save_pretrained(path, packed=True)` writes it without changing the in-memory model.
+  `model.quantize_embeddings()` (after `finalize`) also stores the embedding tables in int8 with per-row scales
+  (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), kept int8 in memory after loading.
 
 Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
 with a tensor of the wrong shape, or with a weight scale that is not finite and positive, is an error (never a model
@@ -41,12 +43,13 @@ from .binarize import unfinalize as unfinalize_layers
 from .binary_attention import BinaryAttentionProbabilities, init_binary_attention_parameters
 from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
+from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
 from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
-PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale")
+PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
 SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
 """Tensors of a trainable SURGE layer that a plain checkpoint lacks (`init_surge_parameters` sets them)."""
 
@@ -121,6 +124,8 @@ class SurgePreTrainedMixin:
             layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
             finalize_layers(self)
+        if self.config.surge_int8_embeddings:
+            int8_embedding_placeholders(self, self.config.surge_int8_embeddings)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -156,11 +161,25 @@ class SurgePreTrainedMixin:
         self.config.surge_packed = True
         return self
 
+    def quantize_embeddings(self, names: list[str] | None = None):
+        """Store the embedding tables `names` (default: every `nn.Embedding`) in int8 with per-row scales, in place
+        (`surge_hf.embeddings`); a packed model only. `save_pretrained` then writes them in int8 and
+        `from_pretrained` keeps them int8 in memory. Returns the model."""
+        if not self.is_packed:
+            raise ValueError("quantize_embeddings() applies to a packed (inference) model; call model.finalize() "
+                             "first.")
+        swapped = quantize_embeddings(self, names)
+        self.config.surge_int8_embeddings = [*(self.config.surge_int8_embeddings or []), *swapped]
+        return self
+
     def unfinalize(self, surge_config: SurgeConfig | dict[str, Any] | None = None):
-        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W), in place, so a
-        packed checkpoint can be trained further. `surge_config` replaces the recipe (default: the saved one)."""
+        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; int8 embeddings
+        become float embeddings holding their dequantised rows), in place, so a packed checkpoint can be trained
+        further. `surge_config` replaces the recipe (default: the saved one)."""
         recipe = None if surge_config is None else as_surge_config(surge_config)
         unfinalize_layers(self, recipe)
+        dequantize_embeddings(self)
+        self.config.surge_int8_embeddings = None
         if recipe is not None:
             self.config.surge_config = recipe
         self.config.surge_packed = False
@@ -248,6 +267,9 @@ class SurgePreTrainedMixin:
         mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
         incomplete = {key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes)}
         if self.is_packed:
+            int8_prefixes = tuple(f"{name}." for name in self.config.surge_int8_embeddings or [])
+            incomplete |= {key for key in [*info["missing_keys"], *mismatched] if int8_prefixes
+                           and key.startswith(int8_prefixes)}
             _raise_if_incomplete(
                 f"packed checkpoint {source!s}", sorted(incomplete), "A packed layer cannot be re-initialised; save "
                 "the checkpoint again with save_pretrained(path, packed=True) or model.finalize()."

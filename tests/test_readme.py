@@ -38,8 +38,8 @@ def run_example(index: int, hub_stand_in: str) -> dict:
     return namespace
 
 
-def test_the_readme_has_the_two_library_examples():
-    assert len(python_examples()) == 2
+def test_the_readme_has_the_three_library_examples():
+    assert len(python_examples()) == 3
 
 
 def test_use_it_on_any_model(tiny_bert, capsys):
@@ -57,3 +57,16 @@ def test_hugging_face_models(tiny_bert):
     assert torch.equal(model(input_ids=input_ids).logits, student(input_ids=input_ids).logits)
     trained = surge_hf.SurgeBertForSequenceClassification.from_pretrained("train-form")
     assert isinstance(trained.bert.encoder.layer[0].output.dense, surge_hf.SurgeLinear)
+
+
+def test_fast_and_small_on_a_cpu(tiny_bert, capsys):
+    namespace = run_example(2, tiny_bert)
+    report, model = namespace["report"], namespace["model"]
+    assert report.packed_ms > 0 and report.float32_ms > 0 and report.input_shapes == {"input_ids": [1, 4]}
+    assert "deployment: measured on" in capsys.readouterr().out
+    reloaded = surge_hf.SurgeBertForSequenceClassification.from_pretrained("packed-int8")
+    assert isinstance(reloaded.bert.embeddings.word_embeddings, surge_hf.Int8Embedding)
+    input_ids = torch.randint(1, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+

@@ -1,0 +1,366 @@
+"""Measure CPU inference: packed binary layers on the XNOR-popcount kernel against float32 and int8 dynamic.
+
+Layer level: `BinaryLinear` (W1A1, the default `SurgeConfig()` recipe, recorded in the JSON; with bias) against
+float32 `F.linear` and `torch.ao.quantization.quantize_dynamic` int8 `nn.Linear`, and against the packed layer's own
+reference path (kernel off: unpack + float product), on BERT-base shapes (768x768, 768x3072, 3072x768) and MiniLM
+shapes (384x384, 384x1536, 1536x384; `in x out`), M = 1, 8, 32, 128, 512 rows, with 1 and 2 threads.
+
+End to end: sequence classifiers in three forms (float32, int8 dynamic of the float32 model, packed SURGE model on the
+kernel; plus the packed model on its reference path), batch 1 x 32 tokens (latency) and 32 x 64 (throughput): a
+MiniLM-L6 (the real all-MiniLM-L6-v2 weights, binarized untrained: speed does not depend on the values) and a
+random BERT-base-shaped model. Memory: the resident-set growth of a fresh process that loads the model and runs one
+1 x 32 forward and reads every weight (`/proc/self/status` VmRSS), the bytes of the tensors the model holds, and
+the file sizes (`model.safetensors`; the int8 dynamic model as a `torch.save` of its state dict). The packed forms:
+binarized layers packed, embeddings float32 (`packed`) or int8 with per-row scales (`packed_int8_embeddings`).
+
+Timing: every configuration runs its candidates round-robin (`--rounds` rounds, each call repeated to fill about
+`--min_ms`), and reports medians, so a busy shared machine slows all candidates of one configuration alike; the
+ratios are the figures to read, not the absolute times.
+
+    python benchmarks/inference.py      # writes benchmarks/results/inference_cpu.{json,md,png}
+    python benchmarks/inference.py --quick     # fewer shapes and rounds, for a smoke run
+    python benchmarks/inference.py --profile   # where the packed MiniLM's time goes: results/inference_profile_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from surge_hf import SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
+from surge_hf.layers import BinaryLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = ROOT.parent / "shared" / "models" / "all-MiniLM-L6-v2"
+RESULTS = ROOT / "benchmarks" / "results"
+LAYER_SHAPES = {"bert-base": [(768, 768), (768, 3072), (3072, 768)], "minilm": [(384, 384), (384, 1536), (1536, 384)]}
+ROWS = (1, 8, 32, 128, 512)
+THREADS = (1, 2)
+BATCHES = ((1, 32), (32, 64))
+FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_reference")
+
+
+def median_seconds(candidates: dict[str, Callable[[], object]], rounds: int, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin (see the module docstring)."""
+    repeats = {}
+    for name, call in candidates.items():
+        call()  # warm-up: first-use builds, caches
+        start = time.perf_counter()
+        call()
+        repeats[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            samples[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def without_kernel(call: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with kernels.disabled():
+            return call()
+    return run
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def with_ratios(seconds: dict[str, float]) -> dict:
+    kernel = seconds["binary_kernel"]
+    return {"ms": {name: 1e3 * value for name, value in seconds.items()},
+            "speedup_of_binary_kernel_over": {name: value / kernel for name, value in seconds.items()
+                                              if name != "binary_kernel"}}
+
+
+def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, ...]) -> list[dict]:
+    results = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for family, family_shapes in shapes.items():
+            for in_features, out_features in family_shapes:
+                torch.manual_seed(0)
+                linear = nn.Linear(in_features, out_features)
+                quantized = int8_dynamic(nn.Sequential(linear))
+                binary = BinaryLinear.from_surge(SurgeLinear.from_linear(nn.Linear(in_features, out_features),
+                                                                         SurgeConfig())).eval()
+                for m in rows:
+                    x = torch.randn(m, in_features)
+                    with torch.inference_mode():
+                        seconds = median_seconds({
+                            "float32": lambda: linear(x),
+                            "int8_dynamic": lambda: quantized(x),
+                            "binary_kernel": lambda: binary(x),
+                            "binary_reference": without_kernel(lambda: binary(x)),
+                        }, rounds, min_seconds)
+                    row = {"family": family, "in_features": in_features, "out_features": out_features, "rows": m,
+                           "threads": threads, **with_ratios(seconds)}
+                    results.append(row)
+                    print(f"layer {family} {in_features}x{out_features} M={m} threads={threads}: "
+                          + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()), flush=True)
+    return results
+
+
+def save_models(workdir: Path) -> dict[str, dict[str, Path]]:
+    """Save the float32 and packed forms of each end-to-end model; returns their folders."""
+    bases = {}
+    if MINILM.is_dir():
+        bases["minilm-l6"] = BertForSequenceClassification.from_pretrained(MINILM, dtype=torch.float32, num_labels=2)
+    else:
+        print(f"{MINILM} is absent: skipping MiniLM-L6")
+    torch.manual_seed(0)
+    bases["bert-base-shape"] = BertForSequenceClassification(BertConfig(num_labels=2))
+    folders = {}
+    for name, model in bases.items():
+        float_dir, packed_dir, int8_embedding_dir = (workdir / name / form for form in ("float32", "packed",
+                                                                                      "packed_int8_embeddings"))
+        model.save_pretrained(float_dir)
+        surge = SurgeBertForSequenceClassification.from_pretrained(float_dir, surge=SurgeConfig()).finalize()
+        surge.save_pretrained(packed_dir)
+        surge.quantize_embeddings().save_pretrained(int8_embedding_dir)
+        torch.save(int8_dynamic(model).state_dict(), workdir / name / "int8_dynamic.pt")
+        folders[name] = {"float32": float_dir, "packed": packed_dir, "packed_int8_embeddings": int8_embedding_dir,
+                         "int8_dynamic": workdir / name / "int8_dynamic.pt"}
+    return folders
+
+
+def load(form: str, folder: Path) -> nn.Module:
+    if form in ("float32", "int8_dynamic"):
+        model = BertForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        return (int8_dynamic(model) if form == "int8_dynamic" else model).eval()
+    return SurgeBertForSequenceClassification.from_pretrained(folder).eval()
+
+
+def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
+    results = []
+    for name, paths in folders.items():
+        models = {"float32": load("float32", paths["float32"]), "int8_dynamic": load("int8_dynamic", paths["float32"]),
+                  "binary": load("packed", paths["packed"])}
+        vocab = models["float32"].config.vocab_size
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            for batch, length in BATCHES:
+                ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                with torch.inference_mode():
+                    seconds = median_seconds({
+                        "float32": lambda: models["float32"](**inputs),
+                        "int8_dynamic": lambda: models["int8_dynamic"](**inputs),
+                        "binary_kernel": lambda: models["binary"](**inputs),
+                        "binary_reference": without_kernel(lambda: models["binary"](**inputs)),
+                    }, rounds, min_seconds)
+                row = {"model": name, "batch": batch, "tokens": length, "threads": threads, **with_ratios(seconds)}
+                results.append(row)
+                print(f"e2e {name} {batch}x{length} threads={threads}: "
+                      + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items()), flush=True)
+    return results
+
+
+def profile(rounds: int) -> dict:
+    """Self CPU time per operator of the packed MiniLM-L6 classifier at 32 x 64, one thread (torch.profiler)."""
+    torch.set_num_threads(1)
+    model = SurgeBertForSequenceClassification.from_pretrained(MINILM, surge=SurgeConfig(), dtype=torch.float32,
+                                                               num_labels=2).finalize()
+    ids = torch.randint(1000, model.config.vocab_size, (32, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(input_ids=ids)
+        with torch.profiler.profile() as profiler:
+            for _ in range(rounds):
+                model(input_ids=ids)
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    return {"command": "python benchmarks/inference.py --profile", "model": "minilm-l6 packed", "batch": [32, 64],
+            "threads": 1, "forwards": rounds, "ms_per_forward": total / 1e3 / rounds,
+            "self_cpu_share": {event.key: event.self_cpu_time_total / total for event in events[:8]}}
+
+
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def tensor_bytes(value: object) -> int:
+    """Bytes of the tensors in `value` (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    return 0
+
+
+def measure_memory(form: str, folder: Path) -> dict[str, int]:
+    """Run in a fresh process: RSS growth from loading `form`, running one 1 x 32 forward and reading every weight
+    (weights loaded from safetensors may stay file-backed until read), and the bytes of the tensors the model holds
+    (state dict, plus the packed layers' kernel panels)."""
+    torch.set_num_threads(1)
+    gc.collect()
+    before = resident_bytes()
+    model = load(form, folder)
+    with torch.inference_mode():
+        model(input_ids=torch.full((1, 32), 1000))
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
+    gc.collect()
+    held = tensor_bytes(model.state_dict()) + sum(tensor_bytes(module.__dict__.get("_panels"))
+                                                  for module in model.modules())
+    return {"rss_delta_bytes": resident_bytes() - before, "tensor_bytes": held}
+
+
+def memory_and_files(folders: dict) -> dict:
+    results = {}
+    for name, paths in folders.items():
+        row = {"rss_delta_bytes": {}, "tensor_bytes": {}, "file_bytes": {}}
+        for form in ("float32", "int8_dynamic", "packed", "packed_int8_embeddings"):
+            folder = paths["float32"] if form == "int8_dynamic" else paths[form]
+            command = [sys.executable, __file__, "--memory", form, str(folder)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=env).stdout
+            for key, value in json.loads(output.rpartition("MEMORY=")[2]).items():
+                row[key][form] = value
+            path = paths[form] if form == "int8_dynamic" else paths[form] / "model.safetensors"
+            row["file_bytes"][form] = path.stat().st_size
+        for key in ("file_bytes", "rss_delta_bytes", "tensor_bytes"):
+            row[f"{key}_ratio_float32_over"] = {form: row[key]["float32"] / size for form, size in row[key].items()}
+        results[name] = row
+        print(f"memory {name}: {row}", flush=True)
+    return results
+
+
+def timing_rows(rows: list[dict], label: Callable[[dict], str], digits: int) -> list[str]:
+    """Markdown rows: label, threads, the four candidates' ms and the binary kernel's speed-ups."""
+    lines = []
+    for row in rows:
+        ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
+        times = " | ".join(f"{ms[form]:.{digits}f}" for form in FORMS)
+        ratios = " | ".join(f"{ratio[form]:.2f}x" for form in FORMS if form != "binary_kernel")
+        lines.append(f"| {label(row)} | {row['threads']} | {times} | {ratios} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    columns = "threads | float32 | int8 dyn. | binary kernel | binary reference | vs float32 | vs int8 | vs reference |"
+    rule = "| --- " * 10 + "|"
+    lines = [f"# CPU inference: `{report['command']}`", "",
+             f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
+             "Medians of round-robin rounds on a shared machine: read the ratios.", "",
+             "## Layer level (ms per call; speed-up of the binary kernel over each)", "",
+             f"| shape (in x out) | M | {columns}", rule,
+             *timing_rows(report["layers"], lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | "
+                          f"{r['rows']}", 3),
+             "", "## End to end, sequence classification (ms per batch)", "",
+             f"| model | batch x tokens | {columns}", rule,
+             *timing_rows(report["end_to_end"], lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
+    lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
+              "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, row in report["memory"].items():
+        for form in row["file_bytes"]:
+            cells = [f"{row[key][form] / 1e6:.1f} ({row[f'{key}_ratio_float32_over'][form]:.1f}x)"
+                     for key in ("file_bytes", "tensor_bytes", "rss_delta_bytes")]
+            lines.append(f"| {name} | {form} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(THREADS), figsize=(6 * len(THREADS), 4.2), sharey=True)
+    for axis, threads in zip(axes, THREADS):
+        for family, shapes in LAYER_SHAPES.items():
+            for in_features, out_features in shapes:
+                rows = [r for r in report["layers"] if r["threads"] == threads and r["family"] == family
+                        and (r["in_features"], r["out_features"]) == (in_features, out_features)]
+                if not rows:
+                    continue
+                axis.plot([r["rows"] for r in rows], [r["speedup_of_binary_kernel_over"]["float32"] for r in rows],
+                          marker="o", linestyle="-" if family == "bert-base" else "--",
+                          label=f"{family} {in_features}x{out_features}")
+        axis.axhline(1, color="gray", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log", base=2)
+        axis.set_xlabel("rows M")
+        axis.set_title(f"{threads} thread{'s' if threads > 1 else ''}")
+    axes[0].set_ylabel("binary kernel speed-up over float32 F.linear")
+    axes[-1].legend(fontsize=8)
+    figure.suptitle("W1A1 BinaryLinear (XNOR-popcount) vs float32, CPU")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds per configuration")
+    parser.add_argument("--min_ms", type=float, default=20.0, help="repeat each call to fill this many ms per round")
+    parser.add_argument("--quick", action="store_true", help="MiniLM shapes, M = 1 and 32, 3 rounds")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON path (default results/inference_cpu.json, or results/inference_cpu_quick.json)")
+    parser.add_argument("--profile", action="store_true", help="profile the packed MiniLM-L6 at 32 x 64 instead")
+    parser.add_argument("--memory", nargs=2, metavar=("FORM", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        print("MEMORY=" + json.dumps(measure_memory(args.memory[0], Path(args.memory[1]))))
+        return
+    if not kernels.available():
+        raise SystemExit("The surge_hf CPU kernel is not available here; nothing to measure.")
+    transformers.logging.set_verbosity_error()
+    if args.profile:
+        report = profile(args.rounds)
+        (RESULTS / "inference_profile_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return
+    output = args.output or RESULTS / ("inference_cpu_quick.json" if args.quick else "inference_cpu.json")
+    shapes, rows, rounds = (({"minilm": LAYER_SHAPES["minilm"]}, (1, 32), 3) if args.quick
+                            else (LAYER_SHAPES, ROWS, args.rounds))
+    threads = torch.get_num_threads()
+    report = {
+        "command": "python benchmarks/inference.py" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {platform.system()}, "
+                   f"{torch.get_num_threads()} threads available",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kernel_isa": kernels.isa(),
+        "recipe": SurgeConfig().to_dict(),
+        "rounds": rounds,
+        "min_ms": args.min_ms,
+        "layers": layer_level(rounds, args.min_ms / 1e3, shapes, rows),
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        folders = save_models(Path(workdir))
+        report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
+        report["memory"] = memory_and_files(folders)
+    torch.set_num_threads(threads)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown(report))
+    plot(report, output.with_suffix(".png"))
+    print(f"wrote {output} (+ .md, .png)")
+
+
+if __name__ == "__main__":
+    main()

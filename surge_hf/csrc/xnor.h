@@ -1,0 +1,69 @@
+// Bit-packed W1A1 / W1A{k} matrix products: the pieces shared by the instruction-set variants and the operator glue.
+//
+// Layouts (bit b of 64-bit word w of a row is column 64 * w + b; bits past the last column are 0):
+//   sign activations (M, kw) words, kw = ceil(K / 64): bit = 1 where x - tau >= 0 (sign +1), 0 where sign -1;
+//   k-bit codes      (M * k, kw) words: row m * k + b holds bit b of c = q - q_min, q the integer code of column;
+//   weight panels    (ceil(N / 16), kw, 16) words: 16 weight rows interleaved word by word, so one vector load
+//                    gives the same word of 16 output channels (rows past N are 0 and never stored).
+// Sign activations a, sign weights w (bits A, W): a . w = K - 2 * popcount(A xor W).
+// Codes q = q_min + sum_b 2^b c_b with bit planes c_b (bits C_b):
+//   q . w = sum_b 2^b (2 * popcount(C_b and W) - popcount(C_b)) + q_min * (2 * popcount(W) - K).
+#pragma once
+
+#include <cstdint>
+
+namespace surge_xnor {
+
+constexpr int64_t kPanelWidth = 16;  // output channels per weight panel
+constexpr int64_t kRowBlock = 8;     // bit rows per micro-tile (a multiple of every plane count: 1, 2, 4, 8)
+
+// y = float(dot) * (alpha[j] * input_scale) + bias[j] (alpha[0] when not per channel; input_scale and bias
+// optional), each operation rounded to float32 on its own (no fused multiply-add): the reference path's order.
+struct Epilogue {
+  const float* alpha = nullptr;
+  bool alpha_per_channel = false;
+  const float* input_scale = nullptr;
+  const float* bias = nullptr;
+};
+
+struct GemmProblem {
+  const uint64_t* a = nullptr;       // (rows, kw) activation bit rows: M sign rows, or M * planes code planes
+  const uint64_t* panels = nullptr;  // (ceil(n / 16), kw, 16) weight panels
+  int64_t rows = 0, n = 0, k = 0, kw = 0;
+  int planes = 0;                        // 0: sign activations (XOR); else bits per code (AND, bit-serial)
+  int32_t q_min = 0;                     // smallest code (planes > 0)
+  const int32_t* plane_counts = nullptr;   // (rows) popcount of each code plane (planes > 0)
+  const int32_t* weight_counts = nullptr;  // (n) popcount of each weight row (planes > 0)
+  int32_t* out_int = nullptr;  // (rows / max(planes, 1), n) exact dot products, or
+  float* out_float = nullptr;  // the same shape, scaled (see Epilogue)
+  Epilogue epilogue;
+};
+
+// What a uniform quantizer needs: q = clamp(round_half_even((x - tau) / step), q_min, q_max).
+struct CodeSpec {
+  float step = 1.0f;
+  int32_t q_min = 0, q_max = 0;
+  int planes = 1;
+};
+
+// One instruction-set variant: pack rows [row_begin, row_end) of x (m, k) float32, row-major, with an optional
+// threshold (k), as sign bits or as code planes (also writing each plane's popcount); compute the micro-tiles
+// [tile_begin, tile_end) of a product (tile t: row block t / num_panels, panel t % num_panels: a row block's outputs
+// are written row by row while the weight panels, at most a few hundred KB, stay in cache).
+// Both packers set nan_rows[i] = 1 where row i has a NaN in x - tau (the reference path's output row is then NaN).
+struct Isa {
+  const char* name;
+  void (*pack_signs)(const float* x, const float* threshold, int64_t k, int64_t kw, uint64_t* bits,
+                     uint8_t* nan_rows, int64_t row_begin, int64_t row_end);
+  void (*pack_codes)(const float* x, const float* threshold, const CodeSpec& spec, int64_t k, int64_t kw,
+                     uint64_t* planes, int32_t* plane_counts, uint8_t* nan_rows, int64_t row_begin,
+                     int64_t row_end);
+  void (*gemm_tiles)(const GemmProblem& problem, int64_t tile_begin, int64_t tile_end);
+};
+
+// nullptr where the variant was not compiled for this target (the CPU is checked separately, at run time).
+const Isa* avx512_isa();
+const Isa* avx2_isa();
+const Isa* portable_isa();
+
+}  // namespace surge_xnor

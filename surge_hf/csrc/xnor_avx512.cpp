@@ -1,0 +1,86 @@
+// AVX-512 variant (x86-64 with AVX-512 F/BW/DQ/VL and VPOPCNTDQ): 8 bit rows x 16 output channels per micro-tile,
+// 64-bit popcounts of XORed (signs) or ANDed (code planes) words in 512-bit vectors, signs compared 16 floats at a
+// time; code planes are packed by the scalar routine compiled for AVX-512.
+#include "xnor.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#define SURGE_XNOR_NS avx512
+#define SURGE_XNOR_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+#include "xnor_generic.h"
+
+namespace surge_xnor {
+namespace avx512 {
+
+SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* threshold, int64_t k, int64_t kw,
+                                               uint64_t* bits, uint8_t* nan_rows, int64_t row_begin,
+                                               int64_t row_end) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const float* row = x + i * k;
+    __mmask16 nan = 0;
+    for (int64_t w = 0; w < kw; ++w) {
+      uint64_t word = 0;
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t base = w * 64 + q * 16;
+        if (base >= k) break;
+        const int64_t count = std::min<int64_t>(16, k - base);
+        const __mmask16 valid = count == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+        __m512 u = _mm512_maskz_loadu_ps(valid, row + base);
+        if (threshold) u = _mm512_sub_ps(u, _mm512_maskz_loadu_ps(valid, threshold + base));
+        const __mmask16 positive = _mm512_mask_cmp_ps_mask(valid, u, zero, _CMP_GE_OQ);
+        nan |= _mm512_mask_cmp_ps_mask(valid, u, u, _CMP_UNORD_Q);
+        word |= static_cast<uint64_t>(positive) << (q * 16);
+      }
+      bits[i * kw + w] = word;
+    }
+    nan_rows[i] = nan != 0;
+  }
+}
+
+template <int MR, bool kAnd>
+struct VectorTile {
+  SURGE_XNOR_TARGET static void run(const GemmProblem& p, int64_t row0, int64_t panel) {
+    const uint64_t* weights = p.panels + panel * p.kw * kPanelWidth;
+    const uint64_t* a = p.a + row0 * p.kw;
+    __m512i low[MR], high[MR];
+    for (int r = 0; r < MR; ++r) low[r] = high[r] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < p.kw; ++t) {
+      const __m512i w0 = _mm512_loadu_si512(weights + t * kPanelWidth);
+      const __m512i w1 = _mm512_loadu_si512(weights + t * kPanelWidth + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i word = _mm512_set1_epi64(static_cast<long long>(a[r * p.kw + t]));
+        const __m512i b0 = kAnd ? _mm512_and_si512(word, w0) : _mm512_xor_si512(word, w0);
+        const __m512i b1 = kAnd ? _mm512_and_si512(word, w1) : _mm512_xor_si512(word, w1);
+        low[r] = _mm512_add_epi64(low[r], _mm512_popcnt_epi64(b0));
+        high[r] = _mm512_add_epi64(high[r], _mm512_popcnt_epi64(b1));
+      }
+    }
+    int32_t counts[MR][kPanelWidth];
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&counts[r][0]), _mm512_cvtepi64_epi32(low[r]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&counts[r][8]), _mm512_cvtepi64_epi32(high[r]));
+    }
+    store_tile<MR>(p, row0, panel, counts);
+  }
+};
+
+SURGE_XNOR_TARGET static void gemm_tiles_avx512(const GemmProblem& p, int64_t tile_begin, int64_t tile_end) {
+  for_each_tile<VectorTile>(p, tile_begin, tile_end);
+}
+
+}  // namespace avx512
+
+const Isa* avx512_isa() {
+  static const Isa isa{"avx512_vpopcntdq", avx512::pack_signs_avx512, avx512::pack_codes,
+                        avx512::gemm_tiles_avx512};
+  return &isa;
+}
+
+}  // namespace surge_xnor
+#else
+namespace surge_xnor {
+const Isa* avx512_isa() { return nullptr; }
+}  // namespace surge_xnor
+#endif

@@ -1,0 +1,13 @@
+// Portable variant: plain C++, any CPU.
+#define SURGE_XNOR_NS portable
+#define SURGE_XNOR_TARGET
+#include "xnor_generic.h"
+
+namespace surge_xnor {
+
+const Isa* portable_isa() {
+  static const Isa isa{"portable", portable::pack_signs, portable::pack_codes, portable::gemm_tiles};
+  return &isa;
+}
+
+}  // namespace surge_xnor

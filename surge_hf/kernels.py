@@ -1,0 +1,231 @@
+"""The CPU kernel behind packed W1A1 layers: XNOR-popcount products on bit-packed signs.
+
+For +-1 vectors `a`, `w` of length `K` whose signs are stored as bits (1 for +1, 0 for -1), the dot product is the
+integer `a . w = K - 2 * popcount(bits(a) xor bits(w))`. Integer codes `q` in `[q_min, q_max]` (k-bit and unsigned
+activations) are taken bit-serially: with the bit planes `c_b` of `q - q_min`,
+`q . w = sum_b 2^b (2 popcount(c_b and w) - popcount(c_b)) + q_min (2 popcount(w) - K)`, k AND-popcount products.
+A packed `BinaryLinear` with sign activations computes
+
+    y = float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j
+
+so the kernel packs the activations into bits on the fly (`x - tau >= 0`), takes XOR + popcount against the packed
+weight rows, and applies the scales and the bias in that order, each operation rounded to float32 on its own (the
+extension is compiled without fused multiply-adds): exactly what the reference path computes
+(`quantizers.output_scale`), so both agree bit for bit in float32.
+
+The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `torch.utils.cpp_extension.load` into
+torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
+The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++; work
+is split over `torch.get_num_threads()` threads. Where it cannot be built (no C++ compiler, no ninja), packed layers
+use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
+kernel off.
+
+Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
+(on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
+`(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DISABLE_ENV = "SURGE_HF_DISABLE_KERNELS"
+_SOURCES = ("xnor_ops.cpp", "xnor_avx512.cpp", "xnor_avx2.cpp", "xnor_portable.cpp")
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_state: dict[str, bool | None] = {"loaded": None, "enabled": True}
+
+
+def _ninja_on_path() -> None:
+    """Put the `ninja` PyPI package's binary on PATH when no ninja is there (torch's builder calls `ninja`)."""
+    if shutil.which("ninja") is not None:
+        return
+    with contextlib.suppress(ImportError):
+        ninja = importlib.import_module("ninja")  # not `import ninja`: custom-code checks would then require it
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> bool:
+    """Compile (or reuse the cached build of) the extension and register `torch.ops.surge_hf`; False on failure."""
+    if not all((_CSRC / source).is_file() for source in _SOURCES):
+        warnings.warn(
+            f"The C++ sources of surge_hf's CPU kernel are not in {_CSRC} (custom code copied with a checkpoint "
+            "ships without them); packed binary layers use the slower reference path (unpack + F.linear). Install "
+            "the surge_hf package to get the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ninja_on_path()
+        load(
+            name="surge_hf_xnor",
+            sources=[str(_CSRC / source) for source in _SOURCES],
+            extra_cflags=["-O3", "-ffp-contract=off"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the reference path
+        warnings.warn(
+            f"surge_hf could not build its CPU kernel ({type(error).__name__}: {str(error).strip()[:300]}); packed "
+            "binary layers use the slower reference path (unpack + F.linear). Install a C++ compiler and the "
+            "`ninja` package to get the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether the kernel is enabled and built (building it on the first call)."""
+    if not _state["enabled"] or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False
+    if _state["loaded"] is None:
+        _state["loaded"] = _build()
+    return bool(_state["loaded"])
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the kernel on or off for this process (off: packed layers use the reference path)."""
+    _state["enabled"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run a block with the kernel turned off."""
+    previous = _state["enabled"]
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def _ops():
+    if not available():
+        raise RuntimeError(f"The surge_hf CPU kernel is not available (disabled, or it could not be built; "
+                           f"unset {DISABLE_ENV} and see the warning raised on first use).")
+    return torch.ops.surge_hf
+
+
+def isa() -> str:
+    """The instruction set the kernel runs with: `avx512_vpopcntdq`, `avx2` or `portable`."""
+    return _ops().xnor_isa()
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU can run, fastest first."""
+    return list(_ops().xnor_supported_isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run a block with the kernel forced to instruction set `name` (one of `supported_isas()`)."""
+    previous = _ops().xnor_set_isa(name)
+    try:
+        yield
+    finally:
+        _ops().xnor_set_isa(previous)
+
+
+def pack_weight_panels(weight_packed: Tensor, in_features: int) -> Tensor:
+    """Weight panels (see the module docstring) from `packing.pack_signs` rows `(N, ceil(K / 8))` uint8."""
+    return _ops().pack_weight_panels(weight_packed, in_features)
+
+
+def pack_activation_bits(x: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """The sign bits of `x - threshold` (`x` float32 `(M, K)`): int64 `(M, ceil(K / 64))`, 1 where `x - tau >= 0`."""
+    return _ops().pack_activation_bits(x.contiguous(), None if threshold is None else threshold.contiguous())
+
+
+def weight_row_counts(weight_packed: Tensor) -> Tensor:
+    """The number of +1 signs of each packed weight row, int32 `(N,)` (needed by the code products)."""
+    return _ops().weight_row_counts(weight_packed)
+
+
+def pack_activation_codes(x: Tensor, threshold: Tensor | None, step: float, q_min: int, q_max: int
+                          ) -> tuple[Tensor, Tensor]:
+    """The bit planes of `c = q - q_min`, `q = clamp(round((x - tau) / step), q_min, q_max)` (`x` float32 `(M, K)`):
+    int64 `(M * k, ceil(K / 64))` with plane `b` of row `m` at row `m * k + b`, and each plane's popcount (int32)."""
+    return _ops().pack_activation_codes(x.contiguous(), _contiguous(threshold), step, q_min, q_max)
+
+
+def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The exact +-1 dot products `K - 2 * popcount(a xor w)`, int32 of shape `(M, N)`."""
+    return _ops().xnor_gemm(activation_bits, weight_panels, out_features, in_features)
+
+
+def code_gemm(planes: Tensor, plane_counts: Tensor, weight_panels: Tensor, weight_counts: Tensor, out_features: int,
+              in_features: int, q_min: int, q_max: int) -> Tensor:
+    """The exact products `q . sign(W_j)` of integer codes with sign weights, bit-serial (module docstring), int32
+    of shape `(M, N)`."""
+    return _ops().code_gemm(planes, plane_counts, weight_panels, weight_counts, out_features, in_features, q_min,
+                            q_max)
+
+
+def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                  input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`float(sign(x - tau) . sign(W_j)) * (alpha_j * s) + b_j` for float32 `x` of shape `(..., K)` (see the module
+    docstring); tau, s and b optional. Returns float32 of shape `(..., N)`.
+
+    Differentiable like the reference path: no gradient reaches `x` or tau (the sign comparison cuts the graph),
+    s gets `sum(g * float(dots) * alpha)` and b gets `sum(g)`."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input_scale, bias)):
+        return _BinaryLinear.apply(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+    return _binary_linear(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+
+
+class _BinaryLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: Tensor | None, panels: Tensor, out_features: int, alpha: Tensor,
+                scale: Tensor | None, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, threshold, panels, alpha)
+        ctx.out_features = out_features
+        return _binary_linear(x, threshold, panels, out_features, alpha, scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x, threshold, panels, alpha = ctx.saved_tensors
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[5]:
+            unscaled = _binary_linear(x, threshold, panels, ctx.out_features, alpha, None, None)
+            grad_scale = (grad_output * unscaled).sum().reshape(1)
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
+        return None, None, None, None, None, grad_scale, grad_bias
+
+
+def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                   input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    out = _ops().binary_linear(
+        rows, _contiguous(threshold), weight_panels, out_features, _contiguous(alpha), _contiguous(input_scale),
+        _contiguous(bias),
+    )
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,
+                     weight_counts: Tensor, out_features: int, alpha: Tensor, bias: Tensor | None) -> Tensor:
+    """`float(q . sign(W_j)) * (alpha_j * s) + b_j` with the codes `q = clamp(round((x - tau) / s), q_min, q_max)`
+    (`levels = (q_min, q_max)`, 2, 4, 16 or 256 levels) of float32 `x` of shape `(..., K)`, bit-serial. Returns
+    float32 of shape `(..., N)`. Inference only (no gradient)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    out = _ops().quantized_linear(rows, _contiguous(threshold), _contiguous(step), levels[0], levels[1],
+                                  weight_panels, weight_counts, out_features, _contiguous(alpha), _contiguous(bias))
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach().contiguous()
