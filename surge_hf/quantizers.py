@@ -1,4 +1,4 @@
-"""Binarizers with surrogate gradients.
+"""Binarizers and activation quantizers with surrogate gradients.
 
 Every binarizer computes `sign` in the forward pass and replaces its zero-almost-everywhere derivative by a surrogate
 `d(u)` in the backward pass. `sign` here never returns 0: `sign(u) = +1 if u >= 0 else -1` (NaN stays NaN, so a
@@ -12,6 +12,11 @@ Surrogate derivatives of sign at `u` (the binarizer's pre-sign input):
 | `clipped_ste` | 1[|u| <= 1]                                                   | BinaryNet                   |
 | `approx_sign` | (2 - 2|u|) * 1[|u| <= 1]                                       | Bi-Real Net (ApproxSign)    |
 | `swish_sign`  | beta * (2 - beta*u*tanh(beta*u/2)) / (1 + cosh(beta*u))       | BNN+ (SwishSign)            |
+
+Activations can also be quantized to k bits (`ActivationSpec`): uniform integer codes clamp(round((x - tau) / s),
+Q_n, Q_p) with a straight-through gradient inside the range and LSQ's gradient for the step s. Every quantizer here
+returns integer codes (signs or levels); the layers multiply the integer product by the scales afterwards
+(`output_scale`).
 
 The functions here are shared by the training layers and by the inference layers, so both compute the forward
 values with the very same operations (which makes a finalized model exact, not merely close).
