@@ -68,12 +68,14 @@ def logits_with_noise_like_int8(model, tokenizer, sentences: list[str], max_leng
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="a packed checkpoint folder with its tokenizer")
+    source.add_argument("--model", type=Path,
+                        help="a packed (or train-form, packed here) checkpoint folder with its tokenizer")
     source.add_argument("--binarize_untrained", type=Path, help="a float BERT checkpoint to binarize and pack as is")
     parser.add_argument("--validation_file", type=Path, default=VALIDATION)
     parser.add_argument("--max_seq_length", type=int, default=32)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "int8_embeddings.json")
     args = parser.parse_args()
+    source = f"--binarize_untrained {args.binarize_untrained}" if args.binarize_untrained else f"--model {args.model}"
     transformers.logging.set_verbosity_error()
     with args.validation_file.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -88,9 +90,10 @@ def main() -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
-    if not model.is_packed:
-        raise SystemExit(f"{args.model} is not a packed checkpoint; pass the folder that save_pretrained(packed=True) "
-                         "or a training script wrote at the top of its output directory.")
+    if not model.is_packed:  # a train-form checkpoint (e.g. OUTPUT_DIR/train_state): pack it here
+        model.finalize()
+        args.model = Path(tempfile.mkdtemp())
+        model.save_pretrained(args.model)
     float_logits = logits_of(model, tokenizer, sentences, args.max_seq_length)
     noise_logits = logits_with_noise_like_int8(model, tokenizer, sentences, args.max_seq_length)
     model.quantize_embeddings()
@@ -100,10 +103,8 @@ def main() -> None:
         int8_file = (Path(folder) / "model.safetensors").stat().st_size
     float_predictions, int8_predictions = float_logits.argmax(-1), int8_logits.argmax(-1)
     report = {
-        "command": "python benchmarks/int8_embeddings.py " + (f"--binarize_untrained {args.binarize_untrained}"
-                                                              if args.binarize_untrained else f"--model {args.model}")
-                   + f" --output {args.output}",
-        "model": str(args.binarize_untrained or args.model),
+        "command": f"python benchmarks/int8_embeddings.py {source} --output {args.output}",
+        "model": source.split(" ", 1)[1],
         "trained": not args.binarize_untrained,
         "validation_examples": len(labels),
         "int8_embeddings": model.config.surge_int8_embeddings,
