@@ -134,11 +134,16 @@ def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
     })
 
 
+def precision_stage_dir(bits: int) -> str:
+    """The folder of `--output_dir` that the W1A{bits} stage of progressive precision writes."""
+    return f"stage_a{bits}"
+
+
 def precision_stage_args(args: argparse.Namespace, bits: int, init: str) -> argparse.Namespace:
     """One stage of progressive precision: `bits` activation bits, started from `init`, in its own folder."""
     return argparse.Namespace(**{
         **vars(args), "activation_bits": bits, "model_name_or_path": init, "push_to_hub": False,
-        "output_dir": Path(args.output_dir) / f"stage_a{bits}", "activation_bits_schedule": None,
+        "output_dir": Path(args.output_dir) / precision_stage_dir(bits), "activation_bits_schedule": None,
     })
 
 
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
 def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
     """The folders of `--output_dir` that the run's earlier stages (teacher, precision stages) write."""
     teacher = (TEACHER_DIR,) if args.teacher_model_name_or_path == AUTO_TEACHER else ()
-    return (*teacher, *(f"stage_a{bits}" for bits in (args.activation_bits_schedule or [])[:-1]))
+    return (*teacher, *(precision_stage_dir(bits) for bits in (args.activation_bits_schedule or [])[:-1]))
 
 
 def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ...] = ()) -> dict:

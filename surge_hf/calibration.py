@@ -28,7 +28,6 @@ from torch import nn
 
 from .binarize import surge_layers
 from .layers import layer_kind
-from .quantizers import activation_codes, sign
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,11 +53,7 @@ def _calibrate_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None
 
 def _fit_weight_scale(layer: nn.Module, x: torch.Tensor) -> None:
     """alpha_o = <y_o, p_o> / <p_o, p_o> (see the module docstring)."""
-    threshold = None if layer.input_threshold is None else layer.reshape_threshold(layer.input_threshold)
-    codes = x
-    if layer.surge_config.binarize_activations:
-        codes = activation_codes(x, threshold, layer.input_scale, layer.activation_spec)
-    product = layer.apply_output_scale(layer.binary_op(codes, sign(layer.weight)), layer.input_scale)
+    product = layer.apply_output_scale(layer.binary_op(layer.input_codes(x), layer.weight_signs()), layer.input_scale)
     # The output channels, as (samples, channels) like the inputs; one column for a per-tensor scale.
     target = _feature_rows(layer, layer.binary_op(x, layer.weight)).double()
     product = _feature_rows(layer, product).double()
