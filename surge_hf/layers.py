@@ -453,9 +453,14 @@ class BinaryLayerMixin(nn.Module):
             )
         if self.uses_kernel(x):
             return self.kernel_forward(x)
-        alpha = self.weight_scale if self.surge_config.binarize_weights else None
-        product = self.binary_op(self.input_codes(x), self.weight_signs())
-        return self.add_bias(self.apply_output_scale(product, output_scale(self.input_scale, alpha)))
+        return self.binary_branch(x)
+
+    def weight_alpha(self) -> Tensor | None:
+        """The stored alpha (None when weights are not binarized)."""
+        return self.weight_scale if self.surge_config.binarize_weights else None
+
+    # The very operations of the SURGE layer's binary branch, in the same order: packed outputs equal eval outputs.
+    binary_branch = SurgeLayerMixin.binary_branch
 
     def uses_kernel(self, x: Tensor) -> bool:
         """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference
