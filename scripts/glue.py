@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
 from surge_hf.output_dir import check_output_dir
-from surge_hf.text_data import load_text_data, preprocess
+from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
+from surge_hf.text_data import LABEL_COLUMN, load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
@@ -52,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--pad_to_max_length", action="store_true")
     data.add_argument("--max_train_samples", type=int, help="Use only the first N training examples.")
     data.add_argument("--max_eval_samples", type=int, help="Use only the first N examples of each eval split.")
+    data.add_argument("--augment", type=int, default=0, metavar="N",
+                      help="Add N new sentences per training example, labelled by the teacher alone (word "
+                           "replacement by the model's own embedding neighbours, word dropout, recombination of "
+                           "same-label snippets; surge_hf.text_augmentation). Needs a teacher.")
+    data.add_argument("--augment_replace_probability", type=float, default=0.3)
+    data.add_argument("--augment_drop_probability", type=float, default=0.1)
+    data.add_argument("--augment_recombine_probability", type=float, default=0.25)
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
@@ -120,7 +129,25 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
+    if args.augment < 0:
+        raise ValueError(f"--augment must be >= 0 (new sentences per training example), got {args.augment}.")
+    if args.augment:
+        augmentation_config(args)
+        if args.teacher_model_name_or_path is None:
+            raise ValueError("--augment needs a teacher: the new sentences have no label, the student learns the "
+                             "teacher's outputs on them. Pass --teacher_model_name_or_path (auto, the default for a "
+                             "binary student, trains one first), or drop --augment.")
     cli.validate_common_args(args)
+
+
+def augmentation_config(args: argparse.Namespace) -> TextAugmentationConfig | None:
+    """The `--augment*` flags as a config (None without `--augment`); new sentences are seeded by `--seed`."""
+    if not args.augment:
+        return None
+    return TextAugmentationConfig(
+        copies=args.augment, replace_probability=args.augment_replace_probability,
+        drop_probability=args.augment_drop_probability, recombine_probability=args.augment_recombine_probability,
+        seed=args.seed)
 
 
 def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -130,7 +157,7 @@ def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
         **vars(args), "binarize": "none", "teacher_model_name_or_path": None,
         "output_dir": Path(args.output_dir) / TEACHER_DIR, "learning_rate": args.teacher_learning_rate,
         "num_train_epochs": args.teacher_num_train_epochs, "max_train_steps": args.teacher_max_train_steps,
-        "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None,
+        "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None, "augment": 0,
     })
 
 
@@ -255,9 +282,11 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     """One training run (a full-precision model for `--binarize none`), from validated flags. An earlier stage
     (`final=False`) leaves the process group up for the next one; `own_folders` are the earlier stages' folders in
     `--output_dir`."""
+    augmentation = augmentation_config(args)
     run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
                               max_length=args.max_length, pad_to_max_length=args.pad_to_max_length,
-                              max_train_samples=args.max_train_samples)
+                              max_train_samples=args.max_train_samples,
+                              augmentation=None if augmentation is None else asdict(augmentation))
     recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
@@ -272,11 +301,15 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     accelerator = build_accelerator(config)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
                                               use_fast=not args.use_slow_tokenizer)
-    with accelerator.main_process_first():
-        processed, collator = preprocess(raw, info, tokenizer, args.max_length, args.pad_to_max_length)
     needs_attentions = distillation is not None and distillation.needs_attentions
     attn_implementation = "eager" if needs_attentions else None
     model = load_student(args, recipe, info, attn_implementation)
+    if augmentation is not None:
+        raw["train"] = augment_dataset(raw["train"], info.sentence_keys, LABEL_COLUMN,
+                                       model.get_input_embeddings().weight, tokenizer.get_vocab(), augmentation)
+        accelerator.print(f"Training on {len(raw['train'])} sentences ({augmentation.copies} new per example).")
+    with accelerator.main_process_first():
+        processed, collator = preprocess(raw, info, tokenizer, args.max_length, args.pad_to_max_length)
     teacher = None
     if distillation is not None:
         teacher = AutoModelForSequenceClassification.from_pretrained(

@@ -12,7 +12,8 @@ With student logits `z_s`, teacher logits `z_t`, temperature `T` and weights fro
     L_attn   = mean over layers l of mean((A_s^l - A_t^l)^2)        (attention probabilities)
     L_aux    = sum over SURGE layers of w * mean((W_a x - f_b)^2)   (recipes with aux_loss_weight = w > 0)
 
-`L_task` is the model's own loss for hard labels, or the soft-target cross-entropy `-sum(y * log softmax(z_s))` when
+`L_task` is the model's own loss for hard labels (rows labelled `IGNORE_LABEL` do not count; it is 0 for a batch
+without a labelled row), or the soft-target cross-entropy `-sum(y * log softmax(z_s))` when
 the batch carries `soft_labels` (mixup / cutmix). In `L_aux`, `x` and `f_b` are detached: only `W_a` is trained by
 it. `compute_loss` serves the Accelerate scripts and `SurgeTrainer` (a `transformers.Trainer`) alike.
 
@@ -35,6 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+IGNORE_LABEL = -100
+"""The class id of a row without a hard label (torch's `cross_entropy` default `ignore_index`): augmented inputs,
+learnt from the teacher's outputs alone."""
 
 
 class AuxiliaryLossCollector:
@@ -123,11 +129,13 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
-def task_loss(outputs: Any, soft_labels: Tensor | None) -> Tensor | None:
+def task_loss(outputs: Any, soft_labels: Tensor | None, labels: Tensor | None = None) -> Tensor | None:
     """L_task alone: the soft-target cross-entropy, else the model's `loss` without the `aux_loss` a SURGE model
-    adds to it (None when the model computed no loss)."""
+    adds to it (None when the model computed no loss; 0 when every row of `labels` is `IGNORE_LABEL`)."""
     if soft_labels is not None:
         return soft_cross_entropy(outputs.logits, soft_labels)
+    if labels is not None and not labels.is_floating_point() and bool((labels == IGNORE_LABEL).all()):
+        return outputs.logits.sum() * 0.0  # the model's mean over no labelled row would be NaN
     included_aux = getattr(outputs, "aux_loss", None)
     if outputs.loss is None or included_aux is None:
         return outputs.loss
@@ -171,7 +179,7 @@ def compute_loss(
         extra["output_attentions"] = True
     with collect_auxiliary_loss() as aux:
         outputs = model(**batch, **extra)
-    task = task_loss(outputs, soft_labels)
+    task = task_loss(outputs, soft_labels, batch.get("labels"))
     if teacher is None:
         loss = task
     else:

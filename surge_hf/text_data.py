@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .metrics import get_glue_task, metric_config_name
+from .objective import IGNORE_LABEL
+from .text_augmentation import AUGMENTED_COLUMN
 
 GLUE_HUB_ID = "nyu-mll/glue"
 LABEL_COLUMN = "label"
@@ -187,7 +189,9 @@ def preprocess(
 ) -> tuple[Any, Callable]:
     """Tokenize the train and evaluation splits and map their labels to ids, ready for a DataLoader.
 
-    Texts are truncated to ``max_length`` tokens (pairs: longest first). With ``pad_to_max_length`` every example
+    Texts are truncated to ``max_length`` tokens (pairs: longest first). Rows marked by ``AUGMENTED_COLUMN``
+    (``surge_hf.text_augmentation``) get the label ``IGNORE_LABEL``: they are learnt from the teacher alone. With
+    ``pad_to_max_length`` every example
     is padded to ``max_length`` and batches are stacked by ``default_data_collator``; otherwise batches are padded
     to their longest example (rounded up to ``pad_to_multiple_of``) by ``DataCollatorWithPadding``.
 
@@ -226,7 +230,10 @@ def preprocess(
         elif info.label_to_id is not None:
             encoded["labels"] = [info.label_to_id[label] for label in labels]
         else:
-            encoded["labels"] = labels
+            encoded["labels"] = list(labels)
+        if AUGMENTED_COLUMN in batch:
+            encoded["labels"] = [IGNORE_LABEL if augmented else label
+                                 for label, augmented in zip(encoded["labels"], batch[AUGMENTED_COLUMN])]
         return encoded
 
     import datasets
