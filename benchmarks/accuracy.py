@@ -54,6 +54,10 @@ ELASTIC = ("--activation_binarizer", "elastic", "--calibrate_activations")
 BIT = (*FROM_TEACHER, *PLAIN, *LADDER_KD, *HIDDEN_KD, *ELASTIC)
 ALPHA = ("--learnable_weight_scale",)
 SPLIT_LR = ("--learning_rate", "1e-4", "--latent_weight_learning_rate", "5e-4", "--quantizer_learning_rate", "5e-4")
+# glue.py's defaults (the built-in recipe: elastic activations, calibration, learned alpha, logits + hidden-state
+# distillation, lr 5e-4) on the suite's shared teacher instead of a teacher stage of its own.
+DEFAULT_RECIPE = (*FROM_TEACHER, "--teacher_model_name_or_path", TEACHER)
+STEPS_1250 = ("--max_train_steps", "1250")
 VISION_SHORTCUTS = ("--shortcuts",)
 VISION_RESNET_KD = ("--train_teacher", "resnet", "--distill_logits_weight", "1", "--distill_label_weight", "0")
 
@@ -123,6 +127,13 @@ TEXT = Task(
         "surge_bit_alpha_eta0.03": (*_surge("0.03"), *BIT, *ALPHA),
         "surge_bit_alpha_previous_lam": (*_surge("0.1"), *BIT, *ALPHA, "--lambda_placement", "previous"),
         "surge_bit_alpha_scale_aux_grad": (*_surge("0.1"), *BIT, *ALPHA, "--scale_aux_grad"),
+        # Teacher-labelled new inputs at equal student steps (1,250 = 4 epochs of the original data, 0.8 of a pass
+        # over the data with 4 new sentences per snippet).
+        "surge_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250),
+        "surge_aug4_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4"),
+        "ste_aug4_1250": ("--binarize", "ste", *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4"),
+        "surge_aug4_a8_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4",
+                               "--activation_bits", "8"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -142,6 +153,7 @@ TEXT = Task(
                                 "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
         # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
+        "augment": _ladder_suite("surge_1250", "surge_aug4_1250", "ste_aug4_1250", "surge_aug4_a8_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
