@@ -494,3 +494,34 @@ def test_the_folder_of_a_finished_teacher_stage_does_not_make_the_output_dir_non
     results = glue_script.main(run_args(tiny_bert, data_files, out))  # --teacher_model_name_or_path auto: reused
     assert f"Reusing the full-precision teacher in {out / 'teacher'}" in capsys.readouterr().out
     assert results["completed_steps"] == 4 and results["distillation"] is not None
+
+
+def test_augmented_run_trains_on_the_new_sentences_and_resumes_exactly(tiny_bert, data_files, tmp_path, capsys):
+    flags = ("--teacher_model_name_or_path", str(tiny_bert), "--augment", "2", "--checkpointing_steps", "2",
+             "--checkpoints_total_limit", "3", "--max_train_steps", "8", "--distill_label_weight", "1")
+    full = tmp_path / "full"
+    reference = glue_script.main(run_args(tiny_bert, data_files, full, *flags))
+    assert "Training on 144 sentences (2 new per example)." in capsys.readouterr().out
+    assert reference["completed_steps"] == 8
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_4", resumed_dir / "checkpoints" / "step_4")
+    resumed = glue_script.main(run_args(tiny_bert, data_files, resumed_dir, *flags,
+                                        "--resume_from_checkpoint", "latest"))
+    assert resumed["eval"] == reference["eval"]
+    assert (resumed_dir / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    # Other new sentences are another run: resuming with another --augment is refused.
+    with pytest.raises(checkpointing.CheckpointError, match="augmentation"):
+        glue_script.main(run_args(tiny_bert, data_files, resumed_dir, *flags[:3], "3", *flags[4:],
+                                  "--resume_from_checkpoint", "latest"))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--augment", "-1"), r"--augment must be >= 0"),
+    (("--augment", "2", "--teacher_model_name_or_path", "none"), r"--augment needs a teacher"),
+    (("--augment", "2", "--augment_drop_probability", "1"), r"drop_probability=1.0 would drop every word"),
+])
+def test_bad_augment_flags_fail_before_any_work(tiny_bert, data_files, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", *extra))
+    assert not (tmp_path / "o").exists()
