@@ -134,6 +134,8 @@ TEXT = Task(
         "ste_aug4_1250": ("--binarize", "ste", *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4"),
         "surge_aug4_a8_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4",
                                "--activation_bits", "8"),
+        "surge_aug4_mixup_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4",
+                                  "--embedding_mixup_alpha", "0.4"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -153,7 +155,8 @@ TEXT = Task(
                                 "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
         # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
-        "augment": _ladder_suite("surge_1250", "surge_aug4_1250", "ste_aug4_1250", "surge_aug4_a8_1250"),
+        "augment": _ladder_suite("surge_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
+                                 "surge_aug4_a8_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),

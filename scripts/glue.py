@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--augment_replace_probability", type=float, default=0.3)
     data.add_argument("--augment_drop_probability", type=float, default=0.1)
     data.add_argument("--augment_recombine_probability", type=float, default=0.25)
+    data.add_argument("--embedding_mixup_alpha", type=float, default=0.0,
+                      help="Embedding mixup (MixKD): train on token embeddings of two sentences mixed with "
+                           "lam ~ Beta(alpha, alpha), shown to student and teacher alike; 0 turns it off.")
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")

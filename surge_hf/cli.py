@@ -170,6 +170,7 @@ def distillation_from_args(args: argparse.Namespace) -> DistillationConfig | Non
         logits_weight=args.distill_logits_weight,
         hidden_states_weight=getattr(args, "distill_hidden_states_weight", 0.0),
         attentions_weight=getattr(args, "distill_attentions_weight", 0.0),
+        embedding_mixup_alpha=getattr(args, "embedding_mixup_alpha", 0.0),
     )
 
 

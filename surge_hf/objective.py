@@ -12,6 +12,9 @@ With student logits `z_s`, teacher logits `z_t`, temperature `T` and weights fro
     L_attn   = mean over layers l of mean((A_s^l - A_t^l)^2)        (attention probabilities)
     L_aux    = sum over SURGE layers of w * mean((W_a x - f_b)^2)   (recipes with aux_loss_weight = w > 0)
 
+With `embedding_mixup_alpha > 0` (text, training only) student and teacher see the same mixed token embeddings
+(`mix_token_embeddings`), learnt through the distillation terms alone.
+
 `L_task` is the model's own loss for hard labels (rows labelled `IGNORE_LABEL` do not count; it is 0 for a batch
 without a labelled row), or the soft-target cross-entropy `-sum(y * log softmax(z_s))` when
 the batch carries `soft_labels` (mixup / cutmix). In `L_aux`, `x` and `f_b` are detached: only `W_a` is trained by
@@ -88,6 +91,7 @@ class DistillationConfig:
     logits_weight: float = 1.0
     hidden_states_weight: float = 0.0
     attentions_weight: float = 0.0
+    embedding_mixup_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -95,6 +99,11 @@ class DistillationConfig:
                 raise ValueError(f"DistillationConfig.{name}={value!r} must be a finite number >= 0.")
         if self.temperature <= 0:
             raise ValueError(f"DistillationConfig.temperature={self.temperature!r} must be > 0.")
+        if self.embedding_mixup_alpha > 0 and self.label_weight > 0:
+            raise ValueError(
+                f"DistillationConfig.embedding_mixup_alpha={self.embedding_mixup_alpha} mixes two inputs, which have "
+                f"no hard label; set label_weight=0 (it is {self.label_weight}) or embedding_mixup_alpha=0."
+            )
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -157,6 +166,39 @@ def distillation_loss(outputs: Any, teacher_outputs: Any, distillation: Distilla
     return loss
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def mix_token_embeddings(
+    student: nn.Module, teacher: nn.Module, batch: dict[str, Any], alpha: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Embedding mixup (MixKD) of a text batch: the student's and the teacher's inputs.
+
+    Row i becomes `lam_i * E(x_i) + (1 - lam_i) * E(x_p(i))` in each model's own token-embedding table `E`, with
+    `p` a random permutation of the rows, `lam_i ~ Beta(alpha, alpha)` and the union of both rows' attention
+    masks (position and token-type embeddings are added by the models as usual). The mixed input has no hard label:
+    only the distillation terms learn from it. Draws from torch's global generator, so a seeded or resumed run
+    mixes the same rows.
+    """
+    input_ids = batch["input_ids"]
+    rows = input_ids.shape[0]
+    permutation = torch.randperm(rows).to(input_ids.device)
+    lam = torch.distributions.Beta(alpha, alpha).sample((rows, 1, 1)).to(input_ids.device)
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")}
+    if "attention_mask" in batch:
+        rest["attention_mask"] = torch.maximum(batch["attention_mask"], batch["attention_mask"][permutation])
+
+    def mixed(model: nn.Module) -> Tensor:
+        embeddings = _unwrapped(model).get_input_embeddings()(input_ids)
+        return lam.to(embeddings.dtype) * embeddings + (1 - lam.to(embeddings.dtype)) * embeddings[permutation]
+
+    with torch.no_grad():
+        teacher_inputs = {**rest, "inputs_embeds": mixed(teacher)}
+    return {**rest, "inputs_embeds": mixed(student)}, teacher_inputs
+
+
 def compute_loss(
     model: nn.Module,
     batch: dict[str, Any],
@@ -177,13 +219,15 @@ def compute_loss(
         extra["output_hidden_states"] = True
     if teacher is not None and distillation.needs_attentions:
         extra["output_attentions"] = True
+    teacher_inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if teacher is not None and distillation.embedding_mixup_alpha > 0 and model.training:
+        batch, teacher_inputs = mix_token_embeddings(model, teacher, batch, distillation.embedding_mixup_alpha)
     with collect_auxiliary_loss() as aux:
         outputs = model(**batch, **extra)
     task = task_loss(outputs, soft_labels, batch.get("labels"))
     if teacher is None:
         loss = task
     else:
-        teacher_inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             teacher_outputs = teacher(**teacher_inputs, **extra)
         loss = distillation_loss(outputs, teacher_outputs, distillation, is_regression)

@@ -127,7 +127,8 @@ def test_full_precision_teacher_then_distilled_student(tiny_bert, data_files, tm
         tiny_bert, data_files, tmp_path / "student", "--teacher_model_name_or_path", str(teacher_dir),
         "--distill_hidden_states_weight", "0.5", "--distill_attentions_weight", "0.5", "--distill_temperature", "2"))
     assert student["distillation"] == {"temperature": 2.0, "label_weight": 0.0, "logits_weight": 1.0,
-                                       "hidden_states_weight": 0.5, "attentions_weight": 0.5}
+                                       "hidden_states_weight": 0.5, "attentions_weight": 0.5,
+                                       "embedding_mixup_alpha": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -498,7 +499,7 @@ def test_the_folder_of_a_finished_teacher_stage_does_not_make_the_output_dir_non
 
 def test_augmented_run_trains_on_the_new_sentences_and_resumes_exactly(tiny_bert, data_files, tmp_path, capsys):
     flags = ("--teacher_model_name_or_path", str(tiny_bert), "--augment", "2", "--checkpointing_steps", "2",
-             "--checkpoints_total_limit", "3", "--max_train_steps", "8", "--distill_label_weight", "1")
+             "--checkpoints_total_limit", "3", "--max_train_steps", "8", "--embedding_mixup_alpha", "0.4")
     full = tmp_path / "full"
     reference = glue_script.main(run_args(tiny_bert, data_files, full, *flags))
     assert "Training on 144 sentences (2 new per example)." in capsys.readouterr().out
@@ -520,6 +521,8 @@ def test_augmented_run_trains_on_the_new_sentences_and_resumes_exactly(tiny_bert
     (("--augment", "-1"), r"--augment must be >= 0"),
     (("--augment", "2", "--teacher_model_name_or_path", "none"), r"--augment needs a teacher"),
     (("--augment", "2", "--augment_drop_probability", "1"), r"drop_probability=1.0 would drop every word"),
+    (("--embedding_mixup_alpha", "0.4", "--distill_label_weight", "1"), r"mixes two inputs.*set label_weight=0"),
+    (("--embedding_mixup_alpha", "-1"), r"embedding_mixup_alpha=-1.0 must be a finite number >= 0"),
 ])
 def test_bad_augment_flags_fail_before_any_work(tiny_bert, data_files, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):

@@ -214,3 +214,42 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
         models.append(model.state_dict())
     for name, tensor in models[0].items():
         torch.testing.assert_close(models[1][name], tensor, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- embedding mixup
+def test_embedding_mixup_mixes_each_models_own_embeddings_with_the_same_draw():
+    from surge_hf.objective import mix_token_embeddings
+
+    model, reference = student(), teacher(1)
+    data = batch()
+    data["attention_mask"][0, 5:] = 0
+    torch.manual_seed(5)
+    student_inputs, teacher_inputs = mix_token_embeddings(model, reference, data, alpha=0.4)
+    torch.manual_seed(5)  # the same draws, by hand: the permutation first, then lam ~ Beta(0.4, 0.4)
+    permutation = torch.randperm(4)
+    lam = torch.distributions.Beta(0.4, 0.4).sample((4, 1, 1))
+    for model_, inputs in ((model, student_inputs), (reference, teacher_inputs)):
+        table = model_.get_input_embeddings().weight
+        expected = lam * table[data["input_ids"]] + (1 - lam) * table[data["input_ids"][permutation]]
+        assert torch.equal(inputs["inputs_embeds"], expected)
+        assert torch.equal(inputs["attention_mask"],
+                           torch.maximum(data["attention_mask"], data["attention_mask"][permutation]))
+        assert "labels" not in inputs and "input_ids" not in inputs
+    assert student_inputs["inputs_embeds"].requires_grad and not teacher_inputs["inputs_embeds"].requires_grad
+
+
+def test_embedding_mixup_trains_only_and_excludes_hard_labels():
+    config = DistillationConfig(embedding_mixup_alpha=0.4)
+    model, reference = student().eval(), teacher(1)
+    with torch.no_grad():
+        mixed_off, _ = compute_loss(model, batch(), reference, DistillationConfig())
+        in_eval, _ = compute_loss(model, batch(), reference, config)
+    assert torch.equal(mixed_off, in_eval)
+    model.train()
+    torch.manual_seed(0)
+    mixed, _ = compute_loss(model, batch(), reference, config)
+    torch.manual_seed(0)
+    plain, _ = compute_loss(model, batch(), reference, DistillationConfig())
+    assert not torch.equal(mixed, plain)
+    with pytest.raises(ValueError, match=r"embedding_mixup_alpha=0.4 mixes two inputs.*set label_weight=0"):
+        DistillationConfig(embedding_mixup_alpha=0.4, label_weight=1.0)
