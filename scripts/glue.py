@@ -31,6 +31,7 @@ from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
 from surge_hf.output_dir import check_output_dir
+from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
 from surge_hf.text_data import LABEL_COLUMN, load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
@@ -77,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Embedded offline default: MiniLM-L6 and Rotten Tomatoes snippets from PyPI packages, "
                             "the full recipe (teacher stage, then the W1A1 student, 2 epochs each, max length 32), "
                             "then reload the result through AutoModelForSequenceClassification.")
+    distil = parser.add_argument_group("distillation inputs and cost (text)")
+    distil.add_argument("--distill_mask_padding", action="store_true",
+                        help="Distil hidden states on real tokens only (padded positions are not compared).")
+    distil.add_argument("--teacher_cache_dir", type=Path,
+                        help="Run the teacher once over the training set and reuse its outputs (float16) from "
+                             "this folder across epochs and runs (surge_hf.teacher_cache); needs "
+                             "--distill_mask_padding, and no --embedding_mixup_alpha or attention-map distillation.")
     cli.add_shared_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, intermediate_distillation=True,
                              calibrate=True)
     teacher = parser.add_argument_group("full-precision teacher stage (when --teacher_model_name_or_path is auto)")
@@ -140,6 +148,15 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError("--augment needs a teacher: the new sentences have no label, the student learns the "
                              "teacher's outputs on them. Pass --teacher_model_name_or_path (auto, the default for a "
                              "binary student, trains one first), or drop --augment.")
+    if args.teacher_cache_dir is not None:
+        if args.teacher_model_name_or_path is None:
+            raise ValueError("--teacher_cache_dir caches a teacher's outputs: pass a teacher, or drop the flag.")
+        if not args.distill_mask_padding:
+            raise ValueError("--teacher_cache_dir keeps the teacher's outputs on real tokens only: add "
+                             "--distill_mask_padding, so that padded positions are not distilled.")
+        if args.embedding_mixup_alpha > 0 or args.distill_attentions_weight > 0:
+            raise ValueError("--teacher_cache_dir cannot serve mixed inputs (--embedding_mixup_alpha) or attention "
+                             "maps (--distill_attentions_weight): the teacher must run live for those; drop one.")
     cli.validate_common_args(args)
 
 
@@ -161,6 +178,7 @@ def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
         "output_dir": Path(args.output_dir) / TEACHER_DIR, "learning_rate": args.teacher_learning_rate,
         "num_train_epochs": args.teacher_num_train_epochs, "max_train_steps": args.teacher_max_train_steps,
         "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None, "augment": 0,
+        "teacher_cache_dir": None,
     })
 
 
@@ -289,7 +307,8 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
                               max_length=args.max_length, pad_to_max_length=args.pad_to_max_length,
                               max_train_samples=args.max_train_samples,
-                              augmentation=None if augmentation is None else asdict(augmentation))
+                              augmentation=None if augmentation is None else asdict(augmentation),
+                              teacher_cache=args.teacher_cache_dir is not None)
     recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
@@ -319,6 +338,13 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
             args.teacher_model_name_or_path, dtype=torch.float32,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}))
 
+    if teacher is not None and args.teacher_cache_dir is not None:
+        with accelerator.main_process_first():
+            entry = build_teacher_cache(teacher, processed["train"], collator, args.teacher_cache_dir,
+                                        hidden_states=distillation.needs_hidden_states)
+        accelerator.print(f"Teacher outputs from the cache {entry.path}.")
+        teacher = CachedTeacher(entry)
+        processed["train"] = processed["train"].add_column(TEACHER_INDEX, list(range(len(processed["train"]))))
     train_loader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,
                               batch_size=args.per_device_train_batch_size)
     eval_loaders = {split: DataLoader(processed[split], collate_fn=collator,

@@ -171,6 +171,7 @@ def distillation_from_args(args: argparse.Namespace) -> DistillationConfig | Non
         hidden_states_weight=getattr(args, "distill_hidden_states_weight", 0.0),
         attentions_weight=getattr(args, "distill_attentions_weight", 0.0),
         embedding_mixup_alpha=getattr(args, "embedding_mixup_alpha", 0.0),
+        mask_padding=getattr(args, "distill_mask_padding", False),
     )
 
 

@@ -8,7 +8,8 @@ With student logits `z_s`, teacher logits `z_t`, temperature `T` and weights fro
 
     L_logits = T^2 * KL(softmax(z_t / T) || softmax(z_s / T))     (classification; soft cross-entropy)
              = mean((z_s - z_t)^2)                                (regression)
-    L_hidden = mean over layers l of mean((h_s^l - h_t^l)^2)        (embedding output and every layer)
+    L_hidden = mean over layers l of mean((h_s^l - h_t^l)^2)        (embedding output and every layer; with
+                                                                   mask_padding, over real tokens only)
     L_attn   = mean over layers l of mean((A_s^l - A_t^l)^2)        (attention probabilities)
     L_aux    = sum over SURGE layers of w * mean((W_a x - f_b)^2)   (recipes with aux_loss_weight = w > 0)
 
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .teacher_cache import TEACHER_INDEX
 
 
 IGNORE_LABEL = -100
@@ -92,6 +95,7 @@ class DistillationConfig:
     hidden_states_weight: float = 0.0
     attentions_weight: float = 0.0
     embedding_mixup_alpha: float = 0.0
+    mask_padding: bool = False
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -123,14 +127,21 @@ def logits_distillation_loss(student: Tensor, teacher: Tensor, temperature: floa
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def layerwise_mse(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], what: str) -> Tensor:
-    """Mean over layers of the MSE between matching student and teacher tensors."""
+def layerwise_mse(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], what: str,
+                  token_mask: Tensor | None = None) -> Tensor:
+    """Mean over layers of the MSE between matching student and teacher tensors; with `token_mask` (B, L) of
+    hidden states (B, L, H), the mean runs over the tokens where the mask is 1 only."""
     if len(student) != len(teacher):
         raise ValueError(
             f"Cannot distil {what}: the student has {len(student)} and the teacher {len(teacher)}. Use a teacher "
             f"with the student's number of layers, or set the {what} distillation weight to 0."
         )
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
+    if token_mask is None:
+        return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
+    weights = token_mask.float().unsqueeze(-1)
+    count = weights.sum() * student[0].shape[-1]
+    return torch.stack([((s.float() - t.float()) ** 2 * weights).sum() / count
+                        for s, t in zip(student, teacher)]).mean()
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -152,14 +163,16 @@ def task_loss(outputs: Any, soft_labels: Tensor | None, labels: Tensor | None = 
 
 
 def distillation_loss(outputs: Any, teacher_outputs: Any, distillation: DistillationConfig,
-                      is_regression: bool) -> Tensor:
-    """logits_weight * L_logits + hidden_states_weight * L_hidden + attentions_weight * L_attn."""
+                      is_regression: bool, attention_mask: Tensor | None = None) -> Tensor:
+    """logits_weight * L_logits + hidden_states_weight * L_hidden + attentions_weight * L_attn (`attention_mask`:
+    the real tokens, for `mask_padding`)."""
     loss = distillation.logits_weight * logits_distillation_loss(
         outputs.logits, teacher_outputs.logits, distillation.temperature, is_regression
     )
     if distillation.needs_hidden_states:
         loss = loss + distillation.hidden_states_weight * layerwise_mse(
-            outputs.hidden_states, teacher_outputs.hidden_states, "hidden states")
+            outputs.hidden_states, teacher_outputs.hidden_states, "hidden states",
+            attention_mask if distillation.mask_padding else None)
     if distillation.needs_attentions:
         loss = loss + distillation.attentions_weight * layerwise_mse(
             outputs.attentions, teacher_outputs.attentions, "attention maps")
@@ -213,6 +226,7 @@ def compute_loss(
     """
     batch = dict(batch)
     soft_labels = batch.pop("soft_labels", None)
+    teacher_index = batch.pop(TEACHER_INDEX, None)
     distillation = distillation or DistillationConfig()
     extra = {}
     if teacher is not None and distillation.needs_hidden_states:
@@ -220,6 +234,8 @@ def compute_loss(
     if teacher is not None and distillation.needs_attentions:
         extra["output_attentions"] = True
     teacher_inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if teacher_index is not None:  # a `CachedTeacher` looks its outputs up by row
+        teacher_inputs[TEACHER_INDEX] = teacher_index
     if teacher is not None and distillation.embedding_mixup_alpha > 0 and model.training:
         batch, teacher_inputs = mix_token_embeddings(model, teacher, batch, distillation.embedding_mixup_alpha)
     with collect_auxiliary_loss() as aux:
@@ -230,7 +246,8 @@ def compute_loss(
     else:
         with torch.no_grad():
             teacher_outputs = teacher(**teacher_inputs, **extra)
-        loss = distillation_loss(outputs, teacher_outputs, distillation, is_regression)
+        loss = distillation_loss(outputs, teacher_outputs, distillation, is_regression,
+                                 batch.get("attention_mask"))
         if distillation.label_weight > 0:
             loss = loss + distillation.label_weight * task
     aux_total = aux.total()

@@ -36,6 +36,7 @@ from .checkpointing import (
 )
 from .objective import DistillationConfig, compute_loss
 from .output_dir import check_output_dir
+from .teacher_cache import TEACHER_INDEX
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Normalisation layers: their weights (gains) and biases are never decayed.
@@ -217,7 +218,7 @@ def prepare_run(
 def calibration_batch(dataloader: DataLoader) -> dict[str, torch.Tensor]:
     """The first examples of the dataset in order (no shuffling, no RNG used), collated, without labels."""
     ordered = DataLoader(dataloader.dataset, batch_size=dataloader.batch_size, collate_fn=dataloader.collate_fn)
-    return {k: v for k, v in next(iter(ordered)).items() if k not in ("labels", "soft_labels")}
+    return {k: v for k, v in next(iter(ordered)).items() if k not in ("labels", "soft_labels", TEACHER_INDEX)}
 
 
 def _log_entry(step: int, loss: float, lr: float, model: nn.Module) -> dict[str, Any]:

@@ -528,3 +528,18 @@ def test_bad_augment_flags_fail_before_any_work(tiny_bert, data_files, tmp_path,
     with pytest.raises(ValueError, match=message):
         glue_script.main(run_args(tiny_bert, data_files, tmp_path / "o", *extra))
     assert not (tmp_path / "o").exists()
+
+
+def test_teacher_cache_is_built_once_and_gives_the_same_run_again(tiny_bert, data_files, tmp_path, capsys):
+    flags = ("--teacher_model_name_or_path", str(tiny_bert), "--distill_mask_padding", "--teacher_cache_dir",
+             str(tmp_path / "cache"))
+    first = glue_script.main(run_args(tiny_bert, data_files, tmp_path / "a", *flags))
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and (entries[0] / "hidden_states.npy").is_file()
+    second = glue_script.main(run_args(tiny_bert, data_files, tmp_path / "b", *flags))
+    assert list((tmp_path / "cache").iterdir()) == entries
+    assert second["eval"] == first["eval"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert f"Teacher outputs from the cache {entries[0]}." in capsys.readouterr().out
+    with pytest.raises(ValueError, match="add --distill_mask_padding"):
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "c", *flags[:2], *flags[3:]))
