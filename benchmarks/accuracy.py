@@ -16,7 +16,13 @@ validation for STE and SURGE alike); a recipe's own flags come last and override
 recipe's flags stands for the full-precision run of the same seed (or of the suite's first teacher seed), which is
 trained first: `--teacher_model_name_or_path {teacher}` distils from it, `--model_name_or_path {teacher}` starts
 the binary student from the task-fine-tuned model. Each run keeps its outputs (packed model, card,
-`training_history.json`) under `--runs_dir/<recipe>/lr<lr>/seed<seed>/`. The result file holds one record per run
+`training_history.json`) under `--runs_dir/<recipe>/lr<lr>/seed<seed>/`.
+
+Equal wall time instead of equal steps: `--equal_time_as RECIPE` gives every other recipe the training time of
+RECIPE's steps on this machine. Each recipe's time per step is probed first (two short runs of
+`PROBE_STEPS` steps, same flags and seed; the difference of their wall times over the difference of their steps,
+so loading and evaluation cancel), and a recipe then trains `round(steps_RECIPE * step_s_RECIPE / step_s)` steps;
+its runs live under `--runs_dir/<recipe>@time_of_<RECIPE>/` and its record carries the probed step times. The result file holds one record per run
 and a summary (mean, standard deviation, min, max per recipe and learning rate); `report.py` makes tables and plots.
 """
 
@@ -224,40 +230,91 @@ def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return ("--dataset", str(args.vision_dataset), "--dataset_hub_id", "zalando-datasets/fashion_mnist")
 
 
-def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> list[str]:
+def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int,
+            output_dir: Path | None = None) -> list[str]:
     task = TASKS[args.task]
     teacher_seed = seed if seed in suite.teacher_seeds else suite.teacher_seeds[0]
     teacher = run_dir(args.runs_dir, suite.teacher, suite.learning_rates["full_precision"][0], teacher_seed)
     recipe_flags = [str(teacher) if flag == TEACHER else flag for flag in task.recipes[recipe]]
     flags = [sys.executable, str(ROOT / "scripts" / task.script), *data_flags(args), *suite.flags,
-             "--output_dir", str(run_dir(args.runs_dir, recipe, lr, seed)), "--overwrite_output_dir",
+             "--output_dir", str(output_dir or run_dir(args.runs_dir, recipe, lr, seed)), "--overwrite_output_dir",
              "--learning_rate", f"{lr:g}", "--seed", str(seed), "--logging_steps", "25", *recipe_flags]
     if args.mixed_precision:
         flags += ["--mixed_precision", args.mixed_precision]
     return flags
 
 
+PROBE_STEPS = (5, 25)
+
+
+def recipe_steps(task: Task, suite: Suite, recipe: str) -> int:
+    """The `--max_train_steps` a recipe's (or else its suite's) flags give: equal time needs a step budget."""
+    for flags in (task.recipes[recipe], suite.flags):
+        if "--max_train_steps" in flags:
+            return int(flags[flags.index("--max_train_steps") + 1])
+    raise ValueError(f"--equal_time_as {recipe}: the recipe has no --max_train_steps to convert into time.")
+
+
+def probe_step_seconds(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> float:
+    """Seconds per training step of a recipe on this machine, from two short runs (see the module docstring)."""
+    walls = []
+    for steps in PROBE_STEPS:
+        out = args.runs_dir / "probes" / recipe / f"steps{steps}"
+        flags = command(args, suite, recipe, lr, seed, out) + ["--max_train_steps", str(steps),
+                                                               "--max_eval_samples", "64"]
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(out / "probe.log", "w") as log:
+            subprocess.run(flags, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        walls.append(time.perf_counter() - start)
+    return (walls[1] - walls[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
+
+
 def uses_teacher(task: Task, recipe: str) -> bool:
     return TEACHER in task.recipes[recipe]
 
 
+def equal_time_steps(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> dict | None:
+    """With `--equal_time_as`, the steps that give `recipe` the reference recipe's training time (None for the
+    reference itself or without the option); probed step times are kept in the runs folder and reused."""
+    reference = args.equal_time_as
+    if reference is None or recipe == reference:
+        return None
+    probes_file = args.runs_dir / "probes" / "step_seconds.json"
+    probes = json.loads(probes_file.read_text()) if probes_file.exists() else {}
+    for name in (reference, recipe):
+        if name not in probes:
+            probes[name] = probe_step_seconds(args, suite, name, lr, seed)
+            probes_file.parent.mkdir(parents=True, exist_ok=True)
+            probes_file.write_text(json.dumps(probes, indent=2))
+    budget_s = recipe_steps(TASKS[args.task], suite, reference) * probes[reference]
+    return {"reference": reference, "budget_s": budget_s, "step_s": probes[recipe],
+            "reference_step_s": probes[reference], "steps": max(1, round(budget_s / probes[recipe]))}
+
+
 def run_one(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> dict:
-    out = run_dir(args.runs_dir, recipe, lr, seed)
+    equal_time = equal_time_steps(args, suite, recipe, lr, seed)
+    name = recipe if equal_time is None else f"{recipe}@time_of_{equal_time['reference']}"
+    out = run_dir(args.runs_dir, name, lr, seed)
     results_file = out / "all_results.json"
     start = time.perf_counter()
     wall_file = out / "benchmark_wall_s.json"  # a reused run reports the time it took when it ran
     if not (args.reuse and results_file.exists()):
         out.mkdir(parents=True, exist_ok=True)
+        flags = command(args, suite, recipe, lr, seed, out)
+        if equal_time is not None:
+            flags += ["--max_train_steps", str(equal_time["steps"])]
         with open(out.parent / f"seed{seed}.log", "w") as log:
-            subprocess.run(command(args, suite, recipe, lr, seed), check=True, stdout=log,
-                           stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            subprocess.run(flags, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
         wall_file.write_text(json.dumps(time.perf_counter() - start))
     results = json.loads(results_file.read_text())
     metrics = next(iter(results["eval"].values()))
-    record = {"recipe": recipe, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
+    record = {"recipe": name, "learning_rate": lr, "seed": seed, "accuracy": metrics["accuracy"],
               "steps": results["completed_steps"],
               "wall_s": json.loads(wall_file.read_text()) if wall_file.exists() else time.perf_counter() - start,
-              "run_dir": str(out)}
+              "run_dir": str(out), **({"equal_time": equal_time} if equal_time else {})}
     teacher_file = out / "teacher" / "all_results.json"  # runs that trained their own teacher (--train_teacher)
     if teacher_file.exists():
         record["teacher_accuracy"] = next(iter(json.loads(teacher_file.read_text())["eval"].values()))["accuracy"]
@@ -295,6 +352,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="Runs at once (GPU: many small runs share it).")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     parser.add_argument("--reuse", action="store_true", help="Keep runs whose all_results.json exists.")
+    parser.add_argument("--equal_time_as", help="Give every recipe the wall time of this recipe's steps (probed).")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -302,6 +360,8 @@ def main() -> None:
         parser.error(f"--suite {args.suite!r}: the {args.task} task has suites {', '.join(task.suites)}")
     suite = task.suites[args.suite]
     recipes = args.recipes.split(",") if args.recipes else list(suite.recipes)
+    if args.equal_time_as is not None:
+        recipe_steps(task, suite, args.equal_time_as)  # a step budget to convert, checked before any run
     seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else None
     args.data_dir = args.data_dir or SHARED / "data" / ("rotten_tomatoes" if args.task == "text" else "fashion_mnist")
     args.runs_dir = args.runs_dir or ROOT / "outputs" / f"{args.task}_accuracy"
@@ -322,6 +382,8 @@ def main() -> None:
     records = []
     with ThreadPoolExecutor(args.parallel) as pool:
         for kd in (False, True):  # teachers (full precision) before the students that distil from them
+            for job in jobs(kd):  # step times probed one recipe at a time, before the runs share the machine
+                equal_time_steps(args, suite, *job)
             records += list(pool.map(lambda job: run_one(args, suite, *job), jobs(kd)))
     import torch
 

@@ -1,0 +1,42 @@
+"""benchmarks/accuracy.py: the equal-time budget (step times probed once, steps derived from the reference)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+accuracy = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = accuracy  # its dataclasses look their module up
+spec.loader.exec_module(accuracy)
+
+
+def test_equal_time_gives_each_recipe_the_reference_recipes_seconds(tmp_path, monkeypatch):
+    suite = accuracy.TEXT.suites["augment"]
+    probed = []
+
+    def fake_probe(args, suite_, recipe, lr, seed):
+        probed.append(recipe)
+        return {"surge_aug4_1250": 2.0, "ste_aug4_1250": 1.4}[recipe]
+
+    monkeypatch.setattr(accuracy, "probe_step_seconds", fake_probe)
+    args = Namespace(task="text", runs_dir=tmp_path, equal_time_as="surge_aug4_1250")
+    assert accuracy.equal_time_steps(args, suite, "surge_aug4_1250", 5e-4, 0) is None
+    budget = accuracy.equal_time_steps(args, suite, "ste_aug4_1250", 5e-4, 0)
+    assert budget == {"reference": "surge_aug4_1250", "budget_s": 2500.0, "step_s": 1.4,
+                      "reference_step_s": 2.0, "steps": 1786}
+    assert accuracy.equal_time_steps(args, suite, "ste_aug4_1250", 5e-4, 1) == budget  # probed once, reused
+    assert probed == ["surge_aug4_1250", "ste_aug4_1250"]
+    assert json.loads((tmp_path / "probes" / "step_seconds.json").read_text()) == {"surge_aug4_1250": 2.0,
+                                                                                  "ste_aug4_1250": 1.4}
+
+
+def test_equal_time_needs_a_step_budget():
+    with pytest.raises(ValueError, match="--equal_time_as surge_bit: the recipe has no --max_train_steps"):
+        accuracy.recipe_steps(accuracy.TEXT, accuracy.TEXT.suites["ladder"], "surge_bit")
