@@ -128,7 +128,7 @@ def test_full_precision_teacher_then_distilled_student(tiny_bert, data_files, tm
         "--distill_hidden_states_weight", "0.5", "--distill_attentions_weight", "0.5", "--distill_temperature", "2"))
     assert student["distillation"] == {"temperature": 2.0, "label_weight": 0.0, "logits_weight": 1.0,
                                        "hidden_states_weight": 0.5, "attentions_weight": 0.5,
-                                       "embedding_mixup_alpha": 0.0}
+                                       "embedding_mixup_alpha": 0.0, "mask_padding": False}
 
 
 @pytest.mark.parametrize(
