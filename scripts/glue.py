@@ -8,6 +8,11 @@ Flags take the names of transformers' `run_glue_no_trainer.py` (`--max_length`, 
 `--use_slow_tokenizer`, `--ignore_mismatched_sizes`, `--with_tracking`, ...; `--max_seq_length` is kept as an alias);
 the binarization recipe, distillation, output-folder and Hub flags are shared with `scripts/vit.py`
 (`surge_hf.cli`). Every flag, file, label and model shape is checked before training starts.
+
+The run trains in stages, each in its own folder of `--output_dir`: the full-precision teacher (`teacher/`, unless
+`--teacher_model_name_or_path` names one or is `none`), one stage per entry of `--activation_bits_schedule` but the
+last (`stage_a{bits}/`), then the final model. Each earlier stage records what made it (`surge_hf.stages`): run
+again, the command reuses its finished stages, continues an interrupted one and refuses a stage of another command.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +36,9 @@ from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
-from surge_hf.output_dir import check_output_dir
+from surge_hf.checkpointing import latest_checkpoint
+from surge_hf.output_dir import check_output_dir, is_main_process, locked_output_dir
+from surge_hf.stages import Stage, StageAction, content_digest, record_digest, stage_record
 from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
 from surge_hf.text_data import LABEL_COLUMN, load_text_data, preprocess
@@ -42,6 +50,9 @@ TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # The demo: the full recipe (teacher stage, then a distilled W1A1 student) at a size that runs in minutes on a CPU.
 DEMO_DEFAULTS = {"max_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
+TEACHER_NOTE = (" It is a stage of its own, not bounded by --max_train_steps or --num_train_epochs: bound it with "
+                "--teacher_max_train_steps N (or --teacher_num_train_epochs N), or skip it with "
+                "--teacher_model_name_or_path none (no teacher) or PATH (a model already fine-tuned on the task).")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,10 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     teacher.add_argument("--teacher_num_train_epochs", type=int, default=3)
     teacher.add_argument("--teacher_max_train_steps", type=int, help="Overrides --teacher_num_train_epochs.")
     parser.add_argument("--activation_bits_schedule", type=cli.bits_schedule,
-                        help="Progressive precision, e.g. 4,2,1: one stage per entry, each trained for "
-                             "--num_train_epochs (or --max_train_steps) at that many activation bits, started from "
-                             "the previous stage's model; the last entry is the final model's (overrides "
-                             "--activation_bits).")
+                        help="Progressive precision, e.g. 4,2,1 (strictly decreasing): one stage per entry, each "
+                             "trained for --num_train_epochs (or --max_train_steps) at that many activation bits, "
+                             "started from the previous stage's model; the last entry is the final model's "
+                             "(overrides --activation_bits).")
     # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
     # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
@@ -107,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
     args.stages = []  # one model-card line per earlier stage (teacher, lower precision), filled as they finish
+    args.earlier_stages_digest = None  # the final stage's: the digest of the last earlier stage's record
     if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
         args.teacher_model_name_or_path = None
     elif args.teacher_model_name_or_path == "none":
@@ -187,11 +199,14 @@ def precision_stage_dir(bits: int) -> str:
     return f"stage_a{bits}"
 
 
-def precision_stage_args(args: argparse.Namespace, bits: int, init: str) -> argparse.Namespace:
-    """One stage of progressive precision: `bits` activation bits, started from `init`, in its own folder."""
+def precision_stage_args(args: argparse.Namespace, bits: int, init: str,
+                         teacher: str | None) -> argparse.Namespace:
+    """One stage of progressive precision: `bits` activation bits, started from `init` and distilled from
+    `teacher`, in its own folder."""
     return argparse.Namespace(**{
-        **vars(args), "activation_bits": bits, "model_name_or_path": init, "push_to_hub": False,
-        "output_dir": Path(args.output_dir) / precision_stage_dir(bits), "activation_bits_schedule": None,
+        **vars(args), "activation_bits": bits, "model_name_or_path": init, "teacher_model_name_or_path": teacher,
+        "push_to_hub": False, "output_dir": Path(args.output_dir) / precision_stage_dir(bits),
+        "activation_bits_schedule": None, "resume_from_checkpoint": None,
     })
 
 
@@ -203,32 +218,102 @@ def stage_summary(folder: Path, what: str) -> str:
             f"{metrics}")
 
 
-def run_precision_stages(args: argparse.Namespace) -> None:
-    """Train every stage of `--activation_bits_schedule` but the last (reusing finished ones), then start the final
-    stage from the previous one's train-form model."""
-    init = args.model_name_or_path
-    for bits in args.activation_bits_schedule[:-1]:
-        stage = precision_stage_args(args, bits, init)
-        if not (Path(stage.output_dir) / "all_results.json").exists():
-            print(f"Precision stage W1A{bits} into {stage.output_dir}.")
-            run(stage, final=False)
-        args.stages.append(stage_summary(Path(stage.output_dir), f"W1A{bits} student"))
-        init = str(Path(stage.output_dir) / TRAIN_STATE_DIR)
-    args.model_name_or_path, args.activation_bits = init, args.activation_bits_schedule[-1]
+@dataclass
+class EarlierStage:
+    """A stage that runs before the final one: its folder and record (`surge_hf.stages.Stage`), its flags, its
+    model-card label, a note printed when it trains, and what this run does with it (`plan_stages`)."""
+
+    stage: Stage
+    args: argparse.Namespace
+    card_label: str
+    note: str = ""
+    action: StageAction = StageAction.START
 
 
-def run_teacher_stage(args: argparse.Namespace) -> None:
-    """Fine-tune the full-precision model on the task first (or reuse a finished stage), then point the student's
-    initialisation and its teacher at the result: BiT's recipe starts from, and distils, the task model."""
-    teacher_dir = Path(args.output_dir) / TEACHER_DIR
-    if (teacher_dir / "all_results.json").exists():
-        print(f"Reusing the full-precision teacher in {teacher_dir}.")
-    else:
-        print(f"Stage 1 of 2: fine-tuning the full-precision model into {teacher_dir}.")
-        run(teacher_stage_args(args), final=False)
-        print("Stage 2 of 2: the binary student, initialised from that model and distilled from it.")
-    args.stages.append(stage_summary(teacher_dir, "full-precision teacher, fine-tuned on the task"))
-    args.model_name_or_path = args.teacher_model_name_or_path = str(teacher_dir)
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags a run's checkpoints and stage records hold (they change what it computes), with the content
+    digest of the data files (or the GLUE task's name)."""
+    data = ({"task_name": args.task_name} if args.task_name else
+            {"train_file": content_digest(args.train_file), "validation_file": content_digest(args.validation_file)})
+    augmentation = augmentation_config(args)
+    return {"max_length": args.max_length, "pad_to_max_length": args.pad_to_max_length,
+            "max_train_samples": args.max_train_samples, "data": data,
+            "augmentation": None if augmentation is None else asdict(augmentation),
+            "teacher_cache": args.teacher_cache_dir is not None}
+
+
+def earlier_stage(stage_args: argparse.Namespace, models: tuple[str, str | None], previous: EarlierStage | None,
+                  title: str, card_label: str, note: str = "") -> EarlierStage:
+    """An earlier stage from its flags, recorded (`surge_hf.stages.stage_record`) with the run's `models` (base
+    model, and the teacher given by the user, if any), its settings and the record of the stage before it."""
+    settings = cli.run_settings(stage_args, "glue", cli.recipe_from_args(stage_args), **data_settings(stage_args))
+    record = stage_record(models[0], settings, None if previous is None else previous.stage.record, models[1])
+    return EarlierStage(Stage(Path(stage_args.output_dir), title, record), stage_args, card_label, note)
+
+
+def earlier_stages(args: argparse.Namespace) -> list[EarlierStage]:
+    """The run's earlier stages in order (the teacher stage, then every precision stage but the last), each started
+    from the one before; then `args` is pointed at the last of them (the final stage's initialisation, teacher and
+    activation bits; its checkpoints store the digest of the last stage's record, so that it resumes only on the
+    same stages). Every stage's flags are validated here, before any work."""
+    init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
+    # The user's teacher is recorded as a model; the teacher stage is recorded as the first stage.
+    models = (args.model_name_or_path, None if teacher == AUTO_TEACHER else teacher)
+    stages: list[EarlierStage] = []
+    if teacher == AUTO_TEACHER:
+        stages.append(earlier_stage(teacher_stage_args(args), models, None, "full-precision teacher",
+                                    "full-precision teacher, fine-tuned on the task", TEACHER_NOTE))
+        init = teacher = str(stages[-1].stage.folder)
+    for bits in (args.activation_bits_schedule or [])[:-1]:
+        stages.append(earlier_stage(precision_stage_args(args, bits, init, teacher), models,
+                                    stages[-1] if stages else None, f"W1A{bits} student", f"W1A{bits} student"))
+        init = str(stages[-1].stage.folder / TRAIN_STATE_DIR)
+    args.model_name_or_path, args.teacher_model_name_or_path = init, teacher
+    args.earlier_stages_digest = record_digest(stages[-1].stage.record) if stages else None
+    if args.activation_bits_schedule:
+        args.activation_bits = args.activation_bits_schedule[-1]
+    cli.recipe_from_args(args)
+    return stages
+
+
+def plan_stages(args: argparse.Namespace, stages: list[EarlierStage]) -> None:
+    """Decide, before any work, what to do with each earlier stage (`surge_hf.stages`: reuse, resume, start; a
+    folder of another command is an error). An interrupted earlier stage continues from its latest checkpoint with
+    or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has no checkpoint
+    yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
+    for stage in stages:
+        stage.action = stage.stage.plan(overwrite=args.overwrite_output_dir)
+    unfinished = [stage.stage for stage in stages if stage.action is not StageAction.REUSE]
+    if unfinished and args.resume_from_checkpoint == "latest" and latest_checkpoint(args.output_dir) is None:
+        print(f"--resume_from_checkpoint latest: the run stopped before the final stage; the {unfinished[0].title} "
+              f"stage in {unfinished[0].folder} runs first, then the final stage starts from the beginning.")
+        args.resume_from_checkpoint = None
+
+
+def run_earlier_stages(args: argparse.Namespace, stages: list[EarlierStage]) -> None:
+    """Reuse, continue or train each earlier stage as planned, adding its line to the model card's stages."""
+    total = len(stages) + 1
+    for number, earlier in enumerate(stages, 1):
+        stage, stage_args = earlier.stage, earlier.args
+        where = f"Stage {number} of {total}"
+        if earlier.action is StageAction.REUSE:
+            print(f"{where}: reusing the {stage.title} in {stage.folder} (made by this command: same model, data "
+                  "and settings).")
+        else:
+            amount = (f"{stage_args.max_train_steps} steps" if stage_args.max_train_steps
+                      else f"{stage_args.num_train_epochs} epoch(s)")
+            doing = ("continuing the interrupted" if earlier.action is StageAction.RESUME else "training the")
+            print(f"{where}: {doing} {stage.title} in {stage.folder}: {amount} at learning rate "
+                  f"{stage_args.learning_rate:g}.{earlier.note}")
+            stage_args.resume_from_checkpoint = "latest" if earlier.action is StageAction.RESUME else None
+            stage_args.overwrite_output_dir = earlier.action is StageAction.START  # its own folder, just emptied
+            with stage.running(earlier.action, main_process=is_main_process()):
+                run(stage_args, final=False)
+        args.stages.append(stage_summary(stage.folder, earlier.card_label))
+    if stages:
+        print(f"Stage {total} of {total}: the final model into {args.output_dir}, initialised from "
+              f"{args.model_name_or_path}" + (f" and distilled from {args.teacher_model_name_or_path}."
+                                              if args.teacher_model_name_or_path else "."))
 
 
 def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
@@ -277,20 +362,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.push_only:
         return cli.push_existing_run(args)
-    stages = stage_dirs(args)
+    own_folders = stage_dirs(args)
     # The final output folder is checked before any stage runs (the stages' own folders in it do not count).
     check_output_dir(args.output_dir, inputs=cli.input_models(args), overwrite=args.overwrite_output_dir,
-                     resume=args.resume_from_checkpoint is not None, own_folders=stages)
-    if args.teacher_model_name_or_path == AUTO_TEACHER:
-        for stage in (args, teacher_stage_args(args)):  # every stage's settings checked before any work
-            cli.training_config_from_args(stage)
-        cli.recipe_from_args(args)
-        run_teacher_stage(args)
-    if args.activation_bits_schedule:
-        for bits in args.activation_bits_schedule:
-            cli.recipe_from_args(precision_stage_args(args, bits, args.model_name_or_path))
-        run_precision_stages(args)
-    return run(args, own_folders=stages)
+                     resume=args.resume_from_checkpoint is not None, own_folders=own_folders)
+    with locked_output_dir(args.output_dir):
+        stages = earlier_stages(args)
+        plan_stages(args, stages)
+        run_earlier_stages(args, stages)
+        return run(args, own_folders=own_folders)
 
 
 def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
@@ -305,10 +385,7 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     `--output_dir`."""
     augmentation = augmentation_config(args)
     run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
-                              max_length=args.max_length, pad_to_max_length=args.pad_to_max_length,
-                              max_train_samples=args.max_train_samples,
-                              augmentation=None if augmentation is None else asdict(augmentation),
-                              teacher_cache=args.teacher_cache_dir is not None)
+                              **data_settings(args), earlier_stages=args.earlier_stages_digest)
     recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)

@@ -54,6 +54,8 @@ from surge_hf.image_teachers import load_image_teacher, small_resnet_config
 from surge_hf.image_transforms import AugmentConfig
 from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
+from surge_hf.output_dir import locked_output_dir
+from surge_hf.stages import Stage, StageAction, content_digest, stage_record
 from surge_hf.training import TrainingConfig, build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
@@ -159,29 +161,49 @@ def validate_teacher_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--teacher_num_train_epochs must be >= 1, got {args.teacher_num_train_epochs}.")
 
 
+def teacher_training_config(args: argparse.Namespace, config: TrainingConfig) -> TrainingConfig:
+    """The teacher's training: the student's, into OUTPUT_DIR/teacher, at the teacher's learning rate and epochs,
+    without checkpoints (an interrupted teacher is trained again) or calibration."""
+    return dataclasses.replace(
+        config, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
+        max_train_steps=None, num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs,
+        checkpointing_steps=None, resume_from_checkpoint=None, calibrate_activations=False)
+
+
+def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> tuple[Stage, StageAction]:
+    """The `--train_teacher` stage and what to do with it (reuse a finished teacher that this command made, train it
+    otherwise; `surge_hf.stages`), decided before any work."""
+    teacher_config = teacher_training_config(args, config)
+    settings = teacher_config.run_settings({"script": "vit", "teacher": args.train_teacher, **data_settings(args)})
+    stage = Stage(Path(teacher_config.output_dir), f"{args.train_teacher} teacher", stage_record(None, settings, None))
+    return stage, stage.plan(overwrite=args.overwrite_output_dir)
+
+
 def train_teacher(args: argparse.Namespace, accelerator, config: TrainingConfig, info: ImageDataInfo,
-                  loaders: dict[str, DataLoader], on_epoch_start, processor) -> Path:
+                  loaders: dict[str, DataLoader], on_epoch_start, processor, stage: Stage,
+                  action: StageAction) -> Path:
     """Train the `--train_teacher` model on the student's data and inputs; save it (with the student's image
-    `processor`, and its metrics in all_results.json) to OUTPUT_DIR/teacher. A finished teacher there is reused (as
-    `scripts/glue.py` reuses its teacher stage)."""
-    output_dir = Path(args.output_dir) / TEACHER_DIR
-    if (output_dir / "all_results.json").is_file():
-        accelerator.print(f"Reusing the teacher in {output_dir}.")
-        return output_dir
-    teacher_config = dataclasses.replace(
-        config, output_dir=str(output_dir), learning_rate=args.teacher_learning_rate, max_train_steps=None,
-        num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs, checkpointing_steps=None,
-        resume_from_checkpoint=None, calibrate_activations=False)
-    teacher = ResNetForImageClassification(small_resnet_config(info))
-    result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]}, teacher_config,
-                   functools.partial(compute_metrics, "classification"), on_epoch_start=on_epoch_start)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(teacher).save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        (output_dir / "all_results.json").write_text(json.dumps(
-            {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
-    accelerator.wait_for_everyone()
-    return output_dir
+    `processor`, and its metrics in all_results.json) to the folder of `stage`. A finished teacher of this command
+    there (`action` REUSE) is reused."""
+    if action is StageAction.REUSE:
+        accelerator.print(f"Reusing the teacher in {stage.folder} (made by this command: same data and settings).")
+        return stage.folder
+    teacher_config = teacher_training_config(args, config)
+    accelerator.print(f"Training the {stage.title} into {stage.folder}: {teacher_config.num_train_epochs} epoch(s) at "
+                      f"learning rate {teacher_config.learning_rate:g}. Bound it with --teacher_num_train_epochs N, "
+                      "or skip it with --train_teacher none (no teacher) or --teacher_model_name_or_path PATH.")
+    with stage.running(action, main_process=accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        teacher = ResNetForImageClassification(small_resnet_config(info))
+        result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]}, teacher_config,
+                       functools.partial(compute_metrics, "classification"), on_epoch_start=on_epoch_start)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(teacher).save_pretrained(stage.folder)
+            processor.save_pretrained(stage.folder)
+            (stage.folder / "all_results.json").write_text(json.dumps(
+                {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
+        accelerator.wait_for_everyone()
+    return stage.folder
 # -- end of the binary-ViT block ---------------------------------------------------------------------------------------
 
 
@@ -356,6 +378,16 @@ def dataset_card_fields(args: argparse.Namespace) -> dict[str, Any]:
             "dataset_config": args.dataset_config_name}
 
 
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags a run's checkpoints (and its teacher's stage record) hold: they change what it computes. The
+    dataset is named by the content digest of its local files (or its Hub name)."""
+    data = {"dataset": content_digest(args.dataset), "dataset_config_name": args.dataset_config_name,
+            "train_split": args.train_split, "eval_split": args.eval_split}
+    return {"image_size": args.image_size, "convert_rgb": args.convert_rgb,
+            "augmentation": asdict(augment_config(args)), "max_train_samples": args.max_train_samples,
+            "validation_fraction": args.validation_fraction, "data": data}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.push_only:
@@ -366,10 +398,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_teacher != "none":  # trained below, before the student; its folder is known now
         args.teacher_model_name_or_path = str(Path(args.output_dir) / TEACHER_DIR)
     run = cli.start_run(args, "vit", recipe, own_folders=(TEACHER_DIR,), config=args.vit_fields,
-                        image_size=args.image_size, convert_rgb=args.convert_rgb,
-                        augmentation=asdict(augment_config(args)), max_train_samples=args.max_train_samples,
-                        validation_fraction=args.validation_fraction)
+                        **data_settings(args))
+    with locked_output_dir(args.output_dir):
+        return train_and_export(args, recipe, run)
+
+
+def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, run: cli.RunSetup) -> dict:
+    """Train the teacher (if any), then the student, and write the outputs, from checked flags (`main`)."""
     distillation, config = run.distillation, run.training
+    teacher_plan = teacher_stage(args, config) if args.train_teacher != "none" else None  # before any work
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
@@ -390,10 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "eval": DataLoader(data.eval, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size,
                                    num_workers=args.dataloader_num_workers)}
 
-    if args.train_teacher != "none":
+    if teacher_plan is not None:
         args.teacher_model_name_or_path = str(train_teacher(args, accelerator, config, info, loaders(),
                                                             train_collator.set_epoch,
-                                                            build_image_processor(info, mean, std)))
+                                                            build_image_processor(info, mean, std), *teacher_plan))
     teacher = None
     if distillation is not None:
         teacher = load_image_teacher(args.teacher_model_name_or_path, info, mean, std)

@@ -9,7 +9,9 @@ Rules:
 - a run prunes only the checkpoints it wrote itself (same run id), never another run's;
 - `--resume_from_checkpoint latest` takes the most recently written complete checkpoint of `output_dir`;
 - a resume is refused, before any work, when the checkpoint is incomplete or corrupt, or was written with other
-  settings (another learning rate, seed, recipe, script, ...): the message names each difference and the fix.
+  settings (another learning rate, seed, recipe, script, data, ...): the message names each difference and the fix;
+- a checkpoint that does not fit on the disk raises `surge_hf.saving.DiskFullError` naming it and the space it
+  needs, and leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
+
+from .saving import removed_on_failure, tensor_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -152,9 +156,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    with removed_on_failure(staging, what=f"checkpoint {final}", needed_bytes=lambda: _state_bytes(accelerator),
+                            fix="Then resume with --resume_from_checkpoint latest (the last complete checkpoint is "
+                                "intact)."):
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            (staging / STATE_FILE).write_text(json.dumps(state))
     if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         if keep:
@@ -163,6 +171,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _state_bytes(accelerator: Accelerator) -> int:
+    """About the size of a checkpoint: the prepared models' tensors and the optimizers' state tensors."""
+    models = sum(tensor_bytes(model.state_dict().values()) for model in accelerator._models)
+    optimizers = sum(tensor_bytes(value for state in optimizer.state_dict()["state"].values()
+                                  for value in state.values()) for optimizer in accelerator._optimizers)
+    return models + optimizers
 
 
 def _run_id(path: Path) -> str | None:

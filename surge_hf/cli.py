@@ -59,16 +59,17 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bits_schedule(text: str) -> list[int]:
-    """`--activation_bits_schedule 8,4,2,1`: activation bits per stage, each from `ACTIVATION_BITS`, non-increasing."""
+    """`--activation_bits_schedule 8,4,2,1`: activation bits per stage, each from `ACTIVATION_BITS`, strictly
+    decreasing (each stage has its own folder, named by its bits, so no entry repeats)."""
     try:
         bits = [int(part) for part in text.split(",")]
     except ValueError:
         bits = []
     allowed = ", ".join(map(str, ACTIVATION_BITS))
-    if not bits or any(b not in ACTIVATION_BITS for b in bits) or bits != sorted(bits, reverse=True):
+    if not bits or any(b not in ACTIVATION_BITS for b in bits) or bits != sorted(set(bits), reverse=True):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a schedule of activation bits: give comma-separated values from {allowed}, from the "
-            "highest to the lowest, e.g. 4,2,1."
+            f"{text!r} is not a schedule of activation bits: give comma-separated values from {allowed}, each lower "
+            "than the one before (no repeats; train longer with --num_train_epochs instead), e.g. 4,2,1."
         )
     return bits
 
@@ -244,16 +245,28 @@ def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None,
     (`surge_hf.training.prepare_run`: output folder, checkpoint to resume).
 
     `recipe` is the run's recipe (the script may have adapted `recipe_from_args(args)`); `data` holds the script's
-    settings that change the result (maximum length, image size, augmentation, ...), stored with the checkpoints
-    with the script name, the recipe and the distillation weights. `own_folders` are the folders of `--output_dir`
-    that the run's earlier stages wrote (they do not make it "non-empty").
+    settings that change the result (maximum length, image size, augmentation, the data's `content_digest`, ...),
+    stored with the checkpoints with the script name, the recipe and the distillation weights. `own_folders` are
+    the folders of `--output_dir` that the run's earlier stages wrote (they do not make it "non-empty").
     """
-    distillation = distillation_from_args(args)
     training = training_config_from_args(args)
-    settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
-                "distillation": None if distillation is None else asdict(distillation), **data}
+    settings = script_settings(args, script, recipe, **data)
     prepare_run(training, settings, inputs=input_models(args), own_folders=own_folders)
-    return RunSetup(recipe, distillation, training, hub_config_from_args(args), settings)
+    return RunSetup(recipe, distillation_from_args(args), training, hub_config_from_args(args), settings)
+
+
+def script_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> dict[str, Any]:
+    """The settings a run's checkpoints are stored with besides its `TrainingConfig` fields: the script name, the
+    recipe, the distillation weights and the script's `data` settings (see `start_run`)."""
+    distillation = distillation_from_args(args)
+    return {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+            "distillation": None if distillation is None else asdict(distillation), **data}
+
+
+def run_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> dict[str, Any]:
+    """Everything that decides what a run computes, as its checkpoints store it (`TrainingConfig.run_settings` of
+    the flags with `script_settings`): what a stage of a staged run is recorded with (`surge_hf.stages`)."""
+    return training_config_from_args(args).run_settings(script_settings(args, script, recipe, **data))
 
 
 def validate_common_args(args: argparse.Namespace) -> None:

@@ -8,8 +8,10 @@
   SURGE diagnostics and per-epoch metrics);
 - `README.md`: the model card (`surge_hf.hub`).
 Everything is first written to a staging folder and then moved into place entry by entry, so an interrupted export
-leaves the previous outputs intact. `push_run` uploads the result (see `surge_hf.hub.push_to_hub`); a failed
-push names the push-only command that uploads the finished outputs again without training.
+leaves the previous outputs intact; a failed export removes the staging folder, and a full disk raises
+`surge_hf.saving.DiskFullError` naming the folder and the space it needs. `push_run` uploads the result (see
+`surge_hf.hub.push_to_hub`); a failed push names the push-only command that uploads the finished outputs again
+without training.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .configuration_surge import SurgeConfig
 from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
 from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
+from .saving import removed_on_failure, tensor_bytes
 from .training import TrainingConfig, TrainingResult
 
 STAGING_DIR = ".export.tmp"
@@ -108,16 +111,15 @@ def export_run(
         "distillation": None if distillation is None else asdict(distillation),
         "bit_account": account.to_dict(),
     }
-    if accelerator.is_main_process:
-        staging = output_dir / STAGING_DIR
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+
+    def write_outputs(staging: Path) -> None:
+        """Every output, into the empty folder `staging`."""
         if recipe is None:
             model.save_pretrained(staging)
         else:
+            model.save_pretrained(staging, packed=True)
             model.save_pretrained(staging / TRAIN_STATE_DIR)
             preprocessor.save_pretrained(staging / TRAIN_STATE_DIR)
-            model.save_pretrained(staging, packed=True)
         preprocessor.save_pretrained(staging)
         all_results["model_file_bytes"] = (staging / "model.safetensors").stat().st_size
         (staging / "all_results.json").write_text(json.dumps(all_results, indent=2))
@@ -144,6 +146,16 @@ def export_run(
         )
         write_model_card(staging, card_kind, card)
         _apply_umask(staging)
+
+    if accelerator.is_main_process:
+        staging = output_dir / STAGING_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        with removed_on_failure(staging, what=f"the outputs of {output_dir}",  # train form + deployable form:
+                                needed_bytes=lambda: tensor_bytes(model.state_dict().values()) + account.packed_bytes,
+                                fix="The previous outputs of the folder are intact; with --checkpointing_steps, "
+                                    "--resume_from_checkpoint latest exports again without training."):
+            staging.mkdir(parents=True)
+            write_outputs(staging)
         _move_into_place(staging, output_dir)
     accelerator.wait_for_everyone()
     return all_results

@@ -47,6 +47,7 @@ from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quan
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
+from .saving import replaced_atomically, tensor_bytes
 from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
@@ -199,12 +200,34 @@ class SurgePreTrainedMixin:
                 self.set_submodule(name, layer)
             self.config.surge_packed = False
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, packed: bool = False, **kwargs: Any):
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, *args: Any,
+                        packed: bool = False, **kwargs: Any):
         """`PreTrainedModel.save_pretrained`, writing the form the model is in (packed after `finalize`, else
-        train form). `packed=True` writes the packed form of a trainable model without changing it."""
+        train form). `packed=True` writes the packed form of a trainable model without changing it.
+
+        The save is atomic (`surge_hf.saving.replaced_atomically`): it writes into a temporary sibling folder that
+        holds a copy of `save_directory`'s files and then takes its place, so an interruption or a full disk leaves
+        the previous checkpoint there loadable (a full disk raises `DiskFullError`, naming the space needed). With
+        `push_to_hub`, `repo_id` defaults to the name of `save_directory`, as in transformers. A save that is not
+        the main process's (`is_main_process=False`), a `distributed_checkpoint`, and a save into a folder whose
+        parent folder is not writable (no sibling can be made there) write in place.
+        """
+        if packed and not self.is_packed and kwargs.get("state_dict") is not None:
+            raise ValueError("save_pretrained(packed=True) builds its own state dict; do not pass state_dict.")
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        if (not is_main_process or kwargs.get("distributed_checkpoint") or os.path.isfile(save_directory)
+                or not os.access(parent, os.W_OK)):
+            return self._save_form(save_directory, is_main_process, *args, packed=packed, **kwargs)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        with replaced_atomically(save_directory, what="the model",
+                                 needed_bytes=lambda: tensor_bytes(self.state_dict().values())) as staging:
+            return self._save_form(staging, is_main_process, *args, packed=packed, **kwargs)
+
+    def _save_form(self, save_directory: str | os.PathLike, *args: Any, packed: bool, **kwargs: Any):
+        """`PreTrainedModel.save_pretrained` of the packed form (`packed=True` on a trainable model, through a
+        temporary packed view) or of the form the model is in."""
         if packed and not self.is_packed:
-            if kwargs.get("state_dict") is not None:
-                raise ValueError("save_pretrained(packed=True) builds its own state dict; do not pass state_dict.")
             with self._packed_view():
                 return super().save_pretrained(save_directory, *args, **kwargs)
         self.config.surge_packed = self.is_packed

@@ -277,6 +277,8 @@ def train(
     steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
+    accelerator.print(f"Training into {config.output_dir}: {max_steps} optimizer steps ({num_epochs} epoch(s) of "
+                      f"{steps_per_epoch} steps) at learning rate {config.learning_rate:g}.")
     groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
                               config.quantizer_learning_rate)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)

@@ -28,6 +28,7 @@ def load_script(name: str) -> ModuleType:
     """Import `scripts/<name>.py` (the scripts are not part of the package)."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 

@@ -4,6 +4,7 @@ checkpoint sizes (tiny, BERT-base shape, the real MiniLM-L6)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -13,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch._dynamo
+import transformers.modeling_utils
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -42,6 +45,7 @@ from surge_hf import (
     summary,
 )
 from surge_hf.packing import pack_signs
+from surge_hf.saving import DiskFullError
 from surge_hf.quantizers import weight_scale
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -104,6 +108,79 @@ def damaged_copy(saved: dict, name: str, change, form: str = "packed") -> Path:
     change(state)
     save_file(state, target / "model.safetensors", metadata={"format": "pt"})
     return target
+
+
+# ---------------------------------------------------------------------------------------------- atomic saves
+def copy_with_notes(saved: dict, target: Path, form: str = "train") -> dict[str, bytes]:
+    """`target`: a copy of the checkpoint in `form` with a file of the user's; returns its files' bytes."""
+    shutil.copytree(saved["root"] / form, target)
+    (target / "notes.txt").write_text("mine")
+    return {path.name: path.read_bytes() for path in target.iterdir()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_interrupted_save_over_a_checkpoint_leaves_it_as_it_was(saved, tmp_path, monkeypatch, packed):
+    target = tmp_path / "model"
+    old_form = "train" if packed else "packed"  # a config.json written in place would not fit its weights
+    before = copy_with_notes(saved, target, old_form)
+
+    def crash(*args, **kwargs):  # after config.json is written, while the weights are
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        saved["model"].save_pretrained(target, packed=packed)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+    monkeypatch.undo()
+    loaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
+    assert loaded.is_packed is (old_form == "packed")
+    assert torch.equal(loaded(input_ids=input_ids()).logits, saved["logits"])
+
+
+def test_a_full_disk_during_a_save_names_the_folder_and_the_space_needed(saved, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    before = copy_with_notes(saved, target)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    staging = tmp_path / ".model.saving"
+    with pytest.raises(DiskFullError, match=rf"^No space left on device while writing the model "
+                                            rf"{re.escape(str(target))} \(in {re.escape(str(staging))}, now removed\): "
+                                            r"it needs about \d[\d,]*\.\d MiB free"):
+        saved["model"].save_pretrained(target, packed=True)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+
+
+def test_a_save_over_a_checkpoint_replaces_it_and_keeps_the_other_files(saved, tmp_path):
+    target = tmp_path / "model"
+    copy_with_notes(saved, target)
+    saved["model"].save_pretrained(target, packed=True)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
+    assert loaded.is_packed and torch.equal(loaded(input_ids=input_ids()).logits, saved["logits"])
+
+
+def test_save_with_push_to_hub_pushes_under_the_folder_name(saved, tmp_path, monkeypatch):
+    calls = {}
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            calls["create_repo"] = repo_id
+            return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    def upload(self, working_dir, repo_id, files_timestamps, commit_message=None, **kwargs):
+        calls["upload"] = (repo_id, commit_message, sorted(os.listdir(working_dir)))
+
+    monkeypatch.setattr(transformers.modeling_utils, "hf_api", Api)
+    monkeypatch.setattr(transformers.PreTrainedModel, "_upload_modified_files", upload)
+    saved["model"].save_pretrained(tmp_path / "tiny-surge", packed=True, push_to_hub=True, commit_message="packed")
+    saved_files = sorted(os.listdir(tmp_path / "tiny-surge"))
+    assert {"config.json", "model.safetensors"} < set(saved_files)
+    assert calls == {"create_repo": "tiny-surge", "upload": ("user/tiny-surge", "packed", saved_files)}
 
 
 # ------------------------------------------------------------------------------------------- the two forms

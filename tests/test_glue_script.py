@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import accelerate.utils.other
 import pytest
 import torch
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -22,6 +30,9 @@ from transformers import (
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
 from surge_hf import checkpointing, cli, hub
+from surge_hf.output_dir import OutputDirInUseError
+from surge_hf.saving import DiskFullError
+from surge_hf.stages import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
@@ -246,12 +257,21 @@ def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_b
     raw = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     tuned = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
     assert not torch.equal(raw.classifier.weight, tuned.classifier.weight)
-    assert "Stage 1 of 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (f"Stage 1 of 2: training the full-precision teacher in {out / 'teacher'}: 2 steps at learning rate 5e-05. "
+            "It is a stage of its own, not bounded by --max_train_steps or --num_train_epochs: bound it with "
+            "--teacher_max_train_steps N (or --teacher_num_train_epochs N), or skip it with "
+            "--teacher_model_name_or_path none (no teacher) or PATH (a model already fine-tuned on the task).\n"
+            ) in printed
+    assert (f"Training into {out / 'teacher'}: 2 optimizer steps (1 epoch(s) of 6 steps) at learning rate 5e-05."
+            in printed)
+    assert f"Stage 2 of 2: the final model into {out}, initialised from {out / 'teacher'} and distilled" in printed
     card = (out / "README.md").read_text()
     assert "earlier stages" in card and "full-precision teacher, fine-tuned on the task (`teacher/`): 2 steps" in card
     # a second run over the same folder (which it may overwrite) reuses the finished teacher stage
     glue_script.main(run_args(tiny_bert, data_files, out, "--overwrite_output_dir"))
-    assert "Reusing the full-precision teacher" in capsys.readouterr().out
+    assert (f"Stage 1 of 2: reusing the full-precision teacher in {out / 'teacher'} (made by this command: same "
+            "model, data and settings)." in capsys.readouterr().out)
     assert student.config.model_type == "surge_bert"
 
 
@@ -274,13 +294,14 @@ def test_progressive_activation_bits(tiny_bert, data_files, tmp_path):
     assert "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
 
 
-@pytest.mark.parametrize("schedule", ["1,2", "3,1", "8,x", ""])
+@pytest.mark.parametrize("schedule", ["1,2", "3,1", "8,x", "", "4,4,1", "4,1,1"])
 def test_bad_activation_bits_schedule(tiny_bert, data_files, tmp_path, schedule, capsys):
     with pytest.raises(SystemExit):
         glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--activation_bits_schedule",
                                         schedule))
-    assert (f"{schedule!r} is not a schedule of activation bits: give comma-separated values from 1, 2, 4, 8, "
-            "from the highest to the lowest, e.g. 4,2,1.") in capsys.readouterr().err
+    assert (f"{schedule!r} is not a schedule of activation bits: give comma-separated values from 1, 2, 4, 8, each "
+            "lower than the one before (no repeats; train longer with --num_train_epochs instead), e.g. 4,2,1."
+            ) in capsys.readouterr().err
 
 
 def test_student_hidden_act_changes_the_student_only(tiny_bert, data_files, tmp_path):
@@ -398,8 +419,8 @@ def test_a_finished_run_resumed_from_latest_takes_no_step_and_rewrites_identical
 ])
 def test_resume_with_other_settings_is_refused_before_any_work(tiny_bert, data_files, tmp_path, monkeypatch, change,
                                                                 message):
-    out = tmp_path / "run"
-    args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2")
+    out = tmp_path / "run"  # without a teacher stage, whose record would refuse a new seed or length first
+    args = run_args(tiny_bert, data_files, out, "--checkpointing_steps", "2", "--teacher_model_name_or_path", "none")
     glue_script.main(args)
     monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
     with pytest.raises(checkpointing.CheckpointError, match=message):
@@ -488,13 +509,221 @@ def test_a_failed_push_names_the_push_only_command_which_pushes_without_training
         glue_script.main(["--push_only", "--output_dir", str(tmp_path / "none"), "--hub_model_id", "org/tiny"])
 
 
-def test_the_folder_of_a_finished_teacher_stage_does_not_make_the_output_dir_non_empty(tiny_bert, data_files,
-                                                                                       tmp_path, capsys):
+def test_a_teacher_folder_of_another_run_is_refused_or_overwritten(tiny_bert, data_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    glue_script.main(run_args(tiny_bert, data_files, out / "teacher", "--binarize", "none"))  # a finished stage 1
-    results = glue_script.main(run_args(tiny_bert, data_files, out))  # --teacher_model_name_or_path auto: reused
-    assert f"Reusing the full-precision teacher in {out / 'teacher'}" in capsys.readouterr().out
-    assert results["completed_steps"] == 4 and results["distillation"] is not None
+    glue_script.main(run_args(tiny_bert, data_files, out / "teacher", "--binarize", "none"))  # a run of its own
+    before = folder_bytes(out / "teacher")
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+    with pytest.raises(StageError, match=rf"{out / 'teacher'} holds files but no stage.json \(another run's outputs, "
+                                         r"or a stage written before stages were recorded\), so it is not this "
+                                         r"command's full-precision teacher stage. Pass another --output_dir, delete "
+                                         r".*teacher or pass --overwrite_output_dir to train the stage again"):
+        glue_script.main(run_args(tiny_bert, data_files, out))
+    assert folder_bytes(out / "teacher") == before
+    monkeypatch.undo()
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--overwrite_output_dir"))
+    teacher = json.loads((out / "teacher" / "all_results.json").read_text())
+    assert (teacher["completed_steps"], teacher["learning_rate"], results["completed_steps"]) == (2, 5e-5, 4)
+    assert (out / "teacher" / "stage.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages, the output-folder lock and a full disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def staged_run(tiny_bert, data_files, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished default run (teacher stage, then the student) with a checkpoint at every step."""
+    out = tmp_path_factory.mktemp("staged") / "run"
+    return out, glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "1"))
+
+
+def killed_copy(stage: Path, target: Path, keep_checkpoints: tuple[str, ...]) -> Path:
+    """`target` holding a copy of the finished `stage` as a kill inside it leaves it: its record and the checkpoints
+    `keep_checkpoints`, and no outputs."""
+    shutil.copytree(stage, target)
+    for entry in target.iterdir():
+        if entry.name not in ("stage.json", "checkpoints"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for checkpoint in (target / "checkpoints").iterdir():
+        if checkpoint.name not in keep_checkpoints:
+            shutil.rmtree(checkpoint)
+    return target
+
+
+@pytest.mark.parametrize("change", ["seed", "teacher_learning_rate", "base_model", "train_file"])
+def test_a_finished_stage_of_another_command_is_refused_before_any_work(staged_run, tiny_bert, data_files, tmp_path,
+                                                                        monkeypatch, change):
+    out = tmp_path / "out"
+    shutil.copytree(staged_run[0] / "teacher", out / "teacher")
+    model, files, flags = tiny_bert, data_files, ()
+    if change == "base_model":
+        model = Path(shutil.copytree(tiny_bert, tmp_path / "other-bert"))
+    elif change == "train_file":
+        files = (write_csv(tmp_path / "train.csv", sentiment_rows(48, 7)), data_files[1])
+    else:
+        flags = (f"--{change}", {"seed": "4", "teacher_learning_rate": "1e-4"}[change])
+    difference = {
+        "seed": r"seed: recorded 3, now 4",
+        "teacher_learning_rate": r"learning_rate: recorded 5e-05, now 0.0001",
+        "base_model": rf"base_model: recorded \"{re.escape(str(tiny_bert.resolve()))}\", now "
+                      rf"\"{re.escape(str(model.resolve()))}\"",
+        "train_file": r"data.train_file: recorded \"sha256:[0-9a-f]{16}\", now \"sha256:[0-9a-f]{16}\"",
+    }[change]
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+    with pytest.raises(StageError, match=rf"^{re.escape(str(out / 'teacher'))} holds a stage made with other settings "
+                                         rf"\({difference}\), so it is not this command's full-precision teacher "
+                                         r"stage. Pass another --output_dir, delete .*teacher or pass "
+                                         r"--overwrite_output_dir to train the stage again, or run the command that "
+                                         r"made it \(its settings are in .*teacher/stage.json\).$"):
+        glue_script.main(run_args(model, files, out, *flags))
+
+
+def test_a_run_killed_in_the_teacher_stage_continues_it_when_run_again(staged_run, tiny_bert, data_files, tmp_path,
+                                                                       capsys):
+    full, reference = staged_run
+    out = tmp_path / "killed"
+    teacher = killed_copy(full / "teacher", out / "teacher", keep_checkpoints=("step_1",))  # killed in step 2
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "1"))
+    printed = capsys.readouterr().out
+    assert f"Stage 1 of 2: continuing the interrupted full-precision teacher in {teacher}: 2 steps" in printed
+    assert f"Resumed from {teacher / 'checkpoints' / 'step_1'} at step 1." in printed
+    assert results["eval"] == reference["eval"]
+    for name in ("teacher/model.safetensors", "model.safetensors", "train_state/model.safetensors"):
+        assert (out / name).read_bytes() == (full / name).read_bytes(), name
+
+
+def test_a_run_killed_in_the_teacher_stage_before_its_first_checkpoint_trains_it_again(staged_run, tiny_bert,
+                                                                                        data_files, tmp_path, capsys):
+    full, reference = staged_run
+    out = tmp_path / "killed"
+    teacher = killed_copy(full / "teacher", out / "teacher", keep_checkpoints=())
+    (teacher / "model.safetensors").write_bytes(b"half written")
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "1"))
+    assert f"Stage 1 of 2: training the full-precision teacher in {teacher}: 2 steps" in capsys.readouterr().out
+    assert results["eval"] == reference["eval"]
+    assert (out / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+
+
+def test_resume_latest_after_a_kill_in_a_precision_stage_continues_it_then_trains_the_final_stage(
+        tiny_bert, data_files, tmp_path, monkeypatch, capsys):
+    flags = ("--teacher_model_name_or_path", "none", "--activation_bits_schedule", "4,1", "--checkpointing_steps", "1")
+    full = tmp_path / "full"
+    reference = glue_script.main(run_args(tiny_bert, data_files, full, *flags))
+    out = tmp_path / "killed"
+    stage = killed_copy(full / "stage_a4", out / "stage_a4", keep_checkpoints=("step_3",))  # killed in step 4
+    with monkeypatch.context() as patch:  # a stage of another seed, or distilled from a teacher, is not this run's
+        patch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+        with pytest.raises(StageError, match=r"\(seed: recorded 3, now 4\), so it is not this command's W1A4 "
+                                             r"student stage"):
+            glue_script.main(run_args(tiny_bert, data_files, out, *flags, "--seed", "4"))
+        teacher = re.escape(str(tiny_bert.resolve()))
+        with pytest.raises(StageError, match=rf"\(teacher: recorded null, now \"{teacher}\"; distillation: recorded "
+                                             r"null, now \{.*\}\), so it is not"):
+            glue_script.main(run_args(tiny_bert, data_files, out, *flags, "--teacher_model_name_or_path",
+                                      str(tiny_bert)))
+    capsys.readouterr()
+    results = glue_script.main(run_args(tiny_bert, data_files, out, *flags, "--resume_from_checkpoint", "latest"))
+    printed = capsys.readouterr().out
+    assert (f"--resume_from_checkpoint latest: the run stopped before the final stage; the W1A4 student stage in "
+            f"{stage} runs first, then the final stage starts from the beginning.") in printed
+    assert f"Stage 1 of 2: continuing the interrupted W1A4 student in {stage}: 4 steps at learning rate 0.001." in (
+        printed)
+    assert f"Resumed from {stage / 'checkpoints' / 'step_3'} at step 3." in printed
+    assert results["eval"] == reference["eval"]
+    assert (out / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+
+
+def test_resume_with_other_training_data_is_refused_before_any_work(tiny_bert, data_files, tmp_path, monkeypatch):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(48, 0))
+    out = tmp_path / "run"
+    flags = ("--checkpointing_steps", "2", "--teacher_model_name_or_path", "none")
+    glue_script.main(run_args(tiny_bert, (train, data_files[1]), out, *flags))
+    monkeypatch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+    changed = (r"data: checkpoint \{\"train_file\": \"sha256:[0-9a-f]{16}\", \"validation_file\": "
+               r"\"sha256:[0-9a-f]{16}\"\}, now \{\"train_file\": \"sha256:[0-9a-f]{16}\"")
+    other = write_csv(tmp_path / "other.csv", sentiment_rows(48, 9))
+    with pytest.raises(checkpointing.CheckpointError, match=changed):  # another file
+        glue_script.main(run_args(tiny_bert, (other, data_files[1]), out, *flags, "--resume_from_checkpoint", "latest"))
+    write_csv(train, sentiment_rows(48, 9))  # the same file, with new content
+    with pytest.raises(checkpointing.CheckpointError, match=changed):
+        glue_script.main(run_args(tiny_bert, (train, data_files[1]), out, *flags, "--resume_from_checkpoint", "latest"))
+
+
+LOCK_HOLDER = """
+import sys, time
+from surge_hf.output_dir import locked_output_dir
+with locked_output_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_once_naming_the_first(tiny_bert, data_files, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with monkeypatch.context() as patch:
+            patch.setattr(glue_script, "load_text_data", lambda *args: pytest.fail("data loaded"))
+            with pytest.raises(OutputDirInUseError, match=(
+                    rf"^--output_dir {re.escape(str(out))} is in use by another run \(pid {holder.pid} on "
+                    rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d\): two "
+                    r"runs writing one folder overwrite each other's checkpoints and outputs. Wait until that run "
+                    r"ends \(or stop it\), or pass another --output_dir.$")):
+                glue_script.main(run_args(tiny_bert, data_files, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".surge_hf.lock").is_file()  # left by the killed run: it blocks nobody
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none"))
+    assert results["completed_steps"] == 4 and not (out / ".surge_hf.lock").exists()
+
+
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_and_the_space_needed_and_leaves_no_partial_folder(
+        tiny_bert, data_files, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(NO_SPACE)
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    with pytest.raises(DiskFullError, match=(
+            rf"^No space left on device while writing checkpoint {re.escape(str(checkpoints / 'step_2'))} \(in "
+            rf"{re.escape(str(checkpoints / '.step_2.tmp'))}, now removed\): it needs about \d[\d,]*\.\d MiB free, and "
+            r"\d[\d,]*\.\d MiB are free there. Free some space or write to a larger disk. Then resume with "
+            r"--resume_from_checkpoint latest \(the last complete checkpoint is intact\).$")) as caught:
+        glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none",
+                                  "--checkpointing_steps", "2"))
+    assert caught.value.errno == errno.ENOSPC
+    assert list(checkpoints.iterdir()) == []
+
+
+def test_a_full_disk_at_export_names_the_folder_and_keeps_the_previous_outputs(tiny_bert, data_files, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "run"
+    args = run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none")
+    glue_script.main(args)
+    before = folder_bytes(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(DiskFullError, match=(
+            rf"^No space left on device while writing the outputs of {re.escape(str(out))} \(in "
+            rf"{re.escape(str(out / '.export.tmp'))}, now removed\): it needs about \d[\d,]*\.\d MiB free, .* The "
+            r"previous outputs of the folder are intact; with --checkpointing_steps, --resume_from_checkpoint latest "
+            r"exports again without training.$")):
+        glue_script.main([*args, "--overwrite_output_dir"])
+    assert folder_bytes(out) == before  # no staging folder left, nothing replaced
 
 
 def test_augmented_run_trains_on_the_new_sentences_and_resumes_exactly(tiny_bert, data_files, tmp_path, capsys):

@@ -28,6 +28,7 @@ from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassificatio
 from surge_hf.checkpointing import CheckpointError
 from surge_hf.image_data import load_image_classification_data
 from surge_hf.image_processing import ImageCollator
+from surge_hf.stages import StageError, content_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["dark", "mid", "light"]
@@ -287,7 +288,7 @@ def test_teacher_of_another_architecture_size_and_channels_is_adapted(folder_dat
     assert results["distillation"]["logits_weight"] == 1.0 and results["completed_steps"] == 2
 
 
-def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path):
+def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     sizes = SIZES.replace("intermediate_size=48", "intermediate_size=64")  # shortcuts need integer width ratios
     results = vit_script.main(run_args(disk_data, out, "--config", sizes, "--recipe", "binary-vit",
@@ -303,10 +304,21 @@ def test_binary_vit_recipe_trains_a_resnet_teacher_first(disk_data, tmp_path):
     card = (out / "README.md").read_text()
     assert "| recipe preset | binary-vit |" in card and "--recipe binary-vit" in card
     again = vit_script.main(run_args(disk_data, out, "--config", sizes, "--recipe", "binary-vit",
-                                     "--max_train_steps", "1", "--teacher_num_train_epochs", "1",
+                                     "--max_train_steps", "1", "--teacher_num_train_epochs", "2",
                                      "--overwrite_output_dir"))
     assert json.loads((out / "teacher" / "all_results.json").read_text()) == teacher  # reused, not retrained
     assert again["completed_steps"] == 1
+    # A teacher of other settings is never reused: refused before any work, or trained again when overwriting.
+    other_teacher = ("--config", sizes, "--recipe", "binary-vit", "--max_train_steps", "1",
+                     "--teacher_num_train_epochs", "1")
+    shutil.copytree(out / "teacher", tmp_path / "left" / "teacher")
+    monkeypatch.setattr(vit_script, "load_data", lambda *args: pytest.fail("data loaded"))
+    with pytest.raises(StageError, match=r"teacher holds a stage made with other settings \(num_train_epochs: "
+                                         r"recorded 2, now 1\), so it is not this command's resnet teacher stage"):
+        vit_script.main(run_args(disk_data, tmp_path / "left", *other_teacher))
+    monkeypatch.undo()
+    vit_script.main(run_args(disk_data, out, *other_teacher, "--overwrite_output_dir"))
+    assert json.loads((out / "teacher" / "all_results.json").read_text())["completed_steps"] == 6
 
 
 def test_binary_vit_recipe_sets_defaults_that_flags_override():
@@ -339,6 +351,22 @@ def test_resume_with_another_augmentation_is_refused(surge_run, disk_data, tmp_p
     with pytest.raises(CheckpointError, match=r"augmentation: checkpoint \{.*\"crop_padding\": 1.*\}, now "
                                               r"\{.*\"crop_padding\": 0"):
         vit_script.main(run_args(disk_data, resumed_dir, *changed, "--resume_from_checkpoint", "latest"))
+
+
+def test_resume_with_other_images_is_refused(surge_run, disk_data, tmp_path):
+    _, full = surge_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
+    copy = tmp_path / "copy"
+    shutil.copytree(disk_data, copy)
+    other = tmp_path / "other"
+    datasets.DatasetDict({"train": as_dataset(*images(24, 5)), "validation": as_dataset(*images(8, 1))}).save_to_disk(
+        str(other))
+    args = [*SURGE_RUN, "--resume_from_checkpoint", "latest"]
+    with pytest.raises(CheckpointError, match=r"data: checkpoint \{\"dataset\": \"sha256:[0-9a-f]{16}\", .*\}, now "
+                                              r"\{\"dataset\": \"sha256:[0-9a-f]{16}\""):
+        vit_script.main(run_args(other, resumed_dir, *args))
+    assert content_digest(copy) == content_digest(disk_data) != content_digest(other)  # content, not path
 
 
 def test_output_dir_equal_to_the_checkpoint_is_refused(surge_run, disk_data, tmp_path):
