@@ -136,6 +136,7 @@ TEXT = Task(
         # Teacher-labelled new inputs at equal student steps (1,250 = 4 epochs of the original data, 0.8 of a pass
         # over the data with 4 new sentences per snippet).
         "surge_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250),
+        "ste_1250": ("--binarize", "ste", *DEFAULT_RECIPE, *STEPS_1250),
         "surge_aug4_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4"),
         "ste_aug4_1250": ("--binarize", "ste", *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4"),
         "surge_aug4_a8_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4",
@@ -161,7 +162,7 @@ TEXT = Task(
                                 "surge_bit_alpha_a2_to_a1", "ste_bit_alpha"),
         # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
-        "augment": _ladder_suite("surge_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
+        "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
                                  "surge_aug4_a8_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
