@@ -30,13 +30,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import surge_hf
 from surge_hf import cli
+from surge_hf.checkpointing import latest_checkpoint
 from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
 from surge_hf.demo import demo_model_path, write_demo_dataset
 from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
-from surge_hf.checkpointing import latest_checkpoint
 from surge_hf.output_dir import check_output_dir, is_main_process, locked_output_dir
 from surge_hf.stages import Stage, StageAction, content_digest, record_digest, stage_record
 from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache

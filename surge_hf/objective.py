@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from .teacher_cache import TEACHER_INDEX
 
-
 IGNORE_LABEL = -100
 """The class id of a row without a hard label (torch's `cross_entropy` default `ignore_index`): augmented inputs,
 learnt from the teacher's outputs alone."""

@@ -45,8 +45,8 @@ from surge_hf import (
     summary,
 )
 from surge_hf.packing import pack_signs
-from surge_hf.saving import DiskFullError
 from surge_hf.quantizers import weight_scale
+from surge_hf.saving import DiskFullError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
