@@ -24,7 +24,8 @@ RECIPE's steps on this machine. Each recipe's time per step is probed first (two
 so loading and evaluation cancel), and a recipe then trains `round(steps_RECIPE * step_s_RECIPE / step_s)` steps;
 its runs live under `--runs_dir/<recipe>@time_of_<RECIPE>/` and its record carries the probed step times.
 
-The result file holds one record per run and a summary (mean, standard deviation, min, max per recipe and learning rate); `report.py` makes tables and plots.
+The result file holds one record per run and a summary (mean, standard deviation, min, max per recipe and learning
+rate); `report.py` makes tables and plots.
 """
 
 from __future__ import annotations
