@@ -20,6 +20,15 @@ is split over `torch.get_num_threads()` threads. Where it cannot be built (no C+
 use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
 kernel off.
 
+Sign outputs: where a layer's float output is only binarized by the next layer, `next(sign(g(y_j) - tau_j))` with an
+elementwise activation `g` and the next layer's thresholds tau, the bit of channel `j` is a function of the integer
+dot product `d = sign(x - tau') . sign(W_j)` alone, since `y_j = float(d) * (alpha_j * s) + b_j`. `d` takes the
+K + 1 values -K, -K + 2, ..., K, so each channel's bit is a table over those values; where the table is 1 on an
+interval of `d`, or on the complement of one, it is `(low_j <= d <= low_j + width_j) xor flip_j`, and
+`binary_linear_signs` writes these bits, in the activation-bit layout below, instead of floats
+(`surge_hf.fusion` builds the tables from the reference path itself, so the bits are the reference path's, exactly).
+The next layer takes them with `binary_linear_from_signs`, without packing floats.
+
 Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
 (on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
 `(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`).
@@ -33,6 +42,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,6 +224,35 @@ def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, o
         _contiguous(bias),
     )
     return out.reshape(*x.shape[:-1], out_features)
+
+
+@dataclass(frozen=True)
+class PackedSigns:
+    """The sign bits of a layer output that the next layer only binarizes (see the module docstring), standing in
+    for the float tensor of shape `shape`: `bits` int64 `(prod(shape[:-1]), ceil(shape[-1] / 64))`, and `nan_rows`
+    uint8, 1 for the rows whose float output would be NaN (the next layer's output row is NaN there)."""
+
+    bits: Tensor
+    nan_rows: Tensor
+    shape: torch.Size
+
+
+def binary_linear_signs(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, low: Tensor,
+                        width: Tensor, flip: Tensor) -> PackedSigns:
+    """The bits `(low_j <= d_j <= low_j + width_j) xor flip_j` of the dot products `d = sign(x - tau) . sign(W_j)`
+    of float32 `x` of shape `(..., K)` (int32 `low`, `width`, uint8 `flip`, one per output channel)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    bits, nan_rows = _ops().binary_linear_signs(rows, _contiguous(threshold), weight_panels, out_features, low, width,
+                                                flip)
+    return PackedSigns(bits, nan_rows, torch.Size((*x.shape[:-1], out_features)))
+
+
+def binary_linear_from_signs(signs: PackedSigns, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                             input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`binary_linear` of the input that `signs` stands for, from its bits (inference only: no gradient)."""
+    out = _ops().binary_linear_from_signs(signs.bits, signs.nan_rows, weight_panels, out_features, signs.shape[-1],
+                                          _contiguous(alpha), _contiguous(input_scale), _contiguous(bias))
+    return out.reshape(*signs.shape[:-1], out_features)
 
 
 def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,

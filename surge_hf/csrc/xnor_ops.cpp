@@ -263,19 +263,53 @@ at::Tensor code_gemm(const at::Tensor& planes, const at::Tensor& plane_counts, c
   return out;
 }
 
-at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
-                         int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& input_scale,
-                         const c10::optional<at::Tensor>& bias) {
-  auto [bits, nan_rows] = pack_sign_rows(x, threshold);
-  const int64_t k = x.size(1);
+at::Tensor binary_linear_from_signs(const at::Tensor& bits, const at::Tensor& nan_rows, const at::Tensor& panels,
+                                    int64_t n, int64_t k, const at::Tensor& alpha,
+                                    const c10::optional<at::Tensor>& input_scale,
+                                    const c10::optional<at::Tensor>& bias) {
   check_panels(bits, panels, n, k);
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  TORCH_CHECK(nan_rows.scalar_type() == at::kByte && nan_rows.is_contiguous() && nan_rows.numel() == bits.size(0),
+              "surge_hf: nan_rows must be contiguous uint8 of ", bits.size(0), " values, got ", nan_rows.sizes());
+  at::Tensor out = at::empty({bits.size(0), n}, bits.options().dtype(at::kFloat));
   GemmProblem problem = make_problem(bits, panels, n, k);
   problem.out_float = out.data_ptr<float>();
   set_epilogue(problem, alpha, optional_float(input_scale, 1, "the input scale"), bias);
   run_gemm(problem);
   propagate_nan_rows(out, nan_rows);
   return out;
+}
+
+at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
+                         int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& input_scale,
+                         const c10::optional<at::Tensor>& bias) {
+  auto [bits, nan_rows] = pack_sign_rows(x, threshold);
+  return binary_linear_from_signs(bits, nan_rows, panels, n, x.size(1), alpha, input_scale, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> binary_linear_signs(const at::Tensor& x, const c10::optional<at::Tensor>& threshold,
+                                                       const at::Tensor& panels, int64_t n, const at::Tensor& low,
+                                                       const at::Tensor& width, const at::Tensor& flip) {
+  auto [bits, nan_rows] = pack_sign_rows(x, threshold);
+  const int64_t k = x.size(1);
+  check_panels(bits, panels, n, k);
+  for (const at::Tensor* bound : {&low, &width}) {
+    TORCH_CHECK(bound->scalar_type() == at::kInt && bound->is_contiguous() && bound->numel() == n,
+                "surge_hf: sign-output bounds must be contiguous int32 tensors of ", n, " values, got ",
+                bound->scalar_type(), " of shape ", bound->sizes());
+  }
+  TORCH_CHECK(flip.scalar_type() == at::kByte && flip.is_contiguous() && flip.numel() == n,
+              "surge_hf: sign-output flips must be a contiguous uint8 tensor of ", n, " values, got ",
+              flip.scalar_type(), " of shape ", flip.sizes());
+  const int64_t out_words = words_per_row(n);
+  // Zeros: the 16-bit chunks past the last panel are never written, and bits past column n must stay 0.
+  at::Tensor out = at::zeros({x.size(0), out_words}, x.options().dtype(at::kLong));
+  GemmProblem problem = make_problem(bits, panels, n, k);
+  problem.out_signs = reinterpret_cast<uint16_t*>(out.data_ptr<int64_t>());
+  problem.sign_epilogue.low = low.data_ptr<int32_t>();
+  problem.sign_epilogue.width = width.data_ptr<int32_t>();
+  problem.sign_epilogue.flip = flip.data_ptr<uint8_t>();
+  run_gemm(problem);
+  return {out, nan_rows};
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& step,
@@ -328,6 +362,10 @@ TORCH_LIBRARY(surge_hf, m) {
         "int q_max) -> Tensor");
   m.def("binary_linear(Tensor x, Tensor? threshold, Tensor panels, int n, Tensor alpha, Tensor? input_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("binary_linear_from_signs(Tensor bits, Tensor nan_rows, Tensor panels, int n, int k, Tensor alpha, "
+        "Tensor? input_scale, Tensor? bias) -> Tensor");
+  m.def("binary_linear_signs(Tensor x, Tensor? threshold, Tensor panels, int n, Tensor low, Tensor width, "
+        "Tensor flip) -> (Tensor, Tensor)");
   m.def("quantized_linear(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
         "Tensor weight_counts, int n, Tensor alpha, Tensor? bias) -> Tensor");
   m.def("xnor_isa() -> str", &surge_xnor::isa);
@@ -343,5 +381,7 @@ TORCH_LIBRARY_IMPL(surge_hf, CPU, m) {
   m.impl("xnor_gemm", &surge_xnor::xnor_gemm);
   m.impl("code_gemm", &surge_xnor::code_gemm);
   m.impl("binary_linear", &surge_xnor::binary_linear);
+  m.impl("binary_linear_from_signs", &surge_xnor::binary_linear_from_signs);
+  m.impl("binary_linear_signs", &surge_xnor::binary_linear_signs);
   m.impl("quantized_linear", &surge_xnor::quantized_linear);
 }
