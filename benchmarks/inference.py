@@ -262,15 +262,17 @@ FORM_NAMES = {"float32": "float32", "int8_dynamic": "int8 dyn.", "binary_kernel"
               "binary_float_outputs": "binary, float outputs", "binary_reference": "binary reference"}
 
 
-def timing_table(rows: list[dict], label_columns: str, label: Callable[[dict], str], digits: int) -> list[str]:
-    """A markdown table: label, threads, each candidate's ms and the binary kernel's speed-up over the others."""
+def timing_table(title: str, rows: list[dict], label_columns: str, label: Callable[[dict], str],
+                 digits: int) -> list[str]:
+    """A markdown section (none without rows): label, threads, each candidate's ms and the binary kernel's speed-up
+    over the others."""
     if not rows:
         return []
     forms = [form for form in FORMS if form in rows[0]["ms"]]
     others = [form for form in forms if form != "binary_kernel"]
     header = (f"| {label_columns} | threads | " + " | ".join(FORM_NAMES[form] for form in forms) + " | "
               + " | ".join(f"vs {FORM_NAMES[form]}" for form in others) + " |")
-    lines = [header, "| --- " * (header.count("|") - 1) + "|"]
+    lines = ["", f"## {title}", "", header, "| --- " * (header.count("|") - 1) + "|"]
     for row in rows:
         ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
         times = " | ".join(f"{ms[form]:.{digits}f}" for form in forms)
@@ -282,16 +284,16 @@ def timing_table(rows: list[dict], label_columns: str, label: Callable[[dict], s
 def markdown(report: dict) -> str:
     lines = [f"# CPU inference: `{report['command']}`", "",
              f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
-             "Medians of round-robin rounds on a shared machine: read the ratios.", "",
-             "## Layer level (ms per call; speed-up of the binary kernel over each)", "",
-             *timing_table(report["layers"], "shape (in x out) | M",
+             "Medians of round-robin rounds on a shared machine: read the ratios.",
+             *timing_table("Layer level (ms per call; speed-up of the binary kernel over each)", report["layers"],
+                           "shape (in x out) | M",
                            lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | {r['rows']}", 3),
-             "", "## End to end, sequence classification (ms per batch)", "",
-             *timing_table(report["end_to_end"], "model | batch x tokens",
-                           lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
-    lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
-              "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
-              "| --- | --- | --- | --- | --- |"]
+             *timing_table("End to end, sequence classification (ms per batch)", report["end_to_end"],
+                           "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
+    if report["memory"]:
+        lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
+                  "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
+                  "| --- | --- | --- | --- | --- |"]
     for name, row in report["memory"].items():
         for form in row["file_bytes"]:
             cells = [f"{row[key][form] / 1e6:.1f} ({row[f'{key}_ratio_float32_over'][form]:.1f}x)"

@@ -15,8 +15,10 @@ extension is compiled without fused multiply-adds): exactly what the reference p
 
 The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `torch.utils.cpp_extension.load` into
 torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
-The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++; work
-is split over `torch.get_num_threads()` threads. Where it cannot be built (no C++ compiler, no ninja), packed layers
+The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++. A
+product runs on `torch.get_num_threads()` of torch's OpenMP threads, fewer when it holds less than a minimum of work
+per thread (one below it), in one parallel region that packs the inputs and multiplies them block by block, the
+threads taking blocks from a shared counter. Where it cannot be built (no C++ compiler, no ninja), packed layers
 use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
 kernel off.
 
@@ -63,6 +65,13 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _openmp_flags() -> list[str]:
+    """`-fopenmp` where torch runs its intra-op threads on OpenMP: without it `at::parallel_for` compiles to a plain
+    loop in the extension (ATen's header decides on `_OPENMP`) and every product runs on one thread. The extension
+    then shares torch's OpenMP runtime (`libgomp.so.1`, already loaded by torch) and its `torch.set_num_threads`."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and os.name != "nt" else []
+
+
 def _build() -> bool:
     """Compile (or reuse the cached build of) the extension and register `torch.ops.surge_hf`; False on failure."""
     if not all((_CSRC / source).is_file() for source in _SOURCES):
@@ -78,10 +87,12 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load
 
         _ninja_on_path()
+        openmp = _openmp_flags()
         load(
             name="surge_hf_xnor",
             sources=[str(_CSRC / source) for source in _SOURCES],
-            extra_cflags=["-O3", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-ffp-contract=off", *openmp],
+            extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
         )

@@ -70,6 +70,16 @@ def test_sign_outputs_are_the_bits_of_the_bounds(isas, m, k, n):
             assert signs.shape == (m, n) and not signs.nan_rows.any()
 
 
+def test_sign_outputs_split_over_threads_are_exact(isas):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m, k, n in [(64, 640, 256), (8, 1024, 1040)]:  # split by row blocks, by panels
+            test_sign_outputs_are_the_bits_of_the_bounds(isas, m, k, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_layer_reads_sign_outputs_as_it_reads_the_floats_they_stand_for(isas):
     m, k, n = 5, 100, 33
     generator = torch.Generator().manual_seed(1)
