@@ -6,7 +6,8 @@ reference path (kernel off: unpack + float product), on BERT-base shapes (768x76
 shapes (384x384, 384x1536, 1536x384; `in x out`), M = 1, 8, 32, 128, 512 rows, with 1 and 2 threads.
 
 End to end: sequence classifiers in three forms (float32, int8 dynamic of the float32 model, packed SURGE model on the
-kernel; plus the packed model on its reference path), batch 1 x 32 tokens (latency) and 32 x 64 (throughput): a
+kernel; plus the packed model without sign outputs, i.e. with float outputs from every layer (`surge_hf.fusion`),
+and on its reference path), batch 1 x 32 tokens (latency) and 32 x 64 (throughput): a
 MiniLM-L6 (the real all-MiniLM-L6-v2 weights, binarized untrained: speed does not depend on the values) and a
 random BERT-base-shaped model. Memory: the resident-set growth of a fresh process that loads the model and runs one
 1 x 32 forward and reads every weight (`/proc/self/status` VmRSS), the bytes of the tensors the model holds, and
@@ -20,11 +21,13 @@ ratios are the figures to read, not the absolute times.
     python benchmarks/inference.py      # writes benchmarks/results/inference_cpu.{json,md,png}
     python benchmarks/inference.py --quick     # fewer shapes and rounds, for a smoke run
     python benchmarks/inference.py --profile   # where the packed MiniLM's time goes: results/inference_profile_cpu.json
+    python benchmarks/inference.py --parts end_to_end --models minilm-l6 --output results/<name>.json   # one part
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -43,6 +46,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from surge_hf import SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
+from surge_hf.fusion import unfold_sign_outputs
 from surge_hf.layers import BinaryLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +56,9 @@ LAYER_SHAPES = {"bert-base": [(768, 768), (768, 3072), (3072, 768)], "minilm": [
 ROWS = (1, 8, 32, 128, 512)
 THREADS = (1, 2)
 BATCHES = ((1, 32), (32, 64))
-FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_reference")
+FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_float_outputs", "binary_reference")
+MODELS = ("minilm-l6", "bert-base-shape")
+PARTS = ("layers", "end_to_end", "memory")
 
 
 def median_seconds(candidates: dict[str, Callable[[], object]], rounds: int, min_seconds: float) -> dict[str, float]:
@@ -100,7 +106,7 @@ def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, 
                 torch.manual_seed(0)
                 linear = nn.Linear(in_features, out_features)
                 quantized = int8_dynamic(nn.Sequential(linear))
-                binary = BinaryLinear.from_surge(SurgeLinear.from_linear(nn.Linear(in_features, out_features),
+                binary = BinaryLinear.from_surge(SurgeLinear.from_float(nn.Linear(in_features, out_features),
                                                                          SurgeConfig())).eval()
                 for m in rows:
                     x = torch.randn(m, in_features)
@@ -119,15 +125,16 @@ def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, 
     return results
 
 
-def save_models(workdir: Path) -> dict[str, dict[str, Path]]:
-    """Save the float32 and packed forms of each end-to-end model; returns their folders."""
+def save_models(workdir: Path, names: tuple[str, ...]) -> dict[str, dict[str, Path]]:
+    """Save the float32 and packed forms of each end-to-end model of `names`; returns their folders."""
     bases = {}
-    if MINILM.is_dir():
+    if "minilm-l6" in names and MINILM.is_dir():
         bases["minilm-l6"] = BertForSequenceClassification.from_pretrained(MINILM, dtype=torch.float32, num_labels=2)
-    else:
+    elif "minilm-l6" in names:
         print(f"{MINILM} is absent: skipping MiniLM-L6")
-    torch.manual_seed(0)
-    bases["bert-base-shape"] = BertForSequenceClassification(BertConfig(num_labels=2))
+    if "bert-base-shape" in names:
+        torch.manual_seed(0)
+        bases["bert-base-shape"] = BertForSequenceClassification(BertConfig(num_labels=2))
     folders = {}
     for name, model in bases.items():
         float_dir, packed_dir, int8_embedding_dir = (workdir / name / form for form in ("float32", "packed",
@@ -154,6 +161,8 @@ def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
     for name, paths in folders.items():
         models = {"float32": load("float32", paths["float32"]), "int8_dynamic": load("int8_dynamic", paths["float32"]),
                   "binary": load("packed", paths["packed"])}
+        models["binary_float_outputs"] = copy.deepcopy(models["binary"])
+        unfold_sign_outputs(models["binary_float_outputs"])
         vocab = models["float32"].config.vocab_size
         for threads in THREADS:
             torch.set_num_threads(threads)
@@ -165,6 +174,7 @@ def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
                         "float32": lambda: models["float32"](**inputs),
                         "int8_dynamic": lambda: models["int8_dynamic"](**inputs),
                         "binary_kernel": lambda: models["binary"](**inputs),
+                        "binary_float_outputs": lambda: models["binary_float_outputs"](**inputs),
                         "binary_reference": without_kernel(lambda: models["binary"](**inputs)),
                     }, rounds, min_seconds)
                 row = {"model": name, "batch": batch, "tokens": length, "threads": threads, **with_ratios(seconds)}
@@ -248,33 +258,42 @@ def memory_and_files(folders: dict) -> dict:
     return results
 
 
-def timing_rows(rows: list[dict], label: Callable[[dict], str], digits: int) -> list[str]:
-    """Markdown rows: label, threads, the four candidates' ms and the binary kernel's speed-ups."""
-    lines = []
+FORM_NAMES = {"float32": "float32", "int8_dynamic": "int8 dyn.", "binary_kernel": "binary kernel",
+              "binary_float_outputs": "binary, float outputs", "binary_reference": "binary reference"}
+
+
+def timing_table(title: str, rows: list[dict], label_columns: str, label: Callable[[dict], str],
+                 digits: int) -> list[str]:
+    """A markdown section (none without rows): label, threads, each candidate's ms and the binary kernel's speed-up
+    over the others."""
+    if not rows:
+        return []
+    forms = [form for form in FORMS if form in rows[0]["ms"]]
+    others = [form for form in forms if form != "binary_kernel"]
+    header = (f"| {label_columns} | threads | " + " | ".join(FORM_NAMES[form] for form in forms) + " | "
+              + " | ".join(f"vs {FORM_NAMES[form]}" for form in others) + " |")
+    lines = ["", f"## {title}", "", header, "| --- " * (header.count("|") - 1) + "|"]
     for row in rows:
         ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
-        times = " | ".join(f"{ms[form]:.{digits}f}" for form in FORMS)
-        ratios = " | ".join(f"{ratio[form]:.2f}x" for form in FORMS if form != "binary_kernel")
+        times = " | ".join(f"{ms[form]:.{digits}f}" for form in forms)
+        ratios = " | ".join(f"{ratio[form]:.2f}x" for form in others)
         lines.append(f"| {label(row)} | {row['threads']} | {times} | {ratios} |")
     return lines
 
 
 def markdown(report: dict) -> str:
-    columns = "threads | float32 | int8 dyn. | binary kernel | binary reference | vs float32 | vs int8 | vs reference |"
-    rule = "| --- " * 10 + "|"
     lines = [f"# CPU inference: `{report['command']}`", "",
              f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
-             "Medians of round-robin rounds on a shared machine: read the ratios.", "",
-             "## Layer level (ms per call; speed-up of the binary kernel over each)", "",
-             f"| shape (in x out) | M | {columns}", rule,
-             *timing_rows(report["layers"], lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | "
-                          f"{r['rows']}", 3),
-             "", "## End to end, sequence classification (ms per batch)", "",
-             f"| model | batch x tokens | {columns}", rule,
-             *timing_rows(report["end_to_end"], lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
-    lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
-              "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
-              "| --- | --- | --- | --- | --- |"]
+             "Medians of round-robin rounds on a shared machine: read the ratios.",
+             *timing_table("Layer level (ms per call; speed-up of the binary kernel over each)", report["layers"],
+                           "shape (in x out) | M",
+                           lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | {r['rows']}", 3),
+             *timing_table("End to end, sequence classification (ms per batch)", report["end_to_end"],
+                           "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
+    if report["memory"]:
+        lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
+                  "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
+                  "| --- | --- | --- | --- | --- |"]
     for name, row in report["memory"].items():
         for form in row["file_bytes"]:
             cells = [f"{row[key][form] / 1e6:.1f} ({row[f'{key}_ratio_float32_over'][form]:.1f}x)"
@@ -321,8 +340,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default results/inference_cpu.json, or results/inference_cpu_quick.json)")
     parser.add_argument("--profile", action="store_true", help="profile the packed MiniLM-L6 at 32 x 64 instead")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"end-to-end models, a comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--memory", nargs=2, metavar=("FORM", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    parts, models = tuple(args.parts.split(",")), tuple(args.models.split(","))
+    if not set(parts) <= set(PARTS) or not set(models) <= set(MODELS):
+        parser.error(f"--parts takes {', '.join(PARTS)}; --models takes {', '.join(MODELS)}")
     if args.memory:
         print("MEMORY=" + json.dumps(measure_memory(args.memory[0], Path(args.memory[1]))))
         return
@@ -339,7 +364,7 @@ def main() -> None:
                             else (LAYER_SHAPES, ROWS, args.rounds))
     threads = torch.get_num_threads()
     report = {
-        "command": "python benchmarks/inference.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/inference.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {platform.system()}, "
                    f"{torch.get_num_threads()} threads available",
         "torch": torch.__version__,
@@ -348,17 +373,23 @@ def main() -> None:
         "recipe": SurgeConfig().to_dict(),
         "rounds": rounds,
         "min_ms": args.min_ms,
-        "layers": layer_level(rounds, args.min_ms / 1e3, shapes, rows),
+        "layers": layer_level(rounds, args.min_ms / 1e3, shapes, rows) if "layers" in parts else [],
+        "end_to_end": [],
+        "memory": {},
     }
-    with tempfile.TemporaryDirectory() as workdir:
-        folders = save_models(Path(workdir))
-        report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
-        report["memory"] = memory_and_files(folders)
+    if "end_to_end" in parts or "memory" in parts:
+        with tempfile.TemporaryDirectory() as workdir:
+            folders = save_models(Path(workdir), models)
+            if "end_to_end" in parts:
+                report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
+            if "memory" in parts:
+                report["memory"] = memory_and_files(folders)
     torch.set_num_threads(threads)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown(report))
-    plot(report, output.with_suffix(".png"))
+    if report["layers"]:
+        plot(report, output.with_suffix(".png"))
     print(f"wrote {output} (+ .md, .png)")
 
 

@@ -2,7 +2,8 @@
 
 - `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place (inside a
   `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
-- `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor).
+- `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor); feed-forward
+  blocks write packed sign bits between their layers (`fusion`).
 - `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
 """
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .binary_attention import add_binary_attention
 from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
+from .fusion import fold_sign_outputs, unfold_sign_outputs
 from .layers import (
     BINARY_LAYER_TYPES,
     LAYER_KINDS,
@@ -139,17 +141,21 @@ def packed_layer(layer: SurgeLayerMixin) -> BinaryLayerMixin:
     return layer_kind(layer).packed_type.from_surge(layer)
 
 
-def finalize(model: nn.Module) -> nn.Module:
+def finalize(model: nn.Module, sign_outputs: bool = True) -> nn.Module:
     """Replace every SURGE layer by its packed inference layer, in place, and put the model in eval mode.
 
-    Removes the auxiliary weights, the previous-step lam and every other training-only tensor. The finalized
-    model's outputs equal the SURGE model's eval-mode outputs exactly.
+    Removes the auxiliary weights, the previous-step lam and every other training-only tensor. With `sign_outputs`,
+    the intermediate layer of each recognised feed-forward block writes the output layer's sign codes as packed bits
+    on the CPU kernel instead of floats (`surge_hf.fusion`). The finalized model's outputs equal the SURGE model's
+    eval-mode outputs exactly.
     """
     layers = list(surge_layers(model))
     if not layers:
         raise ValueError("finalize() found no SURGE layer in this model; call surge_hf.binarize(model) first.")
     for name, layer in layers:
         _set_submodule(model, name, packed_layer(layer))
+    if sign_outputs:
+        fold_sign_outputs(model)
     return model.eval()
 
 
@@ -163,6 +169,7 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BINARY_LAYER_TYPES)]
     if not layers:
         raise ValueError("unfinalize() found no packed binary layer in this model.")
+    unfold_sign_outputs(model)
     for name, packed in layers:
         weight = packed.dequantized_weight()
         plain = packed.float_layer().to(device=weight.device, dtype=weight.dtype)

@@ -15,10 +15,21 @@ extension is compiled without fused multiply-adds): exactly what the reference p
 
 The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `torch.utils.cpp_extension.load` into
 torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
-The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++; work
-is split over `torch.get_num_threads()` threads. Where it cannot be built (no C++ compiler, no ninja), packed layers
+The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++. A
+product runs on `torch.get_num_threads()` of torch's OpenMP threads, fewer when it holds less than a minimum of work
+per thread (one below it), in one parallel region that packs the inputs and multiplies them block by block, the
+threads taking blocks from a shared counter. Where it cannot be built (no C++ compiler, no ninja), packed layers
 use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
 kernel off.
+
+Sign outputs: where a layer's float output is only binarized by the next layer, `next(sign(g(y_j) - tau_j))` with an
+elementwise activation `g` and the next layer's thresholds tau, the bit of channel `j` is a function of the integer
+dot product `d = sign(x - tau') . sign(W_j)` alone, since `y_j = float(d) * (alpha_j * s) + b_j`. `d` takes the
+K + 1 values -K, -K + 2, ..., K, so each channel's bit is a table over those values; where the table is 1 on an
+interval of `d`, or on the complement of one, it is `(low_j <= d <= low_j + width_j) xor flip_j`, and
+`binary_linear_signs` writes these bits, in the activation-bit layout below, instead of floats
+(`surge_hf.fusion` builds the tables from the reference path itself, so the bits are the reference path's, exactly).
+The next layer takes them with `binary_linear_from_signs`, without packing floats.
 
 Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
 (on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
@@ -33,6 +44,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +65,13 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _openmp_flags() -> list[str]:
+    """`-fopenmp` where torch runs its intra-op threads on OpenMP: without it `at::parallel_for` compiles to a plain
+    loop in the extension (ATen's header decides on `_OPENMP`) and every product runs on one thread. The extension
+    then shares torch's OpenMP runtime (`libgomp.so.1`, already loaded by torch) and its `torch.set_num_threads`."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and os.name != "nt" else []
+
+
 def _build() -> bool:
     """Compile (or reuse the cached build of) the extension and register `torch.ops.surge_hf`; False on failure."""
     if not all((_CSRC / source).is_file() for source in _SOURCES):
@@ -68,10 +87,12 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load
 
         _ninja_on_path()
+        openmp = _openmp_flags()
         load(
             name="surge_hf_xnor",
             sources=[str(_CSRC / source) for source in _SOURCES],
-            extra_cflags=["-O3", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-ffp-contract=off", *openmp],
+            extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
         )
@@ -214,6 +235,35 @@ def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, o
         _contiguous(bias),
     )
     return out.reshape(*x.shape[:-1], out_features)
+
+
+@dataclass(frozen=True)
+class PackedSigns:
+    """The sign bits of a layer output that the next layer only binarizes (see the module docstring), standing in
+    for the float tensor of shape `shape`: `bits` int64 `(prod(shape[:-1]), ceil(shape[-1] / 64))`, and `nan_rows`
+    uint8, 1 for the rows whose float output would be NaN (the next layer's output row is NaN there)."""
+
+    bits: Tensor
+    nan_rows: Tensor
+    shape: torch.Size
+
+
+def binary_linear_signs(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, low: Tensor,
+                        width: Tensor, flip: Tensor) -> PackedSigns:
+    """The bits `(low_j <= d_j <= low_j + width_j) xor flip_j` of the dot products `d = sign(x - tau) . sign(W_j)`
+    of float32 `x` of shape `(..., K)` (int32 `low`, `width`, uint8 `flip`, one per output channel)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    bits, nan_rows = _ops().binary_linear_signs(rows, _contiguous(threshold), weight_panels, out_features, low, width,
+                                                flip)
+    return PackedSigns(bits, nan_rows, torch.Size((*x.shape[:-1], out_features)))
+
+
+def binary_linear_from_signs(signs: PackedSigns, weight_panels: Tensor, out_features: int, alpha: Tensor,
+                             input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`binary_linear` of the input that `signs` stands for, from its bits (inference only: no gradient)."""
+    out = _ops().binary_linear_from_signs(signs.bits, signs.nan_rows, weight_panels, out_features, signs.shape[-1],
+                                          _contiguous(alpha), _contiguous(input_scale), _contiguous(bias))
+    return out.reshape(*signs.shape[:-1], out_features)
 
 
 def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,

@@ -23,14 +23,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_surge import SurgeConfig
+from .kernels import (
+    PackedSigns,
+    binary_linear,
+    binary_linear_from_signs,
+    binary_linear_signs,
+    pack_weight_panels,
+    quantized_linear,
+    weight_row_counts,
+)
 from .kernels import available as kernels_available
-from .kernels import binary_linear, pack_weight_panels, quantized_linear, weight_row_counts
 from .objective import record_auxiliary_loss
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
@@ -44,6 +53,9 @@ from .quantizers import (
     weight_scale,
 )
 from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
+
+if TYPE_CHECKING:
+    from .fusion import SignOutput
 
 
 @dataclass(frozen=True)
@@ -471,14 +483,25 @@ class BinaryLayerMixin(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
 
 
+def tensor_state(*tensors: Tensor | None) -> tuple:
+    """What identifies the values of `tensors` for a cache: storage and version (an inference tensor has no version
+    counter, and cannot be changed in place outside inference mode)."""
+    return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+
+
 class BinaryLinear(BinaryLayerMixin):
-    """Packed inference counterpart of `SurgeLinear`."""
+    """Packed inference counterpart of `SurgeLinear`.
+
+    With a `sign_output` (`surge_hf.fusion`, set by `finalize` where the next layer only binarizes this layer's
+    activated output) the kernel path returns `PackedSigns` instead of floats; the layer that reads them takes
+    `PackedSigns` as its input."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, recipe: SurgeConfig, *,
                  unsigned_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_binary((out_features, in_features), bias, in_features, recipe, unsigned_input)
+        self.sign_output: SignOutput | None = None
 
     @staticmethod
     def layout_of(layer: SurgeLinear) -> tuple:
@@ -506,22 +529,32 @@ class BinaryLinear(BinaryLayerMixin):
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and kernels_available()
         )
 
-    def kernel_forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | PackedSigns) -> Tensor | PackedSigns:
+        if isinstance(x, PackedSigns):
+            return binary_linear_from_signs(x, self.weight_panels()[0], self.out_features, self.weight_scale,
+                                            self.input_scale, self.bias)
+        return super().forward(x)
+
+    def kernel_forward(self, x: Tensor) -> Tensor | PackedSigns:
         """`float(q_x . sign(W_j)) * (alpha_j * s) + b_j` from the packed bits, without unpacking them: the reference
-        path's operations in the reference path's order."""
+        path's operations in the reference path's order; or, with a `sign_output` that applies, the next layer's
+        sign codes of its activated values, as `PackedSigns`."""
         panels, weight_counts = self.weight_panels()
-        if self.activation_spec.is_sign:
-            return binary_linear(x, self.input_threshold, panels, self.out_features, self.weight_scale,
-                                 self.input_scale, self.bias)
-        return quantized_linear(x, self.input_threshold, self.input_scale, self.activation_spec.levels, panels,
-                                weight_counts, self.out_features, self.weight_scale, self.bias)
+        if not self.activation_spec.is_sign:
+            return quantized_linear(x, self.input_threshold, self.input_scale, self.activation_spec.levels, panels,
+                                    weight_counts, self.out_features, self.weight_scale, self.bias)
+        bounds = None if self.sign_output is None else self.sign_output.bounds(self, x)
+        if bounds is not None:
+            return binary_linear_signs(x, self.input_threshold, panels, self.out_features, *bounds)
+        return binary_linear(x, self.input_threshold, panels, self.out_features, self.weight_scale, self.input_scale,
+                             self.bias)
 
     def weight_panels(self) -> tuple[Tensor, Tensor]:
         """The packed weight in the kernel's panel layout and the +1 count of each row, rebuilt when
         `weight_packed` is replaced or changed."""
-        packed = self.weight_packed
-        key = (packed.data_ptr(), None if packed.is_inference() else packed._version)
+        key = tensor_state(self.weight_packed)
         if self.__dict__.get("_panels_key") != key:
+            packed = self.weight_packed
             self._panels = pack_weight_panels(packed, self.in_features), weight_row_counts(packed)
             self._panels_key = key
         return self._panels

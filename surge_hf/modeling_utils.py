@@ -155,10 +155,11 @@ class SurgePreTrainedMixin:
             )
         return kinds == {True}
 
-    def finalize(self):
-        """Pack every SURGE layer in place (`surge_hf.finalize`) and mark the config packed. Returns the model,
-        in eval mode; its outputs equal the eval-mode outputs before packing exactly."""
-        finalize_layers(self)
+    def finalize(self, sign_outputs: bool = True):
+        """Pack every SURGE layer in place (`surge_hf.finalize`, where `sign_outputs` is described) and mark the
+        config packed. Returns the model, in eval mode; its outputs equal the eval-mode outputs before packing
+        exactly."""
+        finalize_layers(self, sign_outputs)
         self.config.surge_packed = True
         return self
 

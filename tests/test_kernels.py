@@ -116,6 +116,40 @@ def test_binary_linear_scales_after_the_integer_product(isas):
             assert torch.equal(tensor_scale, (dots * alpha[:1]).reshape(1, m, n)), isa
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (M, K, N) with enough work for two threads: split by row blocks, by panels (one row block), a partial row block.
+PARALLEL_SHAPES = [(64, 640, 256), (8, 1024, 1040), (200, 100, 700)]
+
+
+def test_products_split_over_threads_are_exact(isas, two_threads):
+    for m, k, n in PARALLEL_SHAPES:
+        x, weight, threshold = _operands(m, k, n)
+        x[m // 2, 1] = float("nan")
+        alpha, bias = weight.abs().mean(1), torch.randn(n)
+        packed = pack_signs(weight)
+        panels, weight_counts = kernels.pack_weight_panels(packed, k), kernels.weight_row_counts(packed)
+        dots = _pm1(x - threshold) @ _pm1(weight).T
+        expected = (dots.to(torch.float32) * alpha + bias).index_fill_(0, torch.tensor([m // 2]), float("nan"))
+        codes = _codes(x.nan_to_num(), threshold, 0.21, (-8, 7)) @ _pm1(weight).T
+        expected_codes = codes.to(torch.float32) * (alpha * 0.21)
+        for isa in isas:
+            with kernels.use_isa(isa):
+                bits = kernels.pack_activation_bits(x, threshold)
+                assert torch.equal(kernels.xnor_gemm(bits, panels, n, k), dots.to(torch.int32)), (isa, m, k, n)
+                out = kernels.binary_linear(x, threshold, panels, n, alpha, None, bias)
+                torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True, msg=f"{isa} {m} {k} {n}")
+                quantized = kernels.quantized_linear(x.nan_to_num(), threshold, torch.tensor([0.21]), (-8, 7), panels,
+                                                     weight_counts, n, alpha, None)
+                assert torch.equal(quantized, expected_codes), (isa, m, k, n)
+
+
 def test_padding_bits_of_the_packed_weight_never_count(isas):
     m, k, n = 4, 70, 5
     x, weight, _ = _operands(m, k, n)

@@ -8,6 +8,9 @@
 // Sign activations a, sign weights w (bits A, W): a . w = K - 2 * popcount(A xor W).
 // Codes q = q_min + sum_b 2^b c_b with bit planes c_b (bits C_b):
 //   q . w = sum_b 2^b (2 * popcount(C_b and W) - popcount(C_b)) + q_min * (2 * popcount(W) - K).
+// Sign outputs (the output of a layer that the next layer only binarizes): (M, ceil(N / 64)) words in the sign
+// activations' layout, bit j of row i = (low[j] <= dot[i][j] <= low[j] + width[j]) xor flip[j]; each 16-column
+// panel writes its own 16-bit quarter of a word, so threads never share a store.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +29,14 @@ struct Epilogue {
   const float* bias = nullptr;
 };
 
+// bit = (low <= dot <= low + width) xor flip, per output channel (width read as unsigned: an empty interval has
+// low > K, where dot - low wraps to a huge unsigned number).
+struct SignEpilogue {
+  const int32_t* low = nullptr;
+  const int32_t* width = nullptr;
+  const uint8_t* flip = nullptr;
+};
+
 struct GemmProblem {
   const uint64_t* a = nullptr;       // (rows, kw) activation bit rows: M sign rows, or M * planes code planes
   const uint64_t* panels = nullptr;  // (ceil(n / 16), kw, 16) weight panels
@@ -34,9 +45,11 @@ struct GemmProblem {
   int32_t q_min = 0;                     // smallest code (planes > 0)
   const int32_t* plane_counts = nullptr;   // (rows) popcount of each code plane (planes > 0)
   const int32_t* weight_counts = nullptr;  // (n) popcount of each weight row (planes > 0)
-  int32_t* out_int = nullptr;  // (rows / max(planes, 1), n) exact dot products, or
-  float* out_float = nullptr;  // the same shape, scaled (see Epilogue)
+  int32_t* out_int = nullptr;     // (rows / max(planes, 1), n) exact dot products, or
+  float* out_float = nullptr;     // the same shape, scaled (see Epilogue), or
+  uint16_t* out_signs = nullptr;  // (rows, ceil(n / 64) * 4) sign outputs (see SignEpilogue), 16 channels a store
   Epilogue epilogue;
+  SignEpilogue sign_epilogue;
 };
 
 // What a uniform quantizer needs: q = clamp(round_half_even((x - tau) / step), q_min, q_max).

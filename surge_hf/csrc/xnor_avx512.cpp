@@ -1,6 +1,7 @@
 // AVX-512 variant (x86-64 with AVX-512 F/BW/DQ/VL and VPOPCNTDQ): 8 bit rows x 16 output channels per micro-tile,
 // 64-bit popcounts of XORed (signs) or ANDed (code planes) words in 512-bit vectors, signs compared 16 floats at a
-// time; code planes are packed by the scalar routine compiled for AVX-512.
+// time, the outputs of sign products written 16 channels a vector; code planes are packed, and the outputs of code
+// products written, by the scalar routines compiled for AVX-512.
 #include "xnor.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -39,6 +40,49 @@ SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* thr
   }
 }
 
+// The outputs of a sign (XOR) tile, 16 channels a vector, from the popcounts of channels 0-7 (`low`) and 8-15
+// (`high`) of each row: the scalar store_tile's operations, in its order and rounding (mul, then add, no FMA).
+template <int MR>
+SURGE_XNOR_TARGET static void store_sign_tile(const GemmProblem& p, int64_t row0, int64_t panel,
+                                              const __m512i (&low)[MR], const __m512i (&high)[MR]) {
+  const int64_t col0 = panel * kPanelWidth;
+  const int64_t cols = std::min<int64_t>(kPanelWidth, p.n - col0);
+  const __mmask16 valid = cols == kPanelWidth ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const Epilogue& e = p.epilogue;
+  const SignEpilogue& s = p.sign_epilogue;
+  __m512 scale = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+  __m512i bound = _mm512_setzero_si512(), width = _mm512_setzero_si512();
+  __mmask16 flip = 0;
+  if (p.out_float) {
+    scale = e.alpha_per_channel ? _mm512_maskz_loadu_ps(valid, e.alpha + col0) : _mm512_set1_ps(e.alpha[0]);
+    if (e.input_scale) scale = _mm512_mul_ps(scale, _mm512_set1_ps(*e.input_scale));
+    if (e.bias) bias = _mm512_maskz_loadu_ps(valid, e.bias + col0);
+  } else if (p.out_signs) {
+    bound = _mm512_maskz_loadu_epi32(valid, s.low + col0);
+    width = _mm512_maskz_loadu_epi32(valid, s.width + col0);
+    const __m128i flips = _mm_maskz_loadu_epi8(valid, s.flip + col0);
+    flip = _mm_test_epi8_mask(flips, flips);
+  }
+  const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(p.k));
+  const int64_t sign_stride = (p.n + 63) / 64 * 4;
+  for (int r = 0; r < MR; ++r) {
+    const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(low[r])),
+                                              _mm512_cvtepi64_epi32(high[r]), 1);
+    const __m512i dots = _mm512_sub_epi32(k, _mm512_add_epi32(counts, counts));
+    const int64_t row = row0 + r;
+    if (p.out_int) {
+      _mm512_mask_storeu_epi32(p.out_int + row * p.n + col0, valid, dots);
+    } else if (p.out_float) {
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(dots), scale);
+      if (e.bias) y = _mm512_add_ps(y, bias);
+      _mm512_mask_storeu_ps(p.out_float + row * p.n + col0, valid, y);
+    } else {
+      const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(dots, bound), width);
+      p.out_signs[row * sign_stride + panel] = static_cast<uint16_t>((inside ^ flip) & valid);
+    }
+  }
+}
+
 template <int MR, bool kAnd>
 struct VectorTile {
   SURGE_XNOR_TARGET static void run(const GemmProblem& p, int64_t row0, int64_t panel) {
@@ -56,6 +100,10 @@ struct VectorTile {
         low[r] = _mm512_add_epi64(low[r], _mm512_popcnt_epi64(b0));
         high[r] = _mm512_add_epi64(high[r], _mm512_popcnt_epi64(b1));
       }
+    }
+    if (!kAnd) {
+      store_sign_tile<MR>(p, row0, panel, low, high);
+      return;
     }
     int32_t counts[MR][kPanelWidth];
     for (int r = 0; r < MR; ++r) {

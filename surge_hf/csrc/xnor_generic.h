@@ -74,6 +74,18 @@ SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold,
   }
 }
 
+// The sign outputs of channels [col0, col0 + cols) of one row (bit l for channel col0 + l; see SignEpilogue).
+SURGE_XNOR_TARGET static inline uint16_t sign_chunk(const SignEpilogue& e, int64_t col0, int64_t cols,
+                                                    const int32_t (&dots)[kPanelWidth]) {
+  uint32_t chunk = 0;
+  for (int64_t l = 0; l < cols; ++l) {
+    const uint32_t offset = static_cast<uint32_t>(dots[l]) - static_cast<uint32_t>(e.low[col0 + l]);
+    const uint32_t inside = offset <= static_cast<uint32_t>(e.width[col0 + l]);
+    chunk |= (inside ^ e.flip[col0 + l]) << l;
+  }
+  return static_cast<uint16_t>(chunk);
+}
+
 // Writes the outputs of bit rows [row0, row0 + MR) x the columns of `panel` from the popcounts of the tile.
 template <int MR>
 SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int64_t panel,
@@ -83,6 +95,7 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
   const int32_t k = static_cast<int32_t>(p.k);
   const int planes = p.planes > 0 ? p.planes : 1;
   const Epilogue& e = p.epilogue;
+  const int64_t sign_stride = (p.n + 63) / 64 * 4;  // 16-bit chunks per row of sign outputs
   float scale[kPanelWidth] = {}, bias[kPanelWidth] = {};
   if (p.out_float) {
     for (int64_t l = 0; l < cols; ++l) {
@@ -106,6 +119,10 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
     const int64_t out_row = (row0 + r) / planes;
     if (p.out_int) {
       std::copy(dots, dots + cols, p.out_int + out_row * p.n + col0);
+      continue;
+    }
+    if (p.out_signs) {
+      p.out_signs[out_row * sign_stride + panel] = sign_chunk(p.sign_epilogue, col0, cols, dots);
       continue;
     }
     float y[kPanelWidth];

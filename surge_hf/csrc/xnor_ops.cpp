@@ -4,6 +4,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -42,10 +48,36 @@ const Isa*& active() {
   return isa;
 }
 
-// Work items below this many 64-bit XOR-popcounts (or packed floats) run on one thread.
-constexpr int64_t kMinWorkPerThread = 1 << 15;
+// Work below this many 64-bit XOR-popcounts per thread runs on one thread. Measured on the 2-core AVX-512 machine
+// of benchmarks/results/popcount_peak_cpu.json: one fork and join of torch's two OpenMP threads costs about as much
+// as a few thousand popcounts at the kernel's rate when the second core is free, and much more when it is busy.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
 
 int64_t words_per_row(int64_t k) { return (k + 63) / 64; }
+
+// The threads a product of `work` XOR-popcounts gets: one per kMinWorkPerThread, at most torch's intra-op threads.
+int threads_for(int64_t work) {
+  if (at::in_parallel_region()) return 1;
+  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, at::get_num_threads()));
+}
+
+// Runs body(c) for every c in [0, chunks) on up to `threads` of torch's OpenMP threads, which take chunks one at a
+// time from a shared counter: a thread that starts late (its core busy) leaves its share to the others instead of
+// holding everyone up, as a fixed split would. One fork and one join per call.
+template <typename F>
+void parallel_chunks(int threads, int64_t chunks, const F& body) {
+#ifdef _OPENMP
+  if (threads > 1 && chunks > 1) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel
+    if (omp_get_thread_num() < threads) {
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) body(c);
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < chunks; ++c) body(c);
+}
 
 const float* threshold_data(const c10::optional<at::Tensor>& threshold, int64_t k) {
   if (!threshold.has_value()) return nullptr;
@@ -61,32 +93,6 @@ void check_activations(const at::Tensor& x) {
               x.sizes());
 }
 
-int64_t pack_grain(int64_t k) { return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(k, 1)); }
-
-// The sign bits of x - tau, and which rows hold a NaN.
-std::tuple<at::Tensor, at::Tensor> pack_sign_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
-  const float* tau = threshold_data(threshold, k);
-  at::Tensor bits = at::empty({m, kw}, x.options().dtype(at::kLong));
-  at::Tensor nan_rows = at::empty({m}, x.options().dtype(at::kByte));
-  const float* data = x.data_ptr<float>();
-  auto* out = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
-  uint8_t* nan = nan_rows.data_ptr<uint8_t>();
-  const Isa* isa = active();
-  at::parallel_for(0, m, pack_grain(k),
-                   [&](int64_t begin, int64_t end) { isa->pack_signs(data, tau, k, kw, out, nan, begin, end); });
-  return {bits, nan_rows};
-}
-
-// Rows of x with a NaN give NaN outputs, as the reference path's float product does.
-void propagate_nan_rows(at::Tensor& out, const at::Tensor& nan_rows) {
-  const uint8_t* nan = nan_rows.data_ptr<uint8_t>();
-  for (int64_t i = 0; i < out.size(0); ++i) {
-    if (nan[i]) out[i].fill_(std::numeric_limits<float>::quiet_NaN());
-  }
-}
-
 CodeSpec code_spec(double step, int64_t q_min, int64_t q_max) {
   const int64_t levels = q_max - q_min + 1;
   CodeSpec spec;
@@ -99,25 +105,74 @@ CodeSpec code_spec(double step, int64_t q_min, int64_t q_max) {
   return spec;
 }
 
-// The code planes of x, each plane's popcount, and which rows hold a NaN.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_code_rows(const at::Tensor& x,
-                                                              const c10::optional<at::Tensor>& threshold,
-                                                              const CodeSpec& spec) {
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1), kw = words_per_row(k);
-  const float* tau = threshold_data(threshold, k);
-  at::Tensor planes = at::empty({m * spec.planes, kw}, x.options().dtype(at::kLong));
-  at::Tensor counts = at::empty({m * spec.planes}, x.options().dtype(at::kInt));
-  const float* data = x.data_ptr<float>();
-  auto* out = reinterpret_cast<uint64_t*>(planes.data_ptr<int64_t>());
-  int32_t* out_counts = counts.data_ptr<int32_t>();
-  at::Tensor nan_rows = at::empty({m}, x.options().dtype(at::kByte));
-  uint8_t* nan = nan_rows.data_ptr<uint8_t>();
+// Float rows of x packed into a product's bit rows: sign bits of x - tau, or the code planes of `codes` (with each
+// plane's popcount); nan_rows[i] = 1 where row i of x - tau holds a NaN.
+struct RowPacking {
+  const float* x = nullptr;
+  const float* threshold = nullptr;
+  int64_t k = 0;
+  const CodeSpec* codes = nullptr;
+  uint64_t* bits = nullptr;
+  int32_t* plane_counts = nullptr;
+  uint8_t* nan_rows = nullptr;
+
+  void rows(const Isa* isa, int64_t begin, int64_t end) const {
+    if (begin >= end) return;
+    if (codes) {
+      isa->pack_codes(x, threshold, *codes, k, words_per_row(k), bits, plane_counts, nan_rows, begin, end);
+    } else {
+      isa->pack_signs(x, threshold, k, words_per_row(k), bits, nan_rows, begin, end);
+    }
+  }
+};
+
+// Rows flagged in nan_rows give NaN float outputs, as the reference path's float product does.
+void fill_nan_rows(const GemmProblem& p, const uint8_t* nan_rows, int64_t begin, int64_t end) {
+  if (!p.out_float || !nan_rows) return;
+  for (int64_t i = begin; i < end; ++i) {
+    if (nan_rows[i]) std::fill(p.out_float + i * p.n, p.out_float + (i + 1) * p.n,
+                               std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+// One product: pack the rows of x (unless `packing` is null: the bit rows are given), XOR/AND-popcount them with
+// every weight panel, write the outputs, fill NaN rows, all in one parallel region. With enough rows each chunk is a
+// block of kRowBlock bit rows, packed and multiplied by every panel by the thread that takes it (its bits stay in
+// that core's cache); with few rows, they are packed first and the chunks are groups of panels.
+void run_product(const GemmProblem& p, const RowPacking* packing, const uint8_t* nan_rows) {
+  if (p.rows == 0) return;
   const Isa* isa = active();
-  at::parallel_for(0, m, pack_grain(k * spec.planes), [&](int64_t begin, int64_t end) {
-    isa->pack_codes(data, tau, spec, k, kw, out, out_counts, nan, begin, end);
+  const int64_t planes = std::max(p.planes, 1);
+  const int64_t row_blocks = (p.rows + kRowBlock - 1) / kRowBlock;
+  const int64_t num_panels = (p.n + kPanelWidth - 1) / kPanelWidth;
+  const int threads = threads_for(p.rows * p.kw * num_panels * kPanelWidth);
+  if (row_blocks >= 2 * threads) {
+    parallel_chunks(threads, row_blocks, [&](int64_t block) {
+      const int64_t begin = block * kRowBlock / planes, end = std::min(p.rows, (block + 1) * kRowBlock) / planes;
+      if (packing) packing->rows(isa, begin, end);
+      isa->gemm_tiles(p, block * num_panels, (block + 1) * num_panels);
+      fill_nan_rows(p, nan_rows, begin, end);
+    });
+    return;
+  }
+  if (packing) packing->rows(isa, 0, p.rows / planes);
+  const int64_t group = std::max<int64_t>(1, num_panels / (4 * threads));  // about 4 chunks per thread
+  parallel_chunks(threads, (num_panels + group - 1) / group, [&](int64_t chunk) {
+    const int64_t first = chunk * group, last = std::min(num_panels, first + group);
+    for (int64_t block = 0; block < row_blocks; ++block) {
+      isa->gemm_tiles(p, block * num_panels + first, block * num_panels + last);
+    }
   });
-  return {planes, counts, nan_rows};
+  fill_nan_rows(p, nan_rows, 0, p.rows / planes);
+}
+
+// Packs all rows of x (the standalone packing operators), in chunks of kRowBlock rows.
+void pack_all_rows(const RowPacking& packing, int64_t m) {
+  const Isa* isa = active();
+  const int64_t planes = packing.codes ? packing.codes->planes : 1;
+  parallel_chunks(threads_for(m * packing.k * planes / 64), (m + kRowBlock - 1) / kRowBlock, [&](int64_t block) {
+    packing.rows(isa, block * kRowBlock, std::min(m, (block + 1) * kRowBlock));
+  });
 }
 
 void check_panels(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
@@ -132,16 +187,6 @@ void check_panels(const at::Tensor& bits, const at::Tensor& panels, int64_t n, i
               "), got ", panels.sizes());
 }
 
-void run_gemm(const GemmProblem& problem) {
-  if (problem.rows == 0) return;
-  const int64_t row_blocks = (problem.rows + kRowBlock - 1) / kRowBlock;
-  const int64_t tiles = row_blocks * ((problem.n + kPanelWidth - 1) / kPanelWidth);
-  const int64_t work_per_tile = std::min(problem.rows, kRowBlock) * problem.kw * kPanelWidth;
-  const Isa* isa = active();
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kMinWorkPerThread / work_per_tile),
-                   [&](int64_t begin, int64_t end) { isa->gemm_tiles(problem, begin, end); });
-}
-
 GemmProblem make_problem(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
   GemmProblem problem;
   problem.a = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
@@ -151,6 +196,47 @@ GemmProblem make_problem(const at::Tensor& bits, const at::Tensor& panels, int64
   problem.k = k;
   problem.kw = words_per_row(k);
   return problem;
+}
+
+// The sign bits of x - tau (to be filled by a RowPacking), which rows hold a NaN, and the packing that fills both.
+struct SignRows {
+  at::Tensor bits, nan_rows;
+  RowPacking packing;
+};
+
+SignRows sign_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
+  check_activations(x);
+  const int64_t m = x.size(0), k = x.size(1);
+  SignRows rows{at::empty({m, words_per_row(k)}, x.options().dtype(at::kLong)),
+                at::empty({m}, x.options().dtype(at::kByte)), RowPacking{}};
+  rows.packing.x = x.data_ptr<float>();
+  rows.packing.threshold = threshold_data(threshold, k);
+  rows.packing.k = k;
+  rows.packing.bits = reinterpret_cast<uint64_t*>(rows.bits.data_ptr<int64_t>());
+  rows.packing.nan_rows = rows.nan_rows.data_ptr<uint8_t>();
+  return rows;
+}
+
+// The code planes of x, each plane's popcount, which rows hold a NaN, and the packing that fills them.
+struct CodeRows {
+  at::Tensor planes, plane_counts, nan_rows;
+  RowPacking packing;
+};
+
+CodeRows code_rows(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const CodeSpec& spec) {
+  check_activations(x);
+  const int64_t m = x.size(0), k = x.size(1);
+  CodeRows rows{at::empty({m * spec.planes, words_per_row(k)}, x.options().dtype(at::kLong)),
+                at::empty({m * spec.planes}, x.options().dtype(at::kInt)), at::empty({m}, x.options().dtype(at::kByte)),
+                RowPacking{}};
+  rows.packing.x = x.data_ptr<float>();
+  rows.packing.threshold = threshold_data(threshold, k);
+  rows.packing.k = k;
+  rows.packing.codes = &spec;
+  rows.packing.bits = reinterpret_cast<uint64_t*>(rows.planes.data_ptr<int64_t>());
+  rows.packing.plane_counts = rows.plane_counts.data_ptr<int32_t>();
+  rows.packing.nan_rows = rows.nan_rows.data_ptr<uint8_t>();
+  return rows;
 }
 
 // The bit-serial part of a code product: plane popcounts and weight-row popcounts.
@@ -178,7 +264,6 @@ const float* optional_float(const c10::optional<at::Tensor>& tensor, int64_t siz
               tensor->scalar_type(), " of shape ", tensor->sizes());
   return tensor->data_ptr<float>();
 }
-
 
 void set_epilogue(GemmProblem& problem, const at::Tensor& alpha, const float* input_scale,
                   const c10::optional<at::Tensor>& bias) {
@@ -232,14 +317,18 @@ at::Tensor weight_row_counts(const at::Tensor& packed) {
 }
 
 at::Tensor pack_activation_bits(const at::Tensor& x, const c10::optional<at::Tensor>& threshold) {
-  return std::get<0>(pack_sign_rows(x, threshold));
+  SignRows rows = sign_rows(x, threshold);
+  pack_all_rows(rows.packing, x.size(0));
+  return rows.bits;
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_activation_codes(const at::Tensor& x,
                                                          const c10::optional<at::Tensor>& threshold, double step,
                                                          int64_t q_min, int64_t q_max) {
-  auto [planes, counts, nan_rows] = pack_code_rows(x, threshold, code_spec(step, q_min, q_max));
-  return {planes, counts};
+  const CodeSpec spec = code_spec(step, q_min, q_max);
+  CodeRows rows = code_rows(x, threshold, spec);
+  pack_all_rows(rows.packing, x.size(0));
+  return {rows.planes, rows.plane_counts};
 }
 
 at::Tensor xnor_gemm(const at::Tensor& bits, const at::Tensor& panels, int64_t n, int64_t k) {
@@ -247,7 +336,7 @@ at::Tensor xnor_gemm(const at::Tensor& bits, const at::Tensor& panels, int64_t n
   at::Tensor out = at::empty({bits.size(0), n}, bits.options().dtype(at::kInt));
   GemmProblem problem = make_problem(bits, panels, n, k);
   problem.out_int = out.data_ptr<int32_t>();
-  run_gemm(problem);
+  run_product(problem, nullptr, nullptr);
   return out;
 }
 
@@ -259,23 +348,64 @@ at::Tensor code_gemm(const at::Tensor& planes, const at::Tensor& plane_counts, c
   set_code_planes(problem, spec, plane_counts, weight_counts);
   at::Tensor out = at::empty({planes.size(0) / spec.planes, n}, planes.options().dtype(at::kInt));
   problem.out_int = out.data_ptr<int32_t>();
-  run_gemm(problem);
+  run_product(problem, nullptr, nullptr);
   return out;
+}
+
+// float(dot) * (alpha * s) + b of sign bit rows: packed here from x (packing), or given with their NaN rows.
+at::Tensor scaled_sign_product(const at::Tensor& bits, const uint8_t* nan_rows, const RowPacking* packing,
+                               const at::Tensor& panels, int64_t n, int64_t k, const at::Tensor& alpha,
+                               const c10::optional<at::Tensor>& input_scale, const c10::optional<at::Tensor>& bias) {
+  check_panels(bits, panels, n, k);
+  at::Tensor out = at::empty({bits.size(0), n}, bits.options().dtype(at::kFloat));
+  GemmProblem problem = make_problem(bits, panels, n, k);
+  problem.out_float = out.data_ptr<float>();
+  set_epilogue(problem, alpha, optional_float(input_scale, 1, "the input scale"), bias);
+  run_product(problem, packing, nan_rows);
+  return out;
+}
+
+at::Tensor binary_linear_from_signs(const at::Tensor& bits, const at::Tensor& nan_rows, const at::Tensor& panels,
+                                    int64_t n, int64_t k, const at::Tensor& alpha,
+                                    const c10::optional<at::Tensor>& input_scale,
+                                    const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(nan_rows.scalar_type() == at::kByte && nan_rows.is_contiguous() && nan_rows.dim() == 1 &&
+                  nan_rows.numel() == bits.size(0),
+              "surge_hf: nan_rows must be contiguous uint8 of ", bits.size(0), " values, got ", nan_rows.sizes());
+  return scaled_sign_product(bits, nan_rows.data_ptr<uint8_t>(), nullptr, panels, n, k, alpha, input_scale, bias);
 }
 
 at::Tensor binary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
                          int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& input_scale,
                          const c10::optional<at::Tensor>& bias) {
-  auto [bits, nan_rows] = pack_sign_rows(x, threshold);
+  SignRows rows = sign_rows(x, threshold);
+  return scaled_sign_product(rows.bits, rows.packing.nan_rows, &rows.packing, panels, n, x.size(1), alpha,
+                             input_scale, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> binary_linear_signs(const at::Tensor& x, const c10::optional<at::Tensor>& threshold,
+                                                       const at::Tensor& panels, int64_t n, const at::Tensor& low,
+                                                       const at::Tensor& width, const at::Tensor& flip) {
+  SignRows rows = sign_rows(x, threshold);
   const int64_t k = x.size(1);
-  check_panels(bits, panels, n, k);
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
-  GemmProblem problem = make_problem(bits, panels, n, k);
-  problem.out_float = out.data_ptr<float>();
-  set_epilogue(problem, alpha, optional_float(input_scale, 1, "the input scale"), bias);
-  run_gemm(problem);
-  propagate_nan_rows(out, nan_rows);
-  return out;
+  check_panels(rows.bits, panels, n, k);
+  for (const at::Tensor* bound : {&low, &width}) {
+    TORCH_CHECK(bound->scalar_type() == at::kInt && bound->is_contiguous() && bound->numel() == n,
+                "surge_hf: sign-output bounds must be contiguous int32 tensors of ", n, " values, got ",
+                bound->scalar_type(), " of shape ", bound->sizes());
+  }
+  TORCH_CHECK(flip.scalar_type() == at::kByte && flip.is_contiguous() && flip.numel() == n,
+              "surge_hf: sign-output flips must be a contiguous uint8 tensor of ", n, " values, got ",
+              flip.scalar_type(), " of shape ", flip.sizes());
+  // Zeros: the 16-bit chunks past the last panel are never written, and bits past column n must stay 0.
+  at::Tensor out = at::zeros({x.size(0), words_per_row(n)}, x.options().dtype(at::kLong));
+  GemmProblem problem = make_problem(rows.bits, panels, n, k);
+  problem.out_signs = reinterpret_cast<uint16_t*>(out.data_ptr<int64_t>());
+  problem.sign_epilogue.low = low.data_ptr<int32_t>();
+  problem.sign_epilogue.width = width.data_ptr<int32_t>();
+  problem.sign_epilogue.flip = flip.data_ptr<uint8_t>();
+  run_product(problem, &rows.packing, nullptr);
+  return {out, rows.nan_rows};
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& step,
@@ -283,16 +413,15 @@ at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>
                             int64_t n, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias) {
   const float* step_data = optional_float(step, 1, "the step size");
   const CodeSpec spec = code_spec(*step_data, q_min, q_max);
-  auto [planes, plane_counts, nan_rows] = pack_code_rows(x, threshold, spec);
+  CodeRows rows = code_rows(x, threshold, spec);
   const int64_t k = x.size(1);
-  check_panels(planes, panels, n, k);
-  GemmProblem problem = make_problem(planes, panels, n, k);
-  set_code_planes(problem, spec, plane_counts, weight_counts);
+  check_panels(rows.planes, panels, n, k);
+  GemmProblem problem = make_problem(rows.planes, panels, n, k);
+  set_code_planes(problem, spec, rows.plane_counts, weight_counts);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   problem.out_float = out.data_ptr<float>();
   set_epilogue(problem, alpha, step_data, bias);
-  run_gemm(problem);
-  propagate_nan_rows(out, nan_rows);
+  run_product(problem, &rows.packing, rows.packing.nan_rows);
   return out;
 }
 
@@ -328,6 +457,10 @@ TORCH_LIBRARY(surge_hf, m) {
         "int q_max) -> Tensor");
   m.def("binary_linear(Tensor x, Tensor? threshold, Tensor panels, int n, Tensor alpha, Tensor? input_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("binary_linear_from_signs(Tensor bits, Tensor nan_rows, Tensor panels, int n, int k, Tensor alpha, "
+        "Tensor? input_scale, Tensor? bias) -> Tensor");
+  m.def("binary_linear_signs(Tensor x, Tensor? threshold, Tensor panels, int n, Tensor low, Tensor width, "
+        "Tensor flip) -> (Tensor, Tensor)");
   m.def("quantized_linear(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
         "Tensor weight_counts, int n, Tensor alpha, Tensor? bias) -> Tensor");
   m.def("xnor_isa() -> str", &surge_xnor::isa);
@@ -343,5 +476,7 @@ TORCH_LIBRARY_IMPL(surge_hf, CPU, m) {
   m.impl("xnor_gemm", &surge_xnor::xnor_gemm);
   m.impl("code_gemm", &surge_xnor::code_gemm);
   m.impl("binary_linear", &surge_xnor::binary_linear);
+  m.impl("binary_linear_from_signs", &surge_xnor::binary_linear_from_signs);
+  m.impl("binary_linear_signs", &surge_xnor::binary_linear_signs);
   m.impl("quantized_linear", &surge_xnor::quantized_linear);
 }
