@@ -1,8 +1,9 @@
 """surge_hf: train, share and deploy binary (1-bit) neural networks with SURGE, the Hugging Face way."""
 
 from .accounting import BitAccount, LayerAccount, summary
-from .auto import register_auto_classes
-from .binarize import binarize, diagnostics, finalize, resolve_targets, surge_layers, unfinalize
+from .auto import binarize, register_auto_classes
+from .aux_loss import collect_auxiliary_loss
+from .binarize import binarize_modules, diagnostics, finalize, resolve_targets, surge_layers, unfinalize
 from .calibration import calibrate
 from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
@@ -18,7 +19,7 @@ from .modeling_surge_bert import (
     SurgeBertPreTrainedModel,
 )
 from .modeling_surge_vit import SurgeViTForImageClassification, SurgeViTModel, SurgeViTPreTrainedModel
-from .objective import DistillationConfig, collect_auxiliary_loss, compute_loss
+from .objective import DistillationConfig, compute_loss
 from .shortcuts import ShortcutLinear, add_shortcuts
 from .trainer import SurgeTrainer
 
@@ -53,6 +54,7 @@ __all__ = [
     "collect_auxiliary_loss",
     "compute_loss",
     "binarize",
+    "binarize_modules",
     "calibrate",
     "diagnostics",
     "finalize",

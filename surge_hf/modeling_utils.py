@@ -37,7 +37,8 @@ from transformers import AutoConfig
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .binarize import binarize, packed_layer, surge_layers
+from .aux_loss import collect_auxiliary_loss
+from .binarize import binarize_modules, packed_layer, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
 from .binary_attention import BinaryAttentionProbabilities, init_binary_attention_parameters
@@ -45,7 +46,6 @@ from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
 from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
-from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
 from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
@@ -119,7 +119,7 @@ class SurgePreTrainedMixin:
     # -- construction and initialisation ---------------------------------------------------------------------
     def _apply_surge(self) -> None:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
-        binarize(self, self.config.surge_config)
+        binarize_modules(self, self.config.surge_config)
         for _, layer in surge_layers(self):
             layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
