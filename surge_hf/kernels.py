@@ -17,8 +17,8 @@ The kernel is a C++ extension (`surge_hf/csrc`), compiled on first use with `tor
 torch's extension cache (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) and reused afterwards.
 The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 with POPCNT, else portable C++; work
 is split over `torch.get_num_threads()` threads. Where it cannot be built (no C++ compiler, no ninja), packed layers
-use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
-kernel off.
+use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` (or true, yes, on) or
+`set_enabled(False)` turns the kernel off.
 
 Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
 (on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
@@ -42,6 +42,7 @@ DISABLE_ENV = "SURGE_HF_DISABLE_KERNELS"
 _SOURCES = ("xnor_ops.cpp", "xnor_avx512.cpp", "xnor_avx2.cpp", "xnor_portable.cpp")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _state: dict[str, bool | None] = {"loaded": None, "enabled": True}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 def _ninja_on_path() -> None:
@@ -87,9 +88,21 @@ def _build() -> bool:
     return True
 
 
+def _disabled_by_environment() -> bool:
+    """Whether `SURGE_HF_DISABLE_KERNELS` turns the kernel off: 1/true/yes/on do, unset, empty or 0/false/no/off do
+    not (any case); any other value is an error rather than a guess."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not a boolean: set it to 1 (or true, yes, on) to "
+                     "turn surge_hf's CPU kernel off, or to 0 (or false, no, off), or unset it, to keep it on.")
+
+
 def available() -> bool:
     """Whether the kernel is enabled and built (building it on the first call)."""
-    if not _state["enabled"] or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    if not _state["enabled"] or _disabled_by_environment():
         return False
     if _state["loaded"] is None:
         _state["loaded"] = _build()

@@ -241,9 +241,17 @@ class SurgeLayerMixin(nn.Module):
             x_binary, x_aux, aux_weight = DualPathFork.apply(x, self.raw_aux_weight(), self.scaler, previous_lambda)
             binary_output = self.binary_branch(x_binary)
             output = AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
-        if self.training and self.surge_config.aux_loss_weight > 0 and auxiliary_loss_requested():
+        if self.computes_auxiliary_loss():
             record_auxiliary_loss(self.auxiliary_loss(x, binary_output))
         return output
+
+    def computes_auxiliary_loss(self) -> bool:
+        """Whether this call computes the auxiliary-loss term: in training with an auxiliary-loss recipe, when
+        gradients are enabled or an open collector asks for it (reentrant checkpointing, see `surge_hf.aux_loss`).
+        With gradients it is computed even when nobody collects it, so that a non-reentrant checkpoint's
+        recomputation repeats the forward pass operation for operation."""
+        return (self.training and self.surge_config.aux_loss_weight > 0
+                and (torch.is_grad_enabled() or auxiliary_loss_requested()))
 
     def raw_aux_weight(self) -> Tensor:
         """W_a: the auxiliary weight, or the latent weight itself with `aux_weight="shared"`."""
