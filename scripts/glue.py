@@ -323,7 +323,8 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
                   problem_type="regression" if info.is_regression else "single_label_classification")
     if not info.is_regression:
         kwargs.update(id2label=info.id2label, label2id=info.label2id)
-    if attn_implementation:
+    # Binary attention records its attention maps itself (and refuses a float attention implementation).
+    if attn_implementation and not (recipe is not None and recipe.binarize_attention):
         kwargs["attn_implementation"] = attn_implementation
     model_class = AutoModelForSequenceClassification if recipe is None else SurgeBertForSequenceClassification
     if recipe is not None:

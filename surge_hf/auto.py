@@ -1,9 +1,14 @@
-"""Registration of the SURGE configs and models with the transformers Auto classes, and the SURGE class of each
-wrapped transformers class.
+"""Registration of the SURGE configs and models with the transformers Auto classes, the SURGE class of each
+wrapped transformers class, and `binarize`, which binarizes any model and gives a transformers BERT / ViT its SURGE
+class.
 
 After `import surge_hf`, `AutoConfig` resolves `surge_bert` / `surge_vit` and every Auto model class below builds the
 SURGE model of a saved SURGE checkpoint (either form). Checkpoints also carry `auto_map` custom code, so
 `trust_remote_code=True` loads them where surge_hf is not installed.
+
+`binarize` is `binarize.binarize_modules` (swap the layers, for any PyTorch model) followed by
+`adopt_surge_classes` (swap the transformers classes), peft's split between injecting adapters and wrapping the
+model: the injector below knows no model class, so the SURGE model classes can build on it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .binarize import binarize_modules
 from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
@@ -83,3 +89,20 @@ def adopt_surge_classes(model: nn.Module, recipe: SurgeConfig) -> None:
     for module in model.modules():
         if type(module) in SURGE_CLASS_OF:
             module.__class__ = SURGE_CLASS_OF[type(module)]
+
+
+def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+    """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place, and give a
+    transformers BERT or ViT model its SURGE class.
+
+    The layers are swapped by `surge_hf.binarize.binarize_modules` (see there: parameters are reused under their
+    names, SURGE-only tensors initialised from them, nothing changes when the recipe is invalid or matches nothing).
+    A transformers BERT or ViT model then becomes an instance of its SURGE class (e.g.
+    `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `config`), so that `save_pretrained`
+    writes a SURGE checkpoint, packed with `packed=True`, that loads back as this binary model (see
+    `adopt_surge_classes`).
+    """
+    config = config or SurgeConfig()
+    binarize_modules(model, config)
+    adopt_surge_classes(model, config)
+    return model

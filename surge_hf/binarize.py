@@ -1,11 +1,15 @@
-"""Turn any PyTorch / transformers model into a SURGE binary network and back.
+"""Turn any PyTorch model into a SURGE binary network and back: the model-agnostic half of `surge_hf.binarize`.
 
-- `binarize(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place (inside a
-  `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
+- `binarize_modules(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place
+  (inside a `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
 - `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor); feed-forward
   blocks write packed sign bits between their layers (`fusion`).
 - `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
+
+The public `surge_hf.binarize` (in `surge_hf.auto`) is `binarize_modules` plus giving a transformers BERT / ViT its
+SURGE model class, as peft's `get_peft_model` wraps its `inject_adapter_in_model`: this module knows no model class,
+so the SURGE model classes can build on it.
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
     return selected
 
 
-def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
-    """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place.
+def binarize_modules(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+    """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place (the model's own
+    class is left as it is; `surge_hf.binarize` also gives transformers models their SURGE class).
 
     The original `weight`/`bias` parameters are reused under the same names (plain checkpoints still load);
     SURGE-only parameters (`aux_weight`, `input_threshold`, `input_scale`) are initialised from them, on their device
@@ -100,9 +105,7 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     or if it matches nothing.
 
     A model on the meta device gets SURGE layers whose SURGE-only tensors are filled in by `load_state_dict` after
-    `model.to_empty(...)` (see `SurgeLayerMixin`). A transformers BERT or ViT model becomes an instance of its SURGE
-    class (e.g. `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `config`), so that
-    `save_pretrained` writes a SURGE checkpoint, packed with `packed=True`, that loads back as this binary model.
+    `model.to_empty(...)` (see `SurgeLayerMixin`).
     """
     config = config or SurgeConfig()
     config.validate()
@@ -123,9 +126,6 @@ def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
     if config.binarize_attention:
         add_binary_attention(model, config)
     _keep_local_state_out_of_ddp(model)
-    from .auto import adopt_surge_classes  # the SURGE model classes build on this module
-
-    adopt_surge_classes(model, config)
     return model
 
 
@@ -206,3 +206,14 @@ def diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
     Reading them synchronises with the device; call it at logging steps, not every step.
     """
     return {name: layer.diagnostics() for name, layer in surge_layers(model)}
+
+
+def __getattr__(name: str):
+    """`binarize` moved to `surge_hf.auto` (it adopts the transformers classes, which build on this module)."""
+    if name == "binarize":
+        raise ImportError(
+            "surge_hf.binarize.binarize moved: import the public function as `from surge_hf import binarize` (it also "
+            "gives a transformers BERT / ViT its SURGE class), or use surge_hf.binarize.binarize_modules to swap the "
+            "layers only."
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

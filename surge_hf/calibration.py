@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .binarize import surge_layers
-from .layers import layer_kind
+from .layers import BINARY_LAYER_TYPES, layer_kind
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,16 @@ def calibrate(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     pass on example inputs.
 
     `args`/`kwargs` are the model's inputs (e.g. a tokenized batch without labels). Returns the model, in the
-    train/eval mode it had. Layers without learnable quantizer parameters are left as they are.
+    train/eval mode it had. Layers without learnable quantizer parameters are left as they are. Raises `ValueError`
+    for a packed model: its thresholds and scales are part of what it was trained with.
     """
+    if any(isinstance(module, BINARY_LAYER_TYPES) for module in model.modules()):
+        raise ValueError(
+            "calibrate() sets the quantizers of trainable SURGE layers, but this model holds packed (finalized) "
+            "binary layers, whose thresholds and scales are fixed parts of the trained model. Calibrate before "
+            "finalize(), or rebuild trainable layers first with surge_hf.unfinalize(model) (model.unfinalize() for a "
+            "SURGE model)."
+        )
     layers = [layer for _, layer in surge_layers(model)
               if any(p is not None for p in (layer.input_threshold, layer.input_scale, layer.weight_scale))]
     if not layers:

@@ -38,6 +38,20 @@ def as_surge_config(recipe: SurgeConfig | dict[str, Any] | None) -> SurgeConfig:
     raise TypeError(f"surge_config must be a SurgeConfig, a dict or None, got {type(recipe).__name__}.")
 
 
+def _upgrade_previous_release(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A `config.json` dict of the previous release, which held the recipe under `surge`, in the current form
+    (`surge_config`; its recipe dict has every field of that release, and the fields added since default to what
+    that release did). A dict holding both keys is ambiguous and an error."""
+    if "surge_config" in config_dict:
+        raise ValueError(
+            f"This config has both `{RECIPE_KEYWORD}` (the recipe key of the previous release) and `surge_config`; "
+            f"remove `{RECIPE_KEYWORD}` from config.json."
+        )
+    upgraded = {key: value for key, value in config_dict.items() if key != RECIPE_KEYWORD}
+    upgraded["surge_config"] = config_dict[RECIPE_KEYWORD]
+    return upgraded
+
+
 class SurgeConfigMixin:
     """Validates `surge_config`, `surge_packed` and `model_type` on every assignment. Mixed in before the transformers
     config class; the two fields themselves are declared on each config class (dataclass fields)."""
@@ -70,9 +84,21 @@ class SurgeConfigMixin:
     def _reject_recipe_keyword(cls) -> None:
         raise ValueError(
             f"The SURGE recipe of a {cls.__name__} is `surge_config` (`surge=` is only the keyword of "
-            "from_pretrained); set config.surge_config, or rename the key `surge` of an old config.json to "
-            "`surge_config`."
+            "from_pretrained); set config.surge_config, or pass surge_config=."
         )
+
+    @property
+    def surge(self) -> SurgeConfig:
+        """Renamed `surge_config`: an error naming it (for one release)."""
+        raise AttributeError(
+            "config.surge was renamed config.surge_config, which holds the SurgeConfig itself (its to_dict() gives "
+            "the dict that config.surge held). See CHANGELOG.md."
+        )
+
+    @property
+    def surge_recipe(self) -> SurgeConfig:
+        """Renamed `surge_config`: an error naming it (for one release)."""
+        raise AttributeError("config.surge_recipe was renamed config.surge_config. See CHANGELOG.md.")
 
     def to_dict(self) -> dict[str, Any]:
         """The transformers dict form, with the recipe as its plain dict (`SurgeConfig.to_dict`)."""
@@ -82,9 +108,10 @@ class SurgeConfigMixin:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """`PretrainedConfig.from_dict`, with `surge=` accepted as the keyword for `surge_config`."""
+        """`PretrainedConfig.from_dict`, with `surge=` accepted as the keyword for `surge_config`, and the
+        `config.json` of the previous release (the recipe under the key `surge`) read as it is."""
         if RECIPE_KEYWORD in config_dict:
-            cls._reject_recipe_keyword()
+            config_dict = _upgrade_previous_release(config_dict)
         if RECIPE_KEYWORD in kwargs:
             config_dict = {**config_dict, "surge_config": kwargs.pop(RECIPE_KEYWORD)}
         elif config_dict.get("model_type") == cls.model_type and "surge_config" not in config_dict:

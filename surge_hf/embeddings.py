@@ -5,7 +5,10 @@ Row `r` of a table `E` is stored as `q_r = round(E_r / c_r)` in int8 with the fl
 ids and dequantises only those (`c_r * q_r`, in float32): the table stays int8 in memory, 4x smaller than float32.
 
 `quantize_embeddings(model)` swaps `nn.Embedding` modules for `Int8Embedding` in place; a SURGE model records the
-swapped names in `config.surge_int8_embeddings`, so that `from_pretrained` rebuilds them before loading.
+swapped names in `config.surge_int8_embeddings`, so that `from_pretrained` rebuilds them before loading. The tables
+are for inference: a model with trainable SURGE layers (which would train around frozen tables), and a transformers
+model without a SURGE config (whose `from_pretrained` would not know the int8 tensors and reload random
+embeddings), are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from .configuration_utils import SurgeConfigMixin
+from .layers import SURGE_LAYER_TYPES
 
 _INT8_MAX = 127
 
@@ -72,8 +79,11 @@ def embedding_names(model: nn.Module) -> list[str]:
 
 def quantize_embeddings(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
     """Swap the `nn.Embedding` modules `names` (default: all of them) for their `Int8Embedding`, in place; returns
-    the names swapped. Raises if a name is not an `nn.Embedding` of `model`, or if an embedding shares its weight
-    with another module (tied input/output embeddings)."""
+    the names swapped, which a SURGE model also records in `config.surge_int8_embeddings`.
+
+    Raises if `model` cannot hold int8 tables (see the module docstring), if a name is not an `nn.Embedding` of
+    `model`, or if an embedding shares its weight with another module (tied input/output embeddings)."""
+    _check_inference_model(model)
     available = embedding_names(model)
     names = available if names is None else list(names)
     unknown = [name for name in names if name not in available]
@@ -88,7 +98,26 @@ def quantize_embeddings(model: nn.Module, names: Iterable[str] | None = None) ->
             raise ValueError(f"The embedding {name!r} shares its weight with {shared[0]!r} (tied weights); "
                              "quantizing it would untie them. Leave it out of `names`.")
         model.set_submodule(name, Int8Embedding.from_embedding(embedding))
+    if isinstance(model, PreTrainedModel):
+        model.config.surge_int8_embeddings = [*(model.config.surge_int8_embeddings or []), *names]
     return names
+
+
+def _check_inference_model(model: nn.Module) -> None:
+    """Raise unless `model` is an inference model that keeps its int8 tables through a save and a load."""
+    if any(isinstance(module, SURGE_LAYER_TYPES) for module in model.modules()):
+        raise ValueError(
+            "quantize_embeddings() applies to a packed (inference) model: this one has trainable SURGE layers, which "
+            "would train around frozen int8 tables, and its train-form checkpoint would not load them. Call "
+            "model.finalize() (surge_hf.finalize(model)) first."
+        )
+    if isinstance(model, PreTrainedModel) and not isinstance(model.config, SurgeConfigMixin):
+        raise ValueError(
+            f"quantize_embeddings() on a {type(model).__name__}: its from_pretrained would not know the int8 tables "
+            "that save_pretrained writes and would reload the model with random embeddings. Binarize it with "
+            "surge_hf.binarize and finalize it (a SURGE model records its int8 embeddings in its config), or keep "
+            "its embeddings in full precision."
+        )
 
 
 def int8_embedding_placeholders(model: nn.Module, names: Iterable[str]) -> None:

@@ -19,8 +19,8 @@ The instruction set is chosen at run time: AVX-512 with VPOPCNTDQ, else AVX2 wit
 product runs on `torch.get_num_threads()` of torch's OpenMP threads, fewer when it holds less than a minimum of work
 per thread (one below it), in one parallel region that packs the inputs and multiplies them block by block, the
 threads taking blocks from a shared counter. Where it cannot be built (no C++ compiler, no ninja), packed layers
-use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` or `set_enabled(False)` turns the
-kernel off.
+use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` (or true, yes, on) or
+`set_enabled(False)` turns the kernel off.
 
 Sign outputs: where a layer's float output is only binarized by the next layer, `next(sign(g(y_j) - tau_j))` with an
 elementwise activation `g` and the next layer's thresholds tau, the bit of channel `j` is a function of the integer
@@ -54,6 +54,7 @@ DISABLE_ENV = "SURGE_HF_DISABLE_KERNELS"
 _SOURCES = ("xnor_ops.cpp", "xnor_avx512.cpp", "xnor_avx2.cpp", "xnor_portable.cpp")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _state: dict[str, bool | None] = {"loaded": None, "enabled": True}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 def _ninja_on_path() -> None:
@@ -108,9 +109,21 @@ def _build() -> bool:
     return True
 
 
+def _disabled_by_environment() -> bool:
+    """Whether `SURGE_HF_DISABLE_KERNELS` turns the kernel off: 1/true/yes/on do, unset, empty or 0/false/no/off do
+    not (any case); any other value is an error rather than a guess."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not a boolean: set it to 1 (or true, yes, on) to "
+                     "turn surge_hf's CPU kernel off, or to 0 (or false, no, off), or unset it, to keep it on.")
+
+
 def available() -> bool:
     """Whether the kernel is enabled and built (building it on the first call)."""
-    if not _state["enabled"] or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    if not _state["enabled"] or _disabled_by_environment():
         return False
     if _state["loaded"] is None:
         _state["loaded"] = _build()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .aux_loss import auxiliary_loss_requested, record_auxiliary_loss
 from .configuration_surge import SurgeConfig
 from .kernels import (
     PackedSigns,
@@ -40,7 +41,6 @@ from .kernels import (
     weight_row_counts,
 )
 from .kernels import available as kernels_available
-from .objective import record_auxiliary_loss
 from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
     ActivationQuantizer,
@@ -247,18 +247,39 @@ class SurgeLayerMixin(nn.Module):
                 "reset_surge_parameters() on each SURGE layer."
             )
         if not self.compensated():
-            return self.binary_branch(x)
-        raw_aux_weight = self.weight if self.aux_weight is None else self.aux_weight
-        previous_lambda = getattr(self, "previous_lambda", None)
-        x_binary, x_aux, aux_weight = DualPathFork.apply(x, raw_aux_weight, self.scaler, previous_lambda)
-        binary_output = self.binary_branch(x_binary)
-        if self.surge_config.aux_loss_weight > 0:
-            # Not through the fork: lam scales the task gradient of W_a (scale_aux_grad), never this loss's.
-            aux_output = self.binary_op(x.detach(), raw_aux_weight)
+            output = binary_output = self.binary_branch(x)
+        else:
+            previous_lambda = getattr(self, "previous_lambda", None)
+            x_binary, x_aux, aux_weight = DualPathFork.apply(x, self.raw_aux_weight(), self.scaler, previous_lambda)
+            binary_output = self.binary_branch(x_binary)
+            output = AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
+        if self.computes_auxiliary_loss():
+            record_auxiliary_loss(self.auxiliary_loss(x, binary_output))
+        return output
+
+    def computes_auxiliary_loss(self) -> bool:
+        """Whether this call computes the auxiliary-loss term: in training with an auxiliary-loss recipe, when
+        gradients are enabled or an open collector asks for it (reentrant checkpointing, see `surge_hf.aux_loss`).
+        With gradients it is computed even when nobody collects it, so that a non-reentrant checkpoint's
+        recomputation repeats the forward pass operation for operation."""
+        return (self.training and self.surge_config.aux_loss_weight > 0
+                and (torch.is_grad_enabled() or auxiliary_loss_requested()))
+
+    def raw_aux_weight(self) -> Tensor:
+        """W_a: the auxiliary weight, or the latent weight itself with `aux_weight="shared"`."""
+        return self.weight if self.aux_weight is None else self.aux_weight
+
+    def auxiliary_loss(self, x: Tensor, binary_output: Tensor) -> Tensor:
+        """`w * mean((op(x, W_a) - f_b)^2)` with `x` and `f_b` detached, so only W_a is trained by it.
+
+        Built with gradients even when the forward pass runs without them: reentrant gradient checkpointing runs
+        the layer under `torch.no_grad()` inside a loss computation that needs the term (see `surge_hf.aux_loss`).
+        Not through the fork: lam scales the task gradient of W_a (`scale_aux_grad`), never this loss's."""
+        with torch.enable_grad():
+            aux_output = self.binary_op(x.detach(), self.raw_aux_weight())
             dtype = accumulation_dtype(aux_output.dtype)  # float32, or float64 for a float64 layer
             mismatch = F.mse_loss(aux_output.to(dtype), binary_output.detach().to(dtype))
-            record_auxiliary_loss(self.surge_config.aux_loss_weight * mismatch)
-        return AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
+            return self.surge_config.aux_loss_weight * mismatch
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     @torch.no_grad()

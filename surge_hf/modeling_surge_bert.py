@@ -24,6 +24,7 @@ from transformers import (
     BertPreTrainedModel,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 from .configuration_surge_bert import SurgeBertConfig
 from .modeling_utils import SurgePreTrainedMixin, with_auxiliary_loss
@@ -69,7 +70,7 @@ class SurgeBertForSequenceClassification(SurgeBertPreTrainedModel, BertForSequen
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._apply_surge()
 
-    forward = with_auxiliary_loss(BertForSequenceClassification.forward)
+    forward = with_auxiliary_loss(BertForSequenceClassification.forward, SequenceClassifierOutput)
 
 
 class SurgeBertForTokenClassification(SurgeBertPreTrainedModel, BertForTokenClassification):
@@ -83,7 +84,7 @@ class SurgeBertForTokenClassification(SurgeBertPreTrainedModel, BertForTokenClas
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._apply_surge()
 
-    forward = with_auxiliary_loss(BertForTokenClassification.forward)
+    forward = with_auxiliary_loss(BertForTokenClassification.forward, TokenClassifierOutput)
 
 
 class SurgeBertForQuestionAnswering(SurgeBertPreTrainedModel, BertForQuestionAnswering):
@@ -96,7 +97,7 @@ class SurgeBertForQuestionAnswering(SurgeBertPreTrainedModel, BertForQuestionAns
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
         self._apply_surge()
 
-    forward = with_auxiliary_loss(BertForQuestionAnswering.forward)
+    forward = with_auxiliary_loss(BertForQuestionAnswering.forward, QuestionAnsweringModelOutput)
 
 
 SurgeBertModel.register_for_auto_class("AutoModel")

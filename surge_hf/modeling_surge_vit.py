@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel, ViTForImageClassification, ViTModel, ViTPreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_surge_vit import SurgeViTConfig
 from .modeling_utils import SurgePreTrainedMixin, with_auxiliary_loss
@@ -59,7 +60,7 @@ class SurgeViTForImageClassification(SurgeViTPreTrainedModel, ViTForImageClassif
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self._apply_surge()
 
-    forward = with_auxiliary_loss(ViTForImageClassification.forward)
+    forward = with_auxiliary_loss(ViTForImageClassification.forward, ImageClassifierOutput)
 
 
 # Checkpoint key renaming of ViTModel (transformers looks it up by class name, and skips it for classes defined

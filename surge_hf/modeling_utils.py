@@ -13,11 +13,14 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   `model.quantize_embeddings()` (after `finalize`) also stores the embedding tables in int8 with per-row scales
   (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), kept int8 in memory after loading.
 
-Loading is strict where transformers is lenient: a packed checkpoint missing any tensor of a binarized layer, or
-with a tensor of the wrong shape, or with a weight scale that is not finite and positive, is an error (never a model
-with random bits), and so is loading a packed checkpoint into trainable layers. A train-form checkpoint must hold
-every tensor of its binarized layers; a plain checkpoint of the wrapped architecture must hold their weights (its
-SURGE-only tensors are initialised from them). A SURGE `config.json` without its `surge_config` is an error too.
+Loading follows transformers' contract for trainable models: a train-form or plain checkpoint that lacks weights
+loads, the missing weights are initialised (`_init_weights`) and listed in `output_loading_info`'s `missing_keys`.
+The tensors the recipe adds to the wrapped architecture (SURGE-only tensors, shortcuts, binary-attention scales)
+are initialised from the loaded weights as `binarize` would (W_a = W, tau = 0, s = 1, ...), and one log line says
+so instead of transformers' MISSING report. Loading is strict for packed checkpoints: one missing any tensor of a
+binarized layer, or with a tensor of the wrong shape, or with a weight scale that is not finite and positive, is an
+error (random sign bits cannot be trained back), and so is loading a packed checkpoint into trainable layers. A
+SURGE `config.json` without its `surge_config` is an error too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,24 +39,51 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig
 from transformers import initialization as init
+from transformers import modeling_utils as transformers_modeling_utils
 from transformers.utils import ModelOutput
 
-from .binarize import binarize, packed_layer, surge_layers
+from .aux_loss import collect_auxiliary_loss
+from .binarize import binarize_modules, packed_layer, surge_layers
 from .binarize import finalize as finalize_layers
 from .binarize import unfinalize as unfinalize_layers
-from .binary_attention import BinaryAttentionProbabilities, init_binary_attention_parameters
+from .binary_attention import ATTENTION_IMPLEMENTATION, BinaryAttentionProbabilities, init_binary_attention_parameters
 from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
-from .embeddings import dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
+from .embeddings import Int8Embedding, dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
-from .objective import collect_auxiliary_loss
 from .quantizers import weight_scale
 from .saving import replaced_atomically, tensor_bytes
 from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
+logger = logging.getLogger(__name__)
+
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
 SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
 """Tensors of a trainable SURGE layer that a plain checkpoint lacks (`init_surge_parameters` sets them)."""
+
+
+def initial_values(recipe: SurgeConfig) -> dict[str, str]:
+    """In words, the value that `_init_weights` gives each tensor the recipe adds (`init_surge_parameters`,
+    `init_shortcut_parameters`, `init_binary_attention_parameters`), by its name in its module."""
+    return {
+        "aux_weight": "aux_weight = weight", "input_threshold": "input_threshold = 0", "input_scale": "input_scale = 1",
+        "weight_scale": "weight_scale = mean |weight|", "previous_lambda": "previous_lambda = 0",
+        "norm.weight": "norm.weight = 1", "norm.bias": "norm.bias = 0", "gate": f"gate = {recipe.shortcut_gate_init:g}",
+        "prelu_slope": "prelu_slope = 1", "shift_in": "shift_in = 0", "shift_out": "shift_out = 0",
+        "alpha": f"alpha = {recipe.attention_alpha_init:g}",
+    }
+
+
+def added_tensors(module: nn.Module) -> list[str]:
+    """The names, in `module`, of the tensors that the recipe adds to the wrapped architecture: a trainable SURGE
+    layer's SURGE-only tensors, a shortcut's own tensors (not its wrapped layer's), binary-attention scales."""
+    if isinstance(module, SURGE_LAYER_TYPES):
+        return [name for name in module.state_dict() if name in SURGE_ONLY_NAMES]
+    if isinstance(module, ShortcutLinear):
+        return [name for name in module.state_dict() if not name.startswith("layer.")]
+    if isinstance(module, BinaryAttentionProbabilities):
+        return list(module.state_dict())
+    return []
 
 
 def init_surge_parameters(module: nn.Module) -> None:
@@ -85,20 +116,28 @@ def output_class_with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOut
     )
 
 
-def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a transformers head's `forward` so that it returns the auxiliary-branch loss of the recipe as `aux_loss`
-    (see `surge_hf.objective`) and, when it computes a `loss`, includes it there:
+def with_auxiliary_loss(forward: Callable[..., Any], output_class: type[ModelOutput]) -> Callable[..., Any]:
+    """Wrap a transformers head's `forward` (which returns `output_class`) so that it returns the auxiliary-branch
+    loss of the recipe as `aux_loss` (see `surge_hf.objective`) and, when it computes a `loss`, includes it there:
     `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`, so a plain `Trainer` optimises both.
 
     The wrapper keeps the wrapped signature (`Trainer` reads it to select dataset columns) and honours
-    `return_dict` / `config.return_dict` like the wrapped method.
+    `return_dict` / `config.return_dict` like the wrapped method. In eval mode it opens no collector (layers record
+    no term there), so the forward pass holds nothing that `torch.export` or `torch.compile(fullgraph=True)` cannot
+    trace.
     """
+
+    output_class = output_class_with_aux_loss(output_class)  # built here: tracing cannot define classes
 
     @functools.wraps(forward)
     def wrapper(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
-        with collect_auxiliary_loss() as collected:
-            outputs = forward(self, *args, return_dict=True, **kwargs)
-        outputs = output_class_with_aux_loss(type(outputs))(**outputs, aux_loss=collected.total())
+        if self.training:
+            with collect_auxiliary_loss() as collected:
+                outputs = forward(self, *args, return_dict=True, **kwargs)
+            aux_loss = collected.total()
+        else:
+            outputs, aux_loss = forward(self, *args, return_dict=True, **kwargs), None
+        outputs = output_class(**outputs, aux_loss=aux_loss)
         if outputs.loss is not None and outputs.aux_loss is not None:
             outputs.loss = outputs.loss + outputs.aux_loss.to(outputs.loss.dtype)
         if return_dict is None:
@@ -106,6 +145,35 @@ def with_auxiliary_loss(forward: Callable[..., Any]) -> Callable[..., Any]:
         return outputs if return_dict else outputs.to_tuple()
 
     return wrapper
+
+
+_SURGE_MODEL_CLASSES: list[type] = []
+"""Every SURGE model class defined (`SurgePreTrainedMixin.__init_subclass__`)."""
+
+
+def auto_map(config_class: type) -> dict[str, str]:
+    """The `auto_map` entries (`"AutoModel": "modeling_surge_bert.SurgeBertModel"`, ...) of every SURGE model class
+    of `config_class` registered for an Auto class (`register_for_auto_class`)."""
+    return {
+        model_class._auto_class: f"{model_class.__module__.rpartition('.')[2]}.{model_class.__name__}"
+        for model_class in _SURGE_MODEL_CLASSES
+        if model_class.config_class is config_class and "_auto_class" in vars(model_class)
+    }
+
+
+def _register_recordable_outputs(model_class: type) -> None:
+    """Register what `model_class` can record (`output_hidden_states`, `output_attentions`) with transformers'
+    output-capturing hooks.
+
+    transformers registers a model class's `_can_record_outputs` when an instance is built (`PreTrainedModel.__init__`,
+    keyed by class name), so a transformers model that `surge_hf.binarize` turns into a SURGE class, in a process
+    where no model of that class was built, would return `hidden_states=None` and `attentions=None`. Registering at
+    class definition covers it."""
+    registry = getattr(transformers_modeling_utils, "_CAN_RECORD_REGISTRY", None)
+    if registry is not None and model_class._can_record_outputs:
+        # dict.__setitem__: the registry keys on `str(class)`, whether it is a plain dict or transformers' subclass
+        # whose own __setitem__ takes a model instance.
+        dict.__setitem__(registry, str(model_class), model_class._can_record_outputs)
 
 
 class SurgePreTrainedMixin:
@@ -117,10 +185,15 @@ class SurgePreTrainedMixin:
 
     config: Any
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register_recordable_outputs(cls)
+        _SURGE_MODEL_CLASSES.append(cls)
+
     # -- construction and initialisation ---------------------------------------------------------------------
     def _apply_surge(self) -> None:
         """Binarize the modules the recipe targets (packed layers when `config.surge_packed`), then `post_init`."""
-        binarize(self, self.config.surge_config)
+        binarize_modules(self, self.config.surge_config)
         for _, layer in surge_layers(self):
             layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
@@ -138,6 +211,26 @@ class SurgePreTrainedMixin:
             init_shortcut_parameters(module)
         elif isinstance(module, BinaryAttentionProbabilities):
             init_binary_attention_parameters(module)
+
+    # -- attention -------------------------------------------------------------------------------------------
+    def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.set_attn_implementation`, refusing to turn binarized attention back to full precision
+        (see `_check_attn_implementation`)."""
+        self._check_attn_implementation(attn_implementation)
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def _check_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Raise if the recipe binarizes attention and `attn_implementation` names another attention function: the
+        model would compute float attention while its recipe (and its model card) says binary."""
+        requested = attn_implementation.get("", None) if isinstance(attn_implementation, dict) else attn_implementation
+        if self.config.surge_config.binarize_attention and requested not in (None, ATTENTION_IMPLEMENTATION):
+            raise ValueError(
+                f"This {type(self).__name__} binarizes its attention (SurgeConfig.binarize_attention=True), which runs "
+                f"as the attention implementation {ATTENTION_IMPLEMENTATION!r}; attn_implementation={requested!r} "
+                "would compute it in full precision while the recipe says binary. Keep "
+                f"{ATTENTION_IMPLEMENTATION!r}, or use a recipe with binarize_attention=False (binarize the float "
+                "model again)."
+            )
 
     # -- the two forms ---------------------------------------------------------------------------------------
     def _binarized_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -167,12 +260,20 @@ class SurgePreTrainedMixin:
         """Store the embedding tables `names` (default: every `nn.Embedding`) in int8 with per-row scales, in place
         (`surge_hf.embeddings`); a packed model only. `save_pretrained` then writes them in int8 and
         `from_pretrained` keeps them int8 in memory. Returns the model."""
-        if not self.is_packed:
-            raise ValueError("quantize_embeddings() applies to a packed (inference) model; call model.finalize() "
-                             "first.")
-        swapped = quantize_embeddings(self, names)
-        self.config.surge_int8_embeddings = [*(self.config.surge_int8_embeddings or []), *swapped]
+        quantize_embeddings(self, names)
         return self
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings`, for float input embeddings only: the new rows of a table need
+        training, which an int8 table (`quantize_embeddings`) cannot get."""
+        if isinstance(self.get_input_embeddings(), Int8Embedding):
+            raise ValueError(
+                "resize_token_embeddings() cannot resize the int8 input embedding table of this packed model "
+                "(config.surge_int8_embeddings): its new rows would need training, which an int8 table cannot get. "
+                "Call model.unfinalize() (float embeddings, trainable layers), resize and train, then finalize() and "
+                "quantize_embeddings() again."
+            )
+        return super().resize_token_embeddings(*args, **kwargs)
 
     def unfinalize(self, surge_config: SurgeConfig | dict[str, Any] | None = None):
         """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; int8 embeddings
@@ -204,7 +305,9 @@ class SurgePreTrainedMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, *args: Any,
                         packed: bool = False, **kwargs: Any):
         """`PreTrainedModel.save_pretrained`, writing the form the model is in (packed after `finalize`, else
-        train form). `packed=True` writes the packed form of a trainable model without changing it.
+        train form). `packed=True` writes the packed form of a trainable model without changing it. The config's
+        `auto_map` names every SURGE class of the architecture, so that custom code loads the checkpoint through
+        `AutoModel` and every Auto class of a head, not only the class it was saved as.
 
         The save is atomic (`surge_hf.saving.replaced_atomically`): it writes into a temporary sibling folder that
         holds a copy of `save_directory`'s files and then takes its place, so an interruption or a full disk leaves
@@ -215,6 +318,7 @@ class SurgePreTrainedMixin:
         """
         if packed and not self.is_packed and kwargs.get("state_dict") is not None:
             raise ValueError("save_pretrained(packed=True) builds its own state dict; do not pass state_dict.")
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map(self.config_class)}
         parent = os.path.dirname(os.path.abspath(save_directory))
         if (not is_main_process or kwargs.get("distributed_checkpoint") or os.path.isfile(save_directory)
                 or not os.access(parent, os.W_OK)):
@@ -244,9 +348,13 @@ class SurgePreTrainedMixin:
         Raises:
             OSError: a weights file is not valid safetensors (truncated or corrupted).
             ValueError: a packed checkpoint misses a tensor of a binarized layer or has one of the wrong shape,
-                or a packed checkpoint is loaded into trainable layers.
+                or a packed checkpoint is loaded into trainable layers, or `attn_implementation` names a float
+                attention for a recipe that binarizes attention.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        # The Auto classes pass `attn_implementation` on to the config they load.
+        attn_implementation = kwargs.get("attn_implementation",
+                                         getattr(kwargs.get("config"), "_attn_implementation_internal", None))
         shortcut_recipe = cls._shortcuts_to_add(pretrained_model_name_or_path, kwargs)
         if shortcut_recipe is not None:
             kwargs[RECIPE_KEYWORD] = shortcut_recipe.replace(shortcuts=False)
@@ -258,6 +366,7 @@ class SurgePreTrainedMixin:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
+            info["missing_keys"] = {*info["missing_keys"], *model.__dict__.pop("_surge_initialised_keys", ())}
         except SafetensorError as error:
             raise OSError(
                 f"Could not read the weights of {pretrained_model_name_or_path!s}: the safetensors file is "
@@ -265,6 +374,7 @@ class SurgePreTrainedMixin:
                 "force_download=True)."
             ) from error
         model._check_loading(pretrained_model_name_or_path, info)
+        model._check_attn_implementation(attn_implementation)
         if shortcut_recipe is not None:
             add_shortcuts(model, shortcut_recipe)
             model.config.surge_config = shortcut_recipe
@@ -285,36 +395,55 @@ class SurgePreTrainedMixin:
         saved = getattr(AutoConfig.from_pretrained(source, **hub_kwargs), "surge_config", None)
         return None if saved is not None and saved.shortcuts else recipe
 
-    def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
-        """Raise if binarized layers did not load completely or hold invalid scales (see `from_pretrained`)."""
-        prefixes = tuple(f"{name}." for name, _ in self._binarized_layers())
-        mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
-        incomplete = {key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes)}
+    def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
+        """transformers' hook before its load report: take the tensors that the recipe adds and initialises out of
+        the report, say in one line what was initialised and how, and keep them for `output_loading_info` (see
+        `from_pretrained`). A packed model has nothing to initialise: `_check_loading` checks its tensors."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
         if self.is_packed:
-            int8_prefixes = tuple(f"{name}." for name in self.config.surge_int8_embeddings or [])
-            incomplete |= {key for key in [*info["missing_keys"], *mismatched] if int8_prefixes
-                           and key.startswith(int8_prefixes)}
-            _raise_if_incomplete(
-                f"packed checkpoint {source!s}", sorted(incomplete), "A packed layer cannot be re-initialised; save "
-                "the checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
-            )
-            self._check_packed_scales(source)
             return
-        packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
-        if packed_keys:
-            raise ValueError(
-                f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
-                "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
-                "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
-            )
-        surge_only = {key for key in self.state_dict() if key.startswith(prefixes) and key.endswith(SURGE_ONLY_NAMES)}
-        from_train_form = bool(surge_only - incomplete)  # a plain checkpoint has none of them
-        bad = sorted(key for key in incomplete if from_train_form or key not in surge_only)
+        added = {f"{name}.{tensor}" if name else tensor: tensor
+                 for name, module in self.named_modules() for tensor in added_tensors(module)}
+        initialised = {key for key in loading_info.missing_keys if key in added}
+        if initialised:
+            loading_info.missing_keys = {key for key in loading_info.missing_keys if key not in initialised}
+            self._surge_initialised_keys = initialised
+            logger.warning(self._initialisation_note(initialised, added))
+
+    def _initialisation_note(self, initialised: set[str], added: dict[str, str]) -> str:
+        """The log line for the added tensors (state-dict key -> name in its module) a checkpoint did not hold."""
+        values = initial_values(self.config.surge_config)
+        how = ", ".join(values[tensor] for tensor in values if tensor in {added[key] for key in initialised})
+        what = f"{type(self).__name__}: {self.name_or_path}"
+        if initialised == set(added):
+            return (f"{what} holds none of the {len(added)} tensors that the SURGE recipe adds; they were initialised "
+                    f"as binarize() does: {how}.")
+        shown = ", ".join(sorted(initialised)[:3]) + (", ..." if len(initialised) > 3 else "")
+        return (f"{what} lacks {len(initialised)} of the {len(added)} tensors that the SURGE recipe adds ({shown}); "
+                f"they were initialised as binarize() does: {how}. Save the checkpoint again if it was meant to hold "
+                "them.")
+
+    def _check_loading(self, source: Any, info: dict[str, Any]) -> None:
+        """Raise if packed layers did not load completely or hold invalid scales, or if a packed checkpoint was
+        loaded into trainable layers (see `from_pretrained`)."""
+        if not self.is_packed:
+            packed_keys = sorted(key for key in info["unexpected_keys"] if key.endswith(PACKED_TENSOR_NAMES))
+            if packed_keys:
+                raise ValueError(
+                    f"{source!s} is a packed (inference) checkpoint ({packed_keys[0]}, ...), but the config asks "
+                    "for trainable layers (surge_packed=False). Load it without overriding surge_packed and call "
+                    "model.unfinalize() to get a trainable model, or load the train-form checkpoint."
+                )
+            return
+        prefixes = tuple(f"{name}." for name in [*(name for name, _ in self._binarized_layers()),
+                                                 *(self.config.surge_int8_embeddings or [])])
+        mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
+        incomplete = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
         _raise_if_incomplete(
-            f"checkpoint {source!s}", bad, "Binarized layers need their latent weights (and, from a train-form "
-            "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
-            "from the complete float checkpoint."
+            f"packed checkpoint {source!s}", incomplete, "A packed layer cannot be re-initialised; save the "
+            "checkpoint again with save_pretrained(path, packed=True) or model.finalize()."
         )
+        self._check_packed_scales(source)
 
     def _check_packed_scales(self, source: Any) -> None:
         for name, layer in self._binarized_layers():

@@ -21,19 +21,16 @@ without a labelled row), or the soft-target cross-entropy `-sum(y * log softmax(
 the batch carries `soft_labels` (mixup / cutmix). In `L_aux`, `x` and `f_b` are detached: only `W_a` is trained by
 it. `compute_loss` serves the Accelerate scripts and `SurgeTrainer` (a `transformers.Trainer`) alike.
 
-The auxiliary loss is collected, not stored: a SURGE layer in training (with gradients) computes its term, at the
-cost of the auxiliary forward product SURGE otherwise skips, and hands it to every open `collect_auxiliary_loss()`.
-The SURGE models collect around their own forward and return the sum as `aux_loss`, added to their `loss` as
-transformers' mixture-of-experts models do with their router loss; `compute_loss` collects around any model, so a
-model binarized with `surge_hf.binarize` gets the same objective.
+The auxiliary loss is collected, not stored (`surge_hf.aux_loss`): a SURGE layer in training computes its term, at
+the cost of the auxiliary forward product SURGE otherwise skips, and hands it to every `collect_auxiliary_loss()`
+block opened with gradients enabled. The SURGE models collect around their own forward and return the sum as
+`aux_loss`, added to their `loss` as transformers' mixture-of-experts models do with their router loss;
+`compute_loss` collects around any model, so a model binarized with `surge_hf.binarize` gets the same objective.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The collector lives in `aux_loss`, below the layers; it is re-exported here, where it used to be defined.
+from .aux_loss import AuxiliaryLossCollector, collect_auxiliary_loss, record_auxiliary_loss
 from .teacher_cache import TEACHER_INDEX
 
 IGNORE_LABEL = -100
@@ -48,40 +47,18 @@ IGNORE_LABEL = -100
 learnt from the teacher's outputs alone."""
 
 
-class AuxiliaryLossCollector:
-    """The auxiliary-loss terms recorded by SURGE layers while the collector is open."""
-
-    def __init__(self) -> None:
-        self.terms: list[Tensor] = []
-
-    def total(self) -> Tensor | None:
-        """The sum of the recorded terms (None when no layer recorded one)."""
-        return torch.stack(self.terms).sum() if self.terms else None
-
-
-_OPEN_COLLECTORS: ContextVar[tuple[AuxiliaryLossCollector, ...]] = ContextVar("surge_aux_loss_collectors", default=())
-
-
-@contextmanager
-def collect_auxiliary_loss() -> Iterator[AuxiliaryLossCollector]:
-    """Collect the auxiliary-branch loss of the forward passes run inside the block:
-
-        with surge_hf.collect_auxiliary_loss() as aux:
-            outputs = model(**batch)
-        loss = outputs.loss + aux.total()          # aux.total() is None without an auxiliary-loss recipe
-    """
-    collector = AuxiliaryLossCollector()
-    token = _OPEN_COLLECTORS.set((*_OPEN_COLLECTORS.get(), collector))
-    try:
-        yield collector
-    finally:
-        _OPEN_COLLECTORS.reset(token)
-
-
-def record_auxiliary_loss(term: Tensor) -> None:
-    """Hand one layer's weighted auxiliary-loss term to every open collector."""
-    for collector in _OPEN_COLLECTORS.get():
-        collector.terms.append(term)
+__all__ = [
+    "AuxiliaryLossCollector",
+    "DistillationConfig",
+    "collect_auxiliary_loss",
+    "compute_loss",
+    "distillation_loss",
+    "layerwise_mse",
+    "logits_distillation_loss",
+    "record_auxiliary_loss",
+    "soft_cross_entropy",
+    "task_loss",
+]
 
 
 @dataclass

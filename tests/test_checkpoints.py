@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -202,7 +203,10 @@ def test_packed_form_holds_bits_and_scales_only(saved):
     assert config["surge_packed"] is True
     assert config["auto_map"] == {
         "AutoConfig": "configuration_surge_bert.SurgeBertConfig",
+        "AutoModel": "modeling_surge_bert.SurgeBertModel",
+        "AutoModelForQuestionAnswering": "modeling_surge_bert.SurgeBertForQuestionAnswering",
         "AutoModelForSequenceClassification": "modeling_surge_bert.SurgeBertForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_surge_bert.SurgeBertForTokenClassification",
     }
     latent = saved["model"].get_submodule(LAYER).weight
     with safe_open(saved["root"] / "packed" / "model.safetensors", "pt") as handle:
@@ -334,25 +338,46 @@ def test_invalid_packed_scale_is_an_error(saved, value):
         AutoModelForSequenceClassification.from_pretrained(path)
 
 
-@pytest.mark.parametrize("tensor", ["weight", "aux_weight", "input_threshold"])
-def test_train_form_missing_a_tensor_is_an_error(saved, tensor):
+@pytest.mark.parametrize(("tensor", "value"), [("aux_weight", "aux_weight = weight"),
+                                               ("input_threshold", "input_threshold = 0")])
+def test_train_form_missing_a_surge_tensor_initialises_it_and_says_so(saved, tensor, value, caplog):
     path = damaged_copy(saved, f"no-{tensor}", lambda state: state.pop(f"{LAYER}.{tensor}"), form="train")
-    message = (f"The checkpoint {path} is incomplete: 1 tensor(s) of binarized layers are missing or have the wrong "
-               f"shape ({LAYER}.{tensor}). Binarized layers need their latent weights (and, from a train-form "
-               "checkpoint, every SURGE-only tensor); save the checkpoint again with save_pretrained(path), or start "
-               "from the complete float checkpoint.")
-    with pytest.raises(ValueError, match=re.escape(message)):
-        AutoModelForSequenceClassification.from_pretrained(path)
+    with caplog.at_level(logging.WARNING, logger="surge_hf"):
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == {f"{LAYER}.{tensor}"}
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("surge_hf")] == [
+        f"SurgeBertForSequenceClassification: {path} lacks 1 of the 36 tensors that the SURGE recipe adds "
+        f"({LAYER}.{tensor}); they were initialised as binarize() does: {value}. Save the checkpoint again if it was "
+        "meant to hold them."]
+    layer = model.get_submodule(LAYER)
+    expected = layer.weight if tensor == "aux_weight" else torch.zeros_like(layer.input_threshold)
+    assert torch.equal(getattr(layer, tensor), expected)
+    saved_state = saved["model"].state_dict()
+    assert all(torch.equal(value, saved_state[key]) for key, value in model.state_dict().items()
+               if key != f"{LAYER}.{tensor}")
 
 
-def test_plain_checkpoint_missing_an_encoder_weight_is_an_error(tmp_path):
+def test_train_form_missing_a_latent_weight_initialises_and_reports_it(saved):
+    """transformers' contract: a missing weight is initialised (`_init_weights`) and listed in missing_keys."""
+    path = damaged_copy(saved, "no-weight", lambda state: state.pop(f"{LAYER}.weight"), form="train")
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == {f"{LAYER}.weight"}
+    layer, trained = model.get_submodule(LAYER), saved["model"].get_submodule(LAYER)
+    assert layer.weight.std().item() == pytest.approx(0.02, rel=0.25)  # BERT's normal(0, 0.02) init
+    assert torch.equal(layer.aux_weight, trained.aux_weight)
+
+
+def test_plain_checkpoint_missing_an_encoder_weight_initialises_it_before_its_surge_tensors(tmp_path):
     torch.manual_seed(0)
     BertForSequenceClassification(plain_bert_config()).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     state.pop(f"{LAYER}.weight")
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=re.escape(f"missing or have the wrong shape ({LAYER}.weight)")):
-        SurgeBertForSequenceClassification.from_pretrained(tmp_path)
+    model, info = SurgeBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    surge_only = {key for key in model.state_dict() if key.endswith(("aux_weight", "input_threshold", "input_scale"))}
+    assert info["missing_keys"] == surge_only | {f"{LAYER}.weight"}
+    layer = model.get_submodule(LAYER)
+    assert torch.equal(layer.aux_weight, layer.weight)
 
 
 def test_train_form_without_its_recipe_is_an_error(saved, tmp_path):
@@ -364,10 +389,6 @@ def test_train_form_without_its_recipe_is_an_error(saved, tmp_path):
             "This surge_bert config has no `surge_config` (the SURGE recipe), so the layers it describes are "
             "unknown. Add the recipe the checkpoint was trained with as `surge_config` in config.json, or pass it: "
             "from_pretrained(path, surge=SurgeConfig(...)).")):
-        AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
-    legacy = {**config, "surge": SurgeConfig(aux_loss_weight=0.1).to_dict()}
-    (tmp_path / "no-recipe" / "config.json").write_text(json.dumps(legacy))
-    with pytest.raises(ValueError, match=re.escape("rename the key `surge` of an old config.json to `surge_config`")):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "no-recipe")
     assert AutoModelForSequenceClassification.from_pretrained(saved["root"] / "train").config.surge_config == (
         SurgeConfig(aux_loss_weight=0.1))

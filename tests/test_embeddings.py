@@ -94,7 +94,10 @@ def test_quantize_embeddings_errors():
                                          r"bert.embeddings.word_embeddings, "):
         model.quantize_embeddings(["bert.nope"])
     trainable = SurgeBertForSequenceClassification(model.config.__class__.from_base_config(model.config))
-    with pytest.raises(ValueError, match=r"applies to a packed \(inference\) model; call model.finalize\(\) first"):
+    with pytest.raises(ValueError, match=re.escape(
+            "quantize_embeddings() applies to a packed (inference) model: this one has trainable SURGE layers, which "
+            "would train around frozen int8 tables, and its train-form checkpoint would not load them. Call "
+            "model.finalize() (surge_hf.finalize(model)) first.")):
         trainable.quantize_embeddings()
     tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
     tied[1].weight = tied[0].weight

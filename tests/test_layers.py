@@ -571,9 +571,23 @@ def test_auxiliary_loss_only_in_training_with_gradients_and_a_collector() -> Non
         layer(x)
     assert outer.total() is not None and torch.equal(outer.total(), inner.total())
     for mode in ("eval", "no_grad"):
-        with collect_auxiliary_loss() as collected, torch.set_grad_enabled(mode != "no_grad"):
+        with torch.set_grad_enabled(mode != "no_grad"), collect_auxiliary_loss() as collected:
             layer.train(mode != "eval")(x)
         assert collected.total() is None, mode
+
+
+def test_auxiliary_loss_keeps_its_gradient_when_the_layer_runs_without_gradients_inside_a_collector() -> None:
+    """Reentrant gradient checkpointing runs layers under no_grad inside a loss computation: the term is the same,
+    and its gradient reaches W_a."""
+    layer = _make_layer("linear", SurgeConfig(aux_loss_weight=0.5))
+    x = _make_input("linear", 0)
+    with collect_auxiliary_loss() as reference:
+        layer(x)
+    with collect_auxiliary_loss() as collected, torch.no_grad():
+        layer(x)
+    assert torch.equal(collected.total(), reference.total())
+    expected = torch.autograd.grad(reference.total(), layer.aux_weight)[0]
+    assert torch.equal(torch.autograd.grad(collected.total(), layer.aux_weight)[0], expected)
 
 
 # -- reduced precision -----------------------------------------------------------------------------------------------

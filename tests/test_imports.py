@@ -1,0 +1,135 @@
+"""The shape of the package, read from its source: imports point down (no import cycle among surge_hf modules, at
+module or function level), and the modules a checkpoint runs import nothing of the training harness.
+
+transformers copies the modules that `modeling_surge_*.py` reaches through `from .x import` lines into every saved
+checkpoint for `trust_remote_code`; those (the checkpoint closure) must only reach each other. Run the check with
+`python -m pytest tests/test_imports.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "surge_hf"
+CLOSURE_NAMED = {"quantizers", "packing", "scaler", "layers", "shortcuts", "binary_attention", "embeddings", "kernels",
+                 "binarize", "auto", "aux_loss"}
+
+
+def _module_names() -> list[str]:
+    """Every module of the package by dotted name relative to it (`layers`, `glue_metric.glue`; `` for the package
+    itself)."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def _path(module: str) -> Path:
+    candidate = PACKAGE.joinpath(*module.split(".")) if module else PACKAGE
+    return candidate / "__init__.py" if candidate.is_dir() else candidate.with_suffix(".py")
+
+
+def _resolve(module: str, target: str, known: set[str]) -> str | None:
+    """The package module that `target` (a dotted name relative to the package) names, or None when it is outside
+    the package; `from .x import y` may name a submodule `x.y` or a name `y` of `x`."""
+    while target not in known and "." in target:
+        target = target.rpartition(".")[0]
+    return target if target in known else None
+
+
+def imported_modules(module: str, known: set[str]) -> set[str]:
+    """The package modules that `module` imports anywhere in its source (module level or inside functions)."""
+    tree = ast.parse(_path(module).read_text(), filename=str(_path(module)))
+    is_package = _path(module).name == "__init__.py"
+    package_parts = module.split(".") if is_package else module.split(".")[:-1]
+    package_parts = [part for part in package_parts if part]
+    found = set()
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name.removeprefix("surge_hf").lstrip(".") for alias in node.names
+                       if alias.name == "surge_hf" or alias.name.startswith("surge_hf.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[:len(package_parts) - node.level + 1]
+                prefix = ".".join([*base, *([node.module] if node.module else [])])
+            elif node.module == "surge_hf" or (node.module or "").startswith("surge_hf."):
+                prefix = node.module.removeprefix("surge_hf").lstrip(".")
+            else:
+                continue
+            targets = [".".join(part for part in (prefix, alias.name) if part) for alias in node.names]
+        for target in targets:
+            resolved = _resolve(module, target, known)
+            if resolved is not None and resolved != module:
+                found.add(resolved)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(_module_names())
+    return {module: imported_modules(module, known) for module in known}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (as the list of modules around it), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for neighbour in sorted(graph[node]):
+            if state.get(neighbour) == "open":
+                return stack[stack.index(neighbour):] + [neighbour]
+            if neighbour not in state and (cycle := visit(neighbour)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def closure_modules() -> set[str]:
+    return {name for name in _module_names()
+            if name in CLOSURE_NAMED or name.startswith(("configuration_", "modeling_"))}
+
+
+def test_the_walker_sees_relative_absolute_and_function_level_imports(tmp_path, monkeypatch):
+    package = tmp_path / "surge_hf"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from .a import f\n")
+    (package / "a.py").write_text("import torch\nfrom .b import g\n\ndef f():\n    from surge_hf.sub import c\n")
+    (package / "b.py").write_text("import surge_hf.a\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "c.py").write_text("from .. import b\nfrom . import d\n")
+    (package / "sub" / "d.py").write_text("")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    graph = import_graph()
+    assert graph == {"": {"a"}, "a": {"b", "sub.c"}, "b": {"a"}, "sub": set(), "sub.c": {"b", "sub.d"},
+                     "sub.d": set()}
+    assert find_cycle(graph) == ["a", "b", "a"]
+
+
+def test_no_import_cycle_among_surge_hf_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("module", sorted(closure_modules()))
+def test_checkpoint_closure_imports_only_the_closure(module):
+    outside = imported_modules(module, set(_module_names())) - closure_modules()
+    assert outside == set(), f"{module} (a module a checkpoint runs) imports harness modules {sorted(outside)}"
+
+
+def test_the_closure_is_the_documented_one():
+    assert closure_modules() == CLOSURE_NAMED | {
+        "configuration_surge", "configuration_utils", "configuration_surge_bert", "configuration_surge_vit",
+        "modeling_utils", "modeling_surge_bert", "modeling_surge_vit"}
