@@ -183,7 +183,8 @@ def _count_macs(model: nn.Module, rows: dict[str, LayerAccount], args: tuple, kw
                 per_output = in_channels * math.prod(module.kernel_size)
             else:
                 per_output = module.in_features
-            rows[name].macs = (rows[name].macs or 0) + output.numel() * per_output
+            # `shape`, not `numel()`: a packed layer feeding a binarizer returns `kernels.PackedSigns`
+            rows[name].macs = (rows[name].macs or 0) + output.shape.numel() * per_output
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,12 @@ from .quantizers import (
 )
 from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
 
-if TYPE_CHECKING:
-    from .fusion import SignOutput
+
+class SignOutputSource(Protocol):
+    """What a packed layer asks before writing sign bits instead of floats (`surge_hf.fusion.SignOutput`): the
+    per-channel integer bounds for this input, or None where its output must stay float."""
+
+    def bounds(self, producer: BinaryLinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None: ...
 
 
 @dataclass(frozen=True)
@@ -522,7 +526,7 @@ class BinaryLinear(BinaryLayerMixin):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_binary((out_features, in_features), bias, in_features, recipe, unsigned_input)
-        self.sign_output: SignOutput | None = None
+        self.sign_output: SignOutputSource | None = None
 
     @staticmethod
     def layout_of(layer: SurgeLinear) -> tuple:

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "surge_hf"
 CLOSURE_NAMED = {"quantizers", "packing", "scaler", "layers", "shortcuts", "binary_attention", "embeddings", "kernels",
-                 "binarize", "auto", "aux_loss"}
+                 "binarize", "auto", "aux_loss", "fusion", "saving"}
 
 
 def _module_names() -> list[str]:
