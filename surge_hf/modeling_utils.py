@@ -38,8 +38,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig
-from transformers import modeling_utils as transformers_modeling_utils
 from transformers import initialization as init
+from transformers import modeling_utils as transformers_modeling_utils
 from transformers.utils import ModelOutput
 
 from .aux_loss import collect_auxiliary_loss

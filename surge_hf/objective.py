@@ -18,9 +18,9 @@ it. `compute_loss` serves the Accelerate scripts and `SurgeTrainer` (a `transfor
 
 The auxiliary loss is collected, not stored (`surge_hf.aux_loss`): a SURGE layer in training computes its term, at
 the cost of the auxiliary forward product SURGE otherwise skips, and hands it to every `collect_auxiliary_loss()`
-block opened with gradients enabled. The SURGE models collect around their own forward and return the sum as `aux_loss`, added to their `loss` as
-transformers' mixture-of-experts models do with their router loss; `compute_loss` collects around any model, so a
-model binarized with `surge_hf.binarize` gets the same objective.
+block opened with gradients enabled. The SURGE models collect around their own forward and return the sum as
+`aux_loss`, added to their `loss` as transformers' mixture-of-experts models do with their router loss;
+`compute_loss` collects around any model, so a model binarized with `surge_hf.binarize` gets the same objective.
 """
 
 from __future__ import annotations
