@@ -31,7 +31,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import surge_hf
 from surge_hf import cli
 from surge_hf.checkpointing import latest_checkpoint
-from surge_hf.compatibility import check_label_compatibility, check_max_length, check_teacher_shapes
+from surge_hf.compatibility import (
+    check_label_compatibility,
+    check_max_length,
+    check_teacher_shapes,
+    check_trainable_checkpoint,
+)
 from surge_hf.demo import demo_model_path, write_demo_dataset
 from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
 from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
@@ -126,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.demo:
         apply_demo_defaults(args)
     validate_args(args)
+    args.base_model = base_model(args)
     return args
 
 
@@ -341,16 +347,18 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
                          "re-initialise the head, or use a checkpoint fine-tuned on these labels.") from error
 
 
-def hub_base_model(args: argparse.Namespace) -> str | None:
-    """The Hub id the model was fine-tuned from, for the model card (None for a local folder)."""
+def base_model(args: argparse.Namespace) -> str:
+    """What the run fine-tunes, for the model card: the Hub id of the demo's model, else `--model_name_or_path`.
+    Taken before any stage runs (a later stage starts from an earlier stage's folder)."""
     if args.demo and args.model_name_or_path == str(demo_model_path()):
         return DEMO_BASE_MODEL
-    return cli.hub_id_or_none(args.model_name_or_path)
+    return args.model_name_or_path
 
 
 def check_models(args: argparse.Namespace, distillation: DistillationConfig | None) -> None:
     """Config-only checks of the student and the teacher against the flags (no weights are loaded)."""
     student = AutoConfig.from_pretrained(args.model_name_or_path)
+    check_trainable_checkpoint(student, args.model_name_or_path)
     check_max_length(student, args.max_length, f"--model_name_or_path {args.model_name_or_path}")
     if distillation is not None:
         source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
@@ -441,7 +449,7 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     results = export_run(accelerator, model, result, training=config, hub=run_setup.hub, preprocessor=tokenizer,
                          recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
-                         base_model=hub_base_model(args), teacher=args.teacher_model_name_or_path,
+                         base_model=args.base_model, teacher=args.teacher_model_name_or_path,
                          hyperparameters={"max length": args.max_length,
                                           **({"earlier stages": "; ".join(args.stages)} if args.stages else {})})
     if run_setup.hub.push_to_hub:

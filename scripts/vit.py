@@ -40,7 +40,7 @@ from transformers import (
 
 import surge_hf
 from surge_hf import cli
-from surge_hf.compatibility import check_image_teacher
+from surge_hf.compatibility import check_image_teacher, check_trainable_checkpoint
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.export import export_run, push_run
 from surge_hf.image_data import (
@@ -286,6 +286,7 @@ def checkpoint_config(args: argparse.Namespace) -> ViTConfig | None:
     if args.model_name_or_path is None:
         return None
     config = AutoConfig.from_pretrained(args.model_name_or_path)
+    check_trainable_checkpoint(config, args.model_name_or_path)
     if config.model_type not in VIT_MODEL_TYPES:
         raise ValueError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; this "
                          "script trains ViT image classifiers (model_type 'vit' or 'surge_vit').")
@@ -445,7 +446,7 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                          card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
-                         base_model=cli.hub_id_or_none(args.model_name_or_path),
+                         base_model=args.model_name_or_path,
                          teacher=args.teacher_model_name_or_path, command=args.command,
                          hyperparameters={"recipe preset": args.recipe} if args.recipe else None)
     if run.hub.push_to_hub:

@@ -26,7 +26,7 @@ from .configuration_surge import (
     SurgeConfig,
 )
 from .export import push_run
-from .hub import HubConfig
+from .hub import HubConfig, check_push_access
 from .objective import DistillationConfig
 from .training import TrainingConfig, prepare_run
 
@@ -188,8 +188,11 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hub_config_from_args(args: argparse.Namespace) -> HubConfig:
-    return HubConfig(push_to_hub=args.push_to_hub or args.push_only, hub_model_id=args.hub_model_id,
-                     hub_token=args.hub_token, hub_private=args.hub_private)
+    """The Hub settings, checked for a push that could not happen (offline, no token) before any training."""
+    hub = HubConfig(push_to_hub=args.push_to_hub or args.push_only, hub_model_id=args.hub_model_id,
+                    hub_token=args.hub_token, hub_private=args.hub_private)
+    check_push_access(hub)
+    return hub
 
 
 def push_existing_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,13 +206,6 @@ def push_existing_run(args: argparse.Namespace) -> dict[str, Any]:
                                 "(train it first, without --push_only).")
     push_run(Accelerator(cpu=True), args.output_dir, hub)
     return json.loads(results.read_text())
-
-
-def hub_id_or_none(name_or_path: str | None) -> str | None:
-    """`name_or_path` when it names a Hub repository; None for a local folder or nothing (model-card `base_model`)."""
-    if name_or_path is None or Path(name_or_path).exists():
-        return None
-    return name_or_path
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int, epochs: int,

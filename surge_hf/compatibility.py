@@ -7,13 +7,32 @@ the middle of training.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForImageClassification
 
 from .image_data import ImageDataInfo
 from .objective import DistillationConfig
+from .output_dir import TRAIN_STATE_DIR
 from .text_data import TextDataInfo
+
+
+def check_trainable_checkpoint(config: Any, name_or_path: str) -> None:
+    """Raise unless the model to train from (`--model_name_or_path`, with `config`) has weights to train: a packed
+    SURGE checkpoint holds sign bits, which no optimizer can move. Names the run's own train-form folder when the
+    packed model is a run's output."""
+    if not getattr(config, "surge_packed", False):
+        return
+    train_state = Path(name_or_path) / TRAIN_STATE_DIR
+    instead = (f"--model_name_or_path {train_state} (the train-form model of that run)" if train_state.is_dir() else
+               "the train-form model of the run that made it (its train_state/ folder)")
+    model_class = (config.architectures or [type(config).__name__.replace("Config", "Model")])[0]
+    raise ValueError(
+        f"--model_name_or_path {name_or_path} is a packed (inference) SURGE checkpoint: its sign bits have no latent "
+        f"weights to train. Start from {instead}, or write a trainable copy in Python: "
+        f"surge_hf.{model_class}.from_pretrained(path).unfinalize().save_pretrained(new_path)."
+    )
 
 
 def check_max_length(config: Any, max_length: int, source: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,31 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def card_model_reference(name_or_path: str, output_dir: str | Path) -> str:
+    """How a model card names a model a run read: its Hub id, or its local folder relative to `output_dir`
+    (`teacher/`, `../models/bert/`): never an absolute path of the training machine, which a push would publish."""
+    if not Path(name_or_path).exists():
+        return name_or_path
+    return Path(os.path.relpath(Path(name_or_path).resolve(), Path(output_dir).resolve())).as_posix() + "/"
+
+
+def portable_command(command: str) -> str:
+    """`command` with every absolute path among its arguments (`/abs/x` or `--flag=/abs/x`) made relative to the
+    working directory, from which the command runs."""
+    def portable(argument: str) -> str:
+        flag, equals, value = argument.rpartition("=") if argument.startswith("-") else ("", "", argument)
+        return flag + equals + (os.path.relpath(value) if os.path.isabs(value) else value)
+
+    return shlex.join(portable(argument) for argument in shlex.split(command))
+
+
+def _card_base_model(base_model: str | None, output_dir: str | Path) -> dict[str, str | None]:
+    """The card's `base_model` (a Hub id) or `local_base_model` (a folder relative to the output folder)."""
+    if base_model is None or not Path(base_model).exists():
+        return {"base_model": base_model}
+    return {"local_base_model": card_model_reference(base_model, output_dir)}
+
+
 def _card_repo_id(output_dir: str, hub: HubConfig) -> str:
     if hub.hub_model_id:
         return hub.hub_model_id
@@ -92,8 +118,10 @@ def export_run(
 ) -> dict[str, Any]:
     """Write the run's outputs (see the module docstring) from the main process; returns `all_results`.
 
-    `teacher` names the distillation teacher, `hyperparameters` adds rows to the card's recipe table and `command`
-    is the command line shown on the card.
+    `base_model` is what the run fine-tuned, through all its stages (a Hub id, a local folder, or None from
+    scratch), `teacher` names the distillation teacher (both shown on the card as Hub ids or as folders relative to
+    the output folder), `hyperparameters` adds rows to the card's recipe table and `command` is the command line
+    shown on the card (absolute paths made relative to the working directory).
     """
     accelerator.wait_for_everyone()
     output_dir = Path(training.output_dir)
@@ -135,9 +163,9 @@ def export_run(
             bit_account=str(account),
             packed_bytes=all_results["model_file_bytes"],
             float32_bytes=account.float32_bytes,
-            base_model=base_model,
-            distillation=teacher,
-            command=command,
+            **_card_base_model(base_model, output_dir),
+            distillation=None if teacher is None else card_model_reference(teacher, output_dir),
+            command=None if command is None else portable_command(command),
             hyperparameters={"batch size per device": training.per_device_train_batch_size,
                              "processes": accelerator.num_processes,
                              "gradient accumulation": training.gradient_accumulation_steps,

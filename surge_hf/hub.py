@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCardData, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 __all__ = [
     "HubConfig",
     "ModelCardContext",
+    "check_push_access",
     "files_to_push",
     "push_to_hub",
     "render_model_card",
@@ -95,6 +96,8 @@ class ModelCardContext:
 
     Optional:
         base_model: Hub id of the pretrained model fine-tuned from; None when trained from scratch.
+        local_base_model: the local folder fine-tuned from (relative to the output folder, never an absolute path of
+            the training machine) when there is no Hub id to name.
         dataset_config: dataset configuration ("sst2"), None when the dataset has one.
         language: language code(s) of a text model ("en"); required for text cards, not allowed for image cards.
         distillation: the teacher distilled from (Hub id or short description); None when no teacher was used.
@@ -122,6 +125,7 @@ class ModelCardContext:
     packed_bytes: int
     float32_bytes: int
     base_model: str | None = None
+    local_base_model: str | None = None
     dataset_config: str | None = None
     language: str | list[str] | None = None
     distillation: str | None = None
@@ -140,7 +144,8 @@ class ModelCardContext:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"ModelCardContext.{name} must be a non-empty string, got {value!r}.")
-        for name in ("base_model", "dataset_config", "distillation", "model_name", "description", "command"):
+        for name in ("base_model", "local_base_model", "dataset_config", "distillation", "model_name", "description",
+                     "command"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"ModelCardContext.{name} must be a non-empty string or None, got {value!r}.")
@@ -286,9 +291,9 @@ def _size(num_bytes: int) -> str:
 def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any]) -> str:
     """Render the model card (README.md text) of a binary text ("text") or image ("image") classifier.
 
-    The front matter holds license, base_model (absent when trained from scratch), datasets, language (text),
-    metrics, tags, pipeline_tag, library_name and a model-index with one result per metric. The size ratio in
-    the body is `float32_bytes / packed_bytes`.
+    The front matter holds license, base_model (absent when trained from scratch or from a local folder), datasets,
+    language (text), metrics, tags, pipeline_tag, library_name and a model-index with one result per metric. The
+    size ratio in the body is `float32_bytes / packed_bytes`.
     """
     if kind not in _TEMPLATES:
         raise ValueError(f"kind must be one of {sorted(_TEMPLATES)}, got {kind!r}.")
@@ -315,6 +320,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         model_name=model_name,
         repo_id=context.repo_id,
         base_model=context.base_model,
+        local_base_model=context.local_base_model,
         dataset_name=_table_cell(context.dataset_name),
         dataset_config=context.dataset_config,
         dataset_split=_table_cell(context.dataset_split),
@@ -379,6 +385,22 @@ class HubConfig:
         elif self.push_to_hub:
             raise ValueError("HubConfig.push_to_hub needs HubConfig.hub_model_id, the namespace/name of the "
                              "repository to create or update (--hub_model_id).")
+
+
+def check_push_access(hub: HubConfig) -> None:
+    """Raise, before any training, when `hub` asks for a push that cannot happen: offline mode, or no token. Checked
+    without a network call; a token without write access still fails at the push, whose error names the command
+    that retries it without training."""
+    if not hub.push_to_hub:
+        return
+    later = "or train without it and push the finished run later with --push_only."
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"HubConfig.push_to_hub (--push_to_hub) needs the Hub, but HF_HUB_OFFLINE is set: unset it, "
+                         f"{later}")
+    if hub.hub_token is None and get_token() is None:
+        raise ValueError("HubConfig.push_to_hub (--push_to_hub) needs a Hugging Face token with write access, and "
+                         "none was found: log in with `hf auth login`, set HF_TOKEN or pass HubConfig.hub_token "
+                         f"(--hub_token), {later}")
 
 
 def _is_pushed(relative: Path) -> bool:

@@ -311,6 +311,16 @@ class SurgeLayerMixin(nn.Module):
         return f"{super().extra_repr()}, {bit_widths(self)}, compensator={recipe.compensator}, eta={recipe.eta}"
 
 
+def _renamed_constructor(old: str) -> classmethod:
+    """A classmethod `old` that names `from_float`, its new name (for one release)."""
+
+    def renamed(cls, *args, **kwargs):
+        raise AttributeError(f"{cls.__name__}.{old}() was renamed {cls.__name__}.from_float() (same arguments). "
+                             "See CHANGELOG.md.")
+
+    return classmethod(renamed)
+
+
 class SurgeLinear(SurgeLayerMixin, nn.Linear):
     """A binary `nn.Linear` trained with SURGE (see the module docstring for the maths).
 
@@ -332,6 +342,8 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
         layer.weight, layer.bias = linear.weight, linear.bias
         layer._init_surge(config, unsigned_input)
         return layer
+
+    from_linear = _renamed_constructor("from_linear")
 
     def threshold_shape(self) -> tuple[int, ...]:
         return (self.in_features,)
@@ -376,6 +388,8 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
         layer.weight, layer.bias = conv.weight, conv.bias
         layer._init_surge(config, unsigned_input)
         return layer
+
+    from_conv = _renamed_constructor("from_conv")
 
     def threshold_shape(self) -> tuple[int, ...]:
         return (self.in_channels,)

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from huggingface_hub import constants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +23,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hub_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a push checks before training (online mode, a token), for tests that fake `HfApi`: nothing is sent."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
 
 
 def load_script(name: str) -> ModuleType:

@@ -134,9 +134,10 @@ RECORDED_OUTPUTS = textwrap.dedent(
     vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_labels=3, **small))
     ids = torch.randint(1, 99, (2, 7))
     report = {}
-    for name, model, batch in [("bert", bert, {"input_ids": ids}), ("vit", vit, {"pixel_values": torch.randn(2, 3, 8, 8)})]:
+    batches = {"bert": {"input_ids": ids}, "vit": {"pixel_values": torch.randn(2, 3, 8, 8)}}
+    for name, model in [("bert", bert), ("vit", vit)]:
         surge_hf.binarize(model)
-        outputs = model(**batch, output_hidden_states=True, output_attentions=True)
+        outputs = model(**batches[name], output_hidden_states=True, output_attentions=True)
         report[name] = [type(model).__name__, len(outputs.hidden_states), len(outputs.attentions)]
     loss, _ = compute_loss(bert.train(), {"input_ids": ids, "labels": torch.tensor([0, 2])}, teacher=teacher,
                            distillation=DistillationConfig(hidden_states_weight=1.0, attentions_weight=1.0))
@@ -299,8 +300,8 @@ CUSTOM_CODE = textwrap.dedent(
     root = sys.argv[1]
     report = {}
     with torch.no_grad():
-        for name, auto_class, folder in [("bert", AutoModel, "bert"), ("token", AutoModelForTokenClassification, "bert"),
-                                         ("qa", AutoModelForQuestionAnswering, "bert"), ("vit", AutoModel, "vit")]:
+        for name, auto_class, folder in [("bert", AutoModel, "bert"), ("qa", AutoModelForQuestionAnswering, "bert"),
+                                         ("token", AutoModelForTokenClassification, "bert"), ("vit", AutoModel, "vit")]:
             model = auto_class.from_pretrained(f"{root}/{folder}", trust_remote_code=True).eval()
             inputs = torch.load(f"{root}/{folder}-inputs.pt")
             report[name] = [type(model).__name__, model(**inputs)[0].tolist()]

@@ -208,7 +208,7 @@ class RecordingApi:
 
 
 def test_push_sends_exactly_the_deployable_files_and_a_failed_push_keeps_outputs(tiny_bert, data_files, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, hub_login):
     api = RecordingApi()
     monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
     out = tmp_path / "pushed"
@@ -491,7 +491,7 @@ def test_a_label_head_of_another_size_needs_ignore_mismatched_sizes(tiny_bert, t
 
 
 def test_a_failed_push_names_the_push_only_command_which_pushes_without_training(tiny_bert, data_files, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, hub_login):
     out = tmp_path / "run"
     monkeypatch.setattr(hub, "HfApi", lambda token=None: RecordingApi(fail=True))
     with pytest.raises(RuntimeError, match=rf"--push_only --output_dir {out} --hub_model_id org/tiny"):

@@ -1,0 +1,135 @@
+"""Upgrading from the previous release: every renamed or removed API names its replacement, and checkpoints whose
+config.json holds the recipe under the previous key (`surge`) load as they are."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+import surge_hf
+from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig, SurgeConv2d, SurgeLinear
+
+# The recipe fields of the previous release (SurgeConfig gained the others since, with defaults that do what that
+# release did); its config.json held them under `surge`, without `surge_int8_embeddings`.
+PREVIOUS_RECIPE_FIELDS = ("target_modules", "exclude_modules", "binarize_weights", "binarize_activations",
+                          "weight_scale", "activation_binarizer", "surrogate", "swish_beta", "compensator", "eta",
+                          "aux_weight", "lambda_placement", "scale_aux_grad", "aux_loss_weight", "eps", "version")
+PREVIOUS_RECIPE = SurgeConfig(activation_binarizer="rsign")  # that release's default
+
+
+def exact(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+def test_removed_functions_and_modules_name_their_replacements():
+    auxiliary_loss = (
+        "surge_hf.auxiliary_loss(model) was removed: the auxiliary loss is collected during the forward pass. Use "
+        "`with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add aux.total() to the loss; a "
+        "SURGE model also returns it as outputs.aux_loss, included in outputs.loss. See CHANGELOG.md.")
+    with pytest.raises(ImportError, match=exact(auxiliary_loss)):
+        from surge_hf import auxiliary_loss  # noqa: F401
+    with pytest.raises(ImportError, match=exact(auxiliary_loss)):
+        surge_hf.auxiliary_loss  # noqa: B018
+    with pytest.raises(AttributeError, match=exact("module 'surge_hf' has no attribute 'nothing'")):
+        surge_hf.nothing  # noqa: B018
+    with pytest.raises(ImportError, match=exact(
+            "surge_hf.distillation was merged into surge_hf.objective: import DistillationConfig, compute_loss, "
+            "logits_distillation_loss, layerwise_mse and soft_cross_entropy from surge_hf.objective "
+            "(DistillationConfig and compute_loss also from surge_hf). See CHANGELOG.md.")):
+        importlib.import_module("surge_hf.distillation")
+    with pytest.raises(ImportError, match=exact(
+            "surge_hf.losses was removed, and auxiliary_loss(model) with it: the auxiliary loss is collected during "
+            "the forward pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
+            "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in outputs.loss, "
+            "and surge_hf.objective.compute_loss counts it once. See CHANGELOG.md.")):
+        importlib.import_module("surge_hf.losses")
+    with pytest.raises(ImportError, match=exact(
+            "surge_hf.binarize.binarize moved: import the public function as `from surge_hf import binarize` (it "
+            "also gives a transformers BERT / ViT its SURGE class), or use surge_hf.binarize.binarize_modules to swap "
+            "the layers only.")):
+        importlib.import_module("surge_hf.binarize").binarize  # noqa: B018
+
+
+def test_moved_names_keep_their_old_import_locations():
+    from surge_hf import aux_loss, objective
+
+    for name in ("AuxiliaryLossCollector", "collect_auxiliary_loss", "record_auxiliary_loss"):
+        assert getattr(objective, name) is getattr(aux_loss, name)
+    assert surge_hf.collect_auxiliary_loss is aux_loss.collect_auxiliary_loss
+
+
+def test_renamed_layer_constructors_name_from_float():
+    with pytest.raises(AttributeError, match=exact(
+            "SurgeLinear.from_linear() was renamed SurgeLinear.from_float() (same arguments). See CHANGELOG.md.")):
+        SurgeLinear.from_linear(nn.Linear(2, 2), SurgeConfig())
+    with pytest.raises(AttributeError, match=exact(
+            "SurgeConv2d.from_conv() was renamed SurgeConv2d.from_float() (same arguments). See CHANGELOG.md.")):
+        SurgeConv2d.from_conv(nn.Conv2d(2, 2, 1), SurgeConfig())
+
+
+def test_renamed_config_attributes_name_surge_config():
+    config = SurgeBertConfig(hidden_size=32, num_attention_heads=2)
+    with pytest.raises(AttributeError, match=exact(
+            "config.surge was renamed config.surge_config, which holds the SurgeConfig itself (its to_dict() gives "
+            "the dict that config.surge held). See CHANGELOG.md.")):
+        config.surge  # noqa: B018
+    with pytest.raises(AttributeError, match=exact("config.surge_recipe was renamed config.surge_config. See "
+                                                   "CHANGELOG.md.")):
+        config.surge_recipe  # noqa: B018
+    with pytest.raises(ValueError, match=exact(
+            "The SURGE recipe of a SurgeBertConfig is `surge_config` (`surge=` is only the keyword of "
+            "from_pretrained); set config.surge_config, or pass surge_config=.")):
+        config.surge = SurgeConfig().to_dict()
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory) -> dict:
+    """Checkpoints in both forms written as the previous release wrote them (its tensors are the current ones; its
+    config.json held the recipe under `surge`), and the logits they give."""
+    root = tmp_path_factory.mktemp("previous")
+    torch.manual_seed(0)
+    config = SurgeBertConfig.from_bert_config(
+        BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                   max_position_embeddings=64, num_labels=2), surge_config=PREVIOUS_RECIPE)
+    model = SurgeBertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    for form in ("train", "packed"):
+        model.save_pretrained(root / form, packed=form == "packed")
+        path = root / form / "config.json"
+        saved = json.loads(path.read_text())
+        recipe = saved.pop("surge_config")
+        del saved["surge_int8_embeddings"]
+        saved["surge"] = {field: recipe[field] for field in PREVIOUS_RECIPE_FIELDS}
+        saved["auto_map"] = {key: value for key, value in saved["auto_map"].items()
+                             if key in ("AutoConfig", "AutoModelForSequenceClassification")}
+        path.write_text(json.dumps(saved))
+    return {"root": root, "ids": ids, "logits": model(input_ids=ids).logits.detach()}
+
+
+@pytest.mark.parametrize("form", ["train", "packed"])
+def test_a_checkpoint_of_the_previous_release_loads_and_saves_in_the_current_form(previous_release, form, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(previous_release["root"] / form)
+    assert model.config.surge_config == PREVIOUS_RECIPE
+    assert model.is_packed is (form == "packed")
+    assert torch.equal(model(input_ids=previous_release["ids"]).logits, previous_release["logits"])
+    model.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "surge" not in saved and saved["surge_config"] == PREVIOUS_RECIPE.to_dict()
+
+
+def test_a_config_with_both_recipe_keys_is_an_error(previous_release, tmp_path):
+    shutil.copytree(previous_release["root"] / "train", tmp_path / "both")
+    path = tmp_path / "both" / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "surge_config": saved["surge"]}))
+    with pytest.raises(ValueError, match=exact(
+            "This config has both `surge` (the recipe key of the previous release) and `surge_config`; remove "
+            "`surge` from config.json.")):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "both")
