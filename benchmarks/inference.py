@@ -125,13 +125,13 @@ def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, 
     return results
 
 
-def save_models(workdir: Path, names: tuple[str, ...]) -> dict[str, dict[str, Path]]:
+def save_models(workdir: Path, names: tuple[str, ...], minilm: Path) -> dict[str, dict[str, Path]]:
     """Save the float32 and packed forms of each end-to-end model of `names`; returns their folders."""
     bases = {}
-    if "minilm-l6" in names and MINILM.is_dir():
-        bases["minilm-l6"] = BertForSequenceClassification.from_pretrained(MINILM, dtype=torch.float32, num_labels=2)
+    if "minilm-l6" in names and minilm.is_dir():
+        bases["minilm-l6"] = BertForSequenceClassification.from_pretrained(minilm, dtype=torch.float32, num_labels=2)
     elif "minilm-l6" in names:
-        print(f"{MINILM} is absent: skipping MiniLM-L6")
+        print(f"{minilm} is absent: skipping MiniLM-L6")
     if "bert-base-shape" in names:
         torch.manual_seed(0)
         bases["bert-base-shape"] = BertForSequenceClassification(BertConfig(num_labels=2))
@@ -184,10 +184,10 @@ def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
     return results
 
 
-def profile(rounds: int) -> dict:
+def profile(rounds: int, minilm: Path) -> dict:
     """Self CPU time per operator of the packed MiniLM-L6 classifier at 32 x 64, one thread (torch.profiler)."""
     torch.set_num_threads(1)
-    model = SurgeBertForSequenceClassification.from_pretrained(MINILM, surge=SurgeConfig(), dtype=torch.float32,
+    model = SurgeBertForSequenceClassification.from_pretrained(minilm, surge=SurgeConfig(), dtype=torch.float32,
                                                                num_labels=2).finalize()
     ids = torch.randint(1000, model.config.vocab_size, (32, 64), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -197,7 +197,8 @@ def profile(rounds: int) -> dict:
                 model(input_ids=ids)
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total = sum(event.self_cpu_time_total for event in events)
-    return {"command": "python benchmarks/inference.py --profile", "model": "minilm-l6 packed", "batch": [32, 64],
+    return {"command": " ".join(["python benchmarks/inference.py", *sys.argv[1:]]), "model": "minilm-l6 packed",
+            "batch": [32, 64],
             "threads": 1, "forwards": rounds, "ms_per_forward": total / 1e3 / rounds,
             "self_cpu_share": {event.key: event.self_cpu_time_total / total for event in events[:8]}}
 
@@ -343,6 +344,7 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"end-to-end models, a comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--minilm", type=Path, default=MINILM, help="the all-MiniLM-L6-v2 folder")
     parser.add_argument("--memory", nargs=2, metavar=("FORM", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     parts, models = tuple(args.parts.split(",")), tuple(args.models.split(","))
@@ -355,8 +357,8 @@ def main() -> None:
         raise SystemExit("The surge_hf CPU kernel is not available here; nothing to measure.")
     transformers.logging.set_verbosity_error()
     if args.profile:
-        report = profile(args.rounds)
-        (RESULTS / "inference_profile_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = profile(args.rounds, args.minilm)
+        (args.output or RESULTS / "inference_profile_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         return
     output = args.output or RESULTS / ("inference_cpu_quick.json" if args.quick else "inference_cpu.json")
@@ -379,7 +381,7 @@ def main() -> None:
     }
     if "end_to_end" in parts or "memory" in parts:
         with tempfile.TemporaryDirectory() as workdir:
-            folders = save_models(Path(workdir), models)
+            folders = save_models(Path(workdir), models, args.minilm)
             if "end_to_end" in parts:
                 report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
             if "memory" in parts:

@@ -20,6 +20,7 @@ minimum (the run least disturbed by other processes: the figure for a peak) and 
 read the ratios within one run, and the minimum-based ones first.
 
     python benchmarks/popcount_peak.py       # writes benchmarks/results/popcount_peak_cpu.json
+    python benchmarks/popcount_peak.py --threads 1 --output results/<name>.json   # one thread only
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ def with_threads(threads: int, call: Callable[[], object]) -> Callable[[], objec
     return run
 
 
-def measure_peak(module, iterations: int, repeats: int) -> dict:
-    """Word popcounts per second (minimum and median time) of each loop on 1 and 2 threads."""
+def measure_peak(module, iterations: int, repeats: int, thread_counts: tuple[int, ...]) -> dict:
+    """Word popcounts per second (minimum and median time) of each loop on each number of threads."""
     words = iterations * VECTORS * WORDS_PER_VECTOR
     candidates = {f"{kind}_{threads}t": with_threads(threads, lambda kind=kind, threads=threads: module.peak_seconds(
                       iterations, threads, kind == "xor_popcount_add"))
-                  for kind in ("popcount", "xor_popcount_add") for threads in (1, 2)}
+                  for kind in ("popcount", "xor_popcount_add") for threads in thread_counts}
     seconds = timed(candidates, repeats)
     return {name: {"words_per_s_best": words * int(name[-2]) / s["min"],
                    "words_per_s_median": words * int(name[-2]) / s["median"]} for name, s in seconds.items()}
@@ -149,7 +150,7 @@ def measure_fork_join(module, repeats: int) -> dict:
     return {"us_best": 1e6 * min(samples), "us_median": 1e6 * statistics.median(samples)}
 
 
-def measure_gemm(peak: dict, repeats: int, min_seconds: float) -> list[dict]:
+def measure_gemm(peak: dict, repeats: int, min_seconds: float, thread_counts: tuple[int, ...]) -> list[dict]:
     rows = []
     for family, shapes in SHAPES.items():
         for in_features, out_features in shapes:
@@ -168,7 +169,7 @@ def measure_gemm(peak: dict, repeats: int, min_seconds: float) -> list[dict]:
                 calls = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-7)))
                 candidates = {f"{op}_{threads}t": with_threads(threads, lambda call=call: [call() for _ in
                                                                                           range(calls)])
-                              for op, call in ops.items() for threads in (1, 2)}
+                              for op, call in ops.items() for threads in thread_counts}
                 seconds = {name: {key: value / calls for key, value in s.items()}
                            for name, s in timed(candidates, repeats).items()}
                 words = m * out_features * ((in_features + 63) // 64)
@@ -179,15 +180,16 @@ def measure_gemm(peak: dict, repeats: int, min_seconds: float) -> list[dict]:
                     row[f"share_of_popcount_peak_{stat}"] = {
                         name: words / s[key] / peak[f"popcount_{name[-2]}t"][f"words_per_s_{stat}"]
                         for name, s in seconds.items()}
-                    row[f"two_thread_speedup_{stat}"] = {
-                        op: seconds[f"{op}_1t"][key] / seconds[f"{op}_2t"][key] for op in ops}
+                    if {1, 2} <= set(thread_counts):
+                        row[f"two_thread_speedup_{stat}"] = {
+                            op: seconds[f"{op}_1t"][key] / seconds[f"{op}_2t"][key] for op in ops}
                 rows.append(row)
                 print(f"{family} {in_features}x{out_features} M={m}: "
                       + ", ".join(f"{name} {ms:.3f} ms" for name, ms in row["ms_best"].items())
                       + " | peak share (best) " + ", ".join(f"{name} {share:.0%}" for name, share in
                                                               row["share_of_popcount_peak_best"].items())
-                      + " | 2t/1t (best) " + ", ".join(f"{op} {r:.2f}x" for op, r in
-                                                      row["two_thread_speedup_best"].items()), flush=True)
+                      + "".join(f" | 2t/1t (best) {op} {r:.2f}x" for op, r in
+                                row.get("two_thread_speedup_best", {}).items()), flush=True)
     return rows
 
 
@@ -196,14 +198,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=41, help="round-robin rounds per group")
     parser.add_argument("--min_ms", type=float, default=3.0, help="repeat each GEMM call to fill this many ms")
     parser.add_argument("--iterations", type=int, default=20000, help="loop iterations of one peak measurement")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts to measure")
     parser.add_argument("--output", type=Path, default=RESULTS / "popcount_peak_cpu.json")
     args = parser.parse_args()
+    thread_counts = tuple(int(count) for count in args.threads.split(","))
     if not kernels.available() or "avx512_vpopcntdq" not in kernels.supported_isas():
         raise SystemExit("This benchmark needs the surge_hf kernel and an AVX-512 VPOPCNTDQ CPU.")
     threads = torch.get_num_threads()
     module = build_peak()
-    peak = measure_peak(module, args.iterations, args.repeats)
-    fork_join = measure_fork_join(module, args.repeats)
+    peak = measure_peak(module, args.iterations, args.repeats, thread_counts)
+    fork_join = measure_fork_join(module, args.repeats) if 2 in thread_counts else None
     print(json.dumps({"peak": peak, "fork_join": fork_join}, indent=2), flush=True)
     report = {
         "command": " ".join(["python benchmarks/popcount_peak.py", *sys.argv[1:]]),
@@ -213,10 +217,11 @@ def main() -> None:
         "repeats": args.repeats,
         "peak": peak,
         "fork_join_2_threads": fork_join,
-        "gemm": measure_gemm(peak, args.repeats, args.min_ms / 1e3),
+        "gemm": measure_gemm(peak, args.repeats, args.min_ms / 1e3, thread_counts),
     }
-    rate = peak["xor_popcount_add_1t"]["words_per_s_best"]
-    report["popcounts_per_fork_join_best"] = rate * fork_join["us_best"] / 1e6
+    if fork_join and 1 in thread_counts:
+        rate = peak["xor_popcount_add_1t"]["words_per_s_best"]
+        report["popcounts_per_fork_join_best"] = rate * fork_join["us_best"] / 1e6
     torch.set_num_threads(threads)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -66,11 +66,23 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _openmp_flags() -> list[str]:
-    """`-fopenmp` where torch runs its intra-op threads on OpenMP: without it `at::parallel_for` compiles to a plain
-    loop in the extension (ATen's header decides on `_OPENMP`) and every product runs on one thread. The extension
-    then shares torch's OpenMP runtime (`libgomp.so.1`, already loaded by torch) and its `torch.set_num_threads`."""
-    return ["-fopenmp"] if torch.backends.openmp.is_available() and os.name != "nt" else []
+def _load(openmp: bool) -> None:
+    """Compile (or reuse the cached build of) the extension, with `-fopenmp` or without.
+
+    Without it `at::parallel_for` compiles to a plain loop in the extension (ATen's header decides on `_OPENMP`) and
+    every product runs on one thread; with it the extension shares torch's OpenMP runtime (`libgomp.so.1`, already
+    loaded by torch) and follows `torch.set_num_threads`."""
+    from torch.utils.cpp_extension import load
+
+    openmp_flags = ["-fopenmp"] if openmp else []
+    load(
+        name="surge_hf_xnor",
+        sources=[str(_CSRC / source) for source in _SOURCES],
+        extra_cflags=["-O3", "-ffp-contract=off", *openmp_flags],
+        extra_ldflags=openmp_flags,
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def _build() -> bool:
@@ -85,18 +97,14 @@ def _build() -> bool:
         )
         return False
     try:
-        from torch.utils.cpp_extension import load
-
         _ninja_on_path()
-        openmp = _openmp_flags()
-        load(
-            name="surge_hf_xnor",
-            sources=[str(_CSRC / source) for source in _SOURCES],
-            extra_cflags=["-O3", "-ffp-contract=off", *openmp],
-            extra_ldflags=openmp,
-            is_python_module=False,
-            verbose=False,
-        )
+        openmp = torch.backends.openmp.is_available() and os.name != "nt"
+        try:
+            _load(openmp)
+        except Exception:  # noqa: BLE001 - a compiler without OpenMP: one thread per product
+            if not openmp:
+                raise
+            _load(openmp=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the reference path
         warnings.warn(
             f"surge_hf could not build its CPU kernel ({type(error).__name__}: {str(error).strip()[:300]}); packed "
