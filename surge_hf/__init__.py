@@ -27,21 +27,6 @@ __version__ = "0.1.0"
 
 register_auto_classes()
 
-_REMOVED = {
-    "auxiliary_loss": "surge_hf.auxiliary_loss(model) was removed: the auxiliary loss is collected during the forward "
-                      "pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
-                      "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in "
-                      "outputs.loss. See CHANGELOG.md.",
-}
-
-
-def __getattr__(name: str):
-    """Name the replacement of an API removed in the previous release (an `ImportError`, so that
-    `from surge_hf import name` shows the message too)."""
-    if name in _REMOVED:
-        raise ImportError(_REMOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 __all__ = [
     "BinaryConv2d",
     "BinaryLinear",
@@ -81,3 +66,18 @@ __all__ = [
     "surge_layers",
     "unfinalize",
 ]
+
+_REMOVED = {
+    "auxiliary_loss": "surge_hf.auxiliary_loss(model) was removed: the auxiliary loss is collected during the forward "
+                      "pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
+                      "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in "
+                      "outputs.loss. See CHANGELOG.md.",
+}
+
+
+def __getattr__(name: str):
+    """Name the replacement of an API removed in the previous release (an `ImportError`, so that
+    `from surge_hf import name` shows the message too)."""
+    if name in _REMOVED:
+        raise ImportError(_REMOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
