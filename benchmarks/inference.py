@@ -107,7 +107,7 @@ def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, 
                 linear = nn.Linear(in_features, out_features)
                 quantized = int8_dynamic(nn.Sequential(linear))
                 binary = BinaryLinear.from_surge(SurgeLinear.from_float(nn.Linear(in_features, out_features),
-                                                                         SurgeConfig())).eval()
+                                                                        SurgeConfig())).eval()
                 for m in rows:
                     x = torch.randn(m, in_features)
                     with torch.inference_mode():

@@ -278,6 +278,7 @@ def test_calibrate_refuses_a_packed_model():
 
 
 # ------------------------------------------------------------------ 13. strict export, full-graph compile (eval)
+@pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")  # transformers'
 @pytest.mark.parametrize("cls", [*BERT_CLASSES, *VIT_CLASSES], ids=lambda cls: cls.__name__)
 def test_strict_export_and_fullgraph_compile_of_every_surge_model_in_eval_mode(cls):
     model = surge_model(cls, SurgeConfig(aux_loss_weight=0.5)).eval()
