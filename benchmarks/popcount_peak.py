@@ -188,8 +188,8 @@ def measure_gemm(peak: dict, repeats: int, min_seconds: float, thread_counts: tu
                       + ", ".join(f"{name} {ms:.3f} ms" for name, ms in row["ms_best"].items())
                       + " | peak share (best) " + ", ".join(f"{name} {share:.0%}" for name, share in
                                                               row["share_of_popcount_peak_best"].items())
-                      + "".join(f" | 2t/1t (best) {op} {r:.2f}x" for op, r in
-                                row.get("two_thread_speedup_best", {}).items()), flush=True)
+                      + "".join(" | 2t/1t (best) " + ", ".join(f"{op} {r:.2f}x" for op, r in speedups.items())
+                                for speedups in [row.get("two_thread_speedup_best")] if speedups), flush=True)
     return rows
 
 

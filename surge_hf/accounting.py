@@ -26,6 +26,7 @@ from torch import nn
 
 from .deployment import DeploymentReport
 from .embeddings import Int8Embedding
+from .kernels import PackedSigns
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .packing import packed_row_bytes
 
@@ -177,14 +178,13 @@ def _count_macs(model: nn.Module, rows: dict[str, LayerAccount], args: tuple, kw
     counted_types = (nn.Linear, nn.Conv2d) + BINARY_LAYER_TYPES
 
     def hook(name: str):
-        def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        def record(module: nn.Module, inputs, output: torch.Tensor | PackedSigns) -> None:
             if hasattr(module, "kernel_size"):
                 in_channels = module.in_channels // module.groups
                 per_output = in_channels * math.prod(module.kernel_size)
             else:
                 per_output = module.in_features
-            # `shape`, not `numel()`: a packed layer feeding a binarizer returns `kernels.PackedSigns`
-            rows[name].macs = (rows[name].macs or 0) + output.shape.numel() * per_output
+            rows[name].macs = (rows[name].macs or 0) + output.shape.numel() * per_output  # sign outputs too
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()

@@ -33,7 +33,10 @@ activation whose value at an element depends on that element's value alone. ReLU
 on a contiguous float32 tensor of more than one element with oneDNN, elementwise, and otherwise (one element, or
 `torch.backends.mkldnn.enabled = False`) with ATen's kernel, whose vectorised body and scalar tail round differently,
 so that a value depends on its position in the tensor: there the outputs stay float. The table is a contiguous
-`(K + 1, N)` tensor, on oneDNN.
+`(K + 1, N)` tensor, on oneDNN, built at the first forward and again when the scales, bias or thresholds change
+(not when `torch.set_flush_denormal` does: GELU's far left tail is denormal, so keep that mode as it was then).
+A row of the input holding a NaN makes the float path's whole row NaN: the bits carry such rows
+(`PackedSigns.nan_rows`) and the next layer writes NaN there.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ struct Epilogue {
   const float* bias = nullptr;
 };
 
+// 16-bit stores per row of sign outputs of n channels (whole 64-bit words).
+constexpr int64_t sign_chunks_per_row(int64_t n) { return (n + 63) / 64 * 4; }
+
 // bit = (low <= dot <= low + width) xor flip, per output channel (width read as unsigned: an empty interval has
 // low > K, where dot - low wraps to a huge unsigned number).
 struct SignEpilogue {

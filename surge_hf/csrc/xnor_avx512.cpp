@@ -47,7 +47,7 @@ SURGE_XNOR_TARGET static void store_sign_tile(const GemmProblem& p, int64_t row0
                                               const __m512i (&low)[MR], const __m512i (&high)[MR]) {
   const int64_t col0 = panel * kPanelWidth;
   const int64_t cols = std::min<int64_t>(kPanelWidth, p.n - col0);
-  const __mmask16 valid = cols == kPanelWidth ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 valid = static_cast<__mmask16>(cols == kPanelWidth ? 0xFFFFu : (1u << cols) - 1);
   const Epilogue& e = p.epilogue;
   const SignEpilogue& s = p.sign_epilogue;
   __m512 scale = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
@@ -64,7 +64,6 @@ SURGE_XNOR_TARGET static void store_sign_tile(const GemmProblem& p, int64_t row0
     flip = _mm_test_epi8_mask(flips, flips);
   }
   const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(p.k));
-  const int64_t sign_stride = (p.n + 63) / 64 * 4;
   for (int r = 0; r < MR; ++r) {
     const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(low[r])),
                                               _mm512_cvtepi64_epi32(high[r]), 1);
@@ -78,7 +77,7 @@ SURGE_XNOR_TARGET static void store_sign_tile(const GemmProblem& p, int64_t row0
       _mm512_mask_storeu_ps(p.out_float + row * p.n + col0, valid, y);
     } else {
       const __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(dots, bound), width);
-      p.out_signs[row * sign_stride + panel] = static_cast<uint16_t>((inside ^ flip) & valid);
+      p.out_signs[row * sign_chunks_per_row(p.n) + panel] = static_cast<uint16_t>((inside ^ flip) & valid);
     }
   }
 }

@@ -95,7 +95,6 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
   const int32_t k = static_cast<int32_t>(p.k);
   const int planes = p.planes > 0 ? p.planes : 1;
   const Epilogue& e = p.epilogue;
-  const int64_t sign_stride = (p.n + 63) / 64 * 4;  // 16-bit chunks per row of sign outputs
   float scale[kPanelWidth] = {}, bias[kPanelWidth] = {};
   if (p.out_float) {
     for (int64_t l = 0; l < cols; ++l) {
@@ -122,7 +121,7 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
       continue;
     }
     if (p.out_signs) {
-      p.out_signs[out_row * sign_stride + panel] = sign_chunk(p.sign_epilogue, col0, cols, dots);
+      p.out_signs[out_row * sign_chunks_per_row(p.n) + panel] = sign_chunk(p.sign_epilogue, col0, cols, dots);
       continue;
     }
     float y[kPanelWidth];

@@ -49,9 +49,9 @@ const Isa*& active() {
 }
 
 // Work below this many 64-bit XOR-popcounts per thread runs on one thread. On the 2-core AVX-512 machine of
-// benchmarks/results/popcount_peak_cpu.json one fork and join of torch's two OpenMP threads takes 0.66 us at best
-// (its second core free), the time of about 12,000 XOR-popcounts at 18 G/s: a thread gets at least 5x that, so the
-// fork and join costs at most about a sixth of what a second thread saves.
+// benchmarks/results/popcount_peak_cpu.json one fork and join of torch's two OpenMP threads takes 0.69 us at best
+// (0.81 us median, the machine idle), the time of about 12,800 XOR-popcounts at 18.5 G/s: a thread gets at least
+// 5x that, so the fork and join costs at most about a sixth of what a second thread saves.
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 
 int64_t words_per_row(int64_t k) { return (k + 63) / 64; }
