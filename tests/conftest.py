@@ -13,6 +13,8 @@ import pytest
 import torch
 from huggingface_hub import constants
 
+from surge_hf import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +32,19 @@ def hub_login(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a push checks before training (online mode, a token), for tests that fake `HfApi`: nothing is sent."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+
+@pytest.fixture(scope="module")
+def isas() -> list[str]:
+    """The instruction sets the CPU kernel supports here (skips the test where the kernel cannot be built)."""
+    if not kernels.available():
+        pytest.skip("the surge_hf CPU kernel could not be built here")
+    return kernels.supported_isas()
+
+
+def pm1(u: torch.Tensor) -> torch.Tensor:
+    """+1 where `u >= 0`, else -1, as int64 (the sign convention of the binarizers and the kernel)."""
+    return torch.where(u >= 0, 1, -1).to(torch.int64)
 
 
 def load_script(name: str) -> ModuleType:

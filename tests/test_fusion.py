@@ -14,6 +14,7 @@ from torch import nn
 from transformers import BertConfig, ViTConfig
 from transformers.activations import GELUActivation
 
+from conftest import pm1
 from surge_hf import (
     SurgeBertConfig,
     SurgeBertForSequenceClassification,
@@ -31,17 +32,6 @@ from surge_hf.packing import pack_signs
 GELU_MINIMUM = -0.16997120  # about GELU's minimum, at -0.75179
 
 
-@pytest.fixture(scope="module")
-def isas() -> list[str]:
-    if not kernels.available():
-        pytest.skip("the surge_hf CPU kernel could not be built here")
-    return kernels.supported_isas()
-
-
-def _pm1(u: torch.Tensor) -> torch.Tensor:
-    return torch.where(u >= 0, 1, -1).to(torch.int64)
-
-
 def _packed_bits(signs: torch.Tensor) -> torch.Tensor:
     """Words of the kernel's activation layout from +-1 entries `(M, N)` (bits past N are 0)."""
     m, n = signs.shape
@@ -55,7 +45,7 @@ def _packed_bits(signs: torch.Tensor) -> torch.Tensor:
 def test_sign_outputs_are_the_bits_of_the_bounds(isas, m, k, n):
     generator = torch.Generator().manual_seed(0)
     x, weight, threshold = torch.randn(m, k, generator=generator), torch.randn(n, k, generator=generator), None
-    dots = _pm1(x) @ _pm1(weight).T
+    dots = pm1(x) @ pm1(weight).T
     low = torch.randint(-k, k + 3, (n,), generator=generator, dtype=torch.int32)
     width = torch.randint(0, k, (n,), generator=generator, dtype=torch.int32)
     low[:2], width[:2] = dots[0, :2].to(torch.int32), 0  # intervals holding exactly one value of the first row

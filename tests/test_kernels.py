@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
 
+from conftest import pm1
 from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
 from surge_hf.layers import BinaryLayerMixin, BinaryLinear
 from surge_hf.packing import pack_signs
@@ -20,17 +21,6 @@ MINILM = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "all
 
 # (M rows, K inputs, N outputs): M = 1, K and N not multiples of 64 / 16, a K below one word, a partial row block.
 SHAPES = [(1, 384, 384), (3, 65, 17), (9, 100, 33), (17, 64, 16), (8, 1, 1), (2, 200, 40)]
-
-
-@pytest.fixture(scope="module")
-def isas() -> list[str]:
-    if not kernels.available():
-        pytest.skip("the surge_hf CPU kernel could not be built here")
-    return kernels.supported_isas()
-
-
-def _pm1(u: torch.Tensor) -> torch.Tensor:
-    return torch.where(u >= 0, 1, -1).to(torch.int64)
 
 
 def _operands(m: int, k: int, n: int, seed: int = 0):
@@ -61,7 +51,7 @@ def test_xnor_gemm_equals_the_integer_product_of_signs(isas):
                 x, weight, threshold = _operands(m, k, n)
                 panels = kernels.pack_weight_panels(pack_signs(weight), k)
                 dots = kernels.xnor_gemm(kernels.pack_activation_bits(x, threshold), panels, n, k)
-                expected = (_pm1(x - threshold) @ _pm1(weight).T).to(torch.int32)
+                expected = (pm1(x - threshold) @ pm1(weight).T).to(torch.int32)
                 assert dots.dtype == torch.int32 and torch.equal(dots, expected), (isa, m, k, n)
 
 
@@ -98,7 +88,7 @@ def test_code_gemm_equals_the_integer_product_of_codes_and_signs(isas):
                 planes, counts = kernels.pack_activation_codes(x, threshold, 0.21, *levels)
                 dots = kernels.code_gemm(planes, counts, kernels.pack_weight_panels(packed, k),
                                          kernels.weight_row_counts(packed), n, k, *levels)
-                expected = (_codes(x, threshold, 0.21, levels) @ _pm1(weight).T).to(torch.int32)
+                expected = (_codes(x, threshold, 0.21, levels) @ pm1(weight).T).to(torch.int32)
                 assert torch.equal(dots, expected), (isa, m, k, n, levels)
 
 
@@ -106,7 +96,7 @@ def test_binary_linear_scales_after_the_integer_product(isas):
     m, k, n = 5, 100, 33
     x, weight, threshold = _operands(m, k, n)
     alpha, scale, bias = weight.abs().mean(1), torch.tensor([0.37]), torch.randn(n)
-    dots = (_pm1(x - threshold) @ _pm1(weight).T).to(torch.float32)
+    dots = (pm1(x - threshold) @ pm1(weight).T).to(torch.float32)
     panels = kernels.pack_weight_panels(pack_signs(weight), k)
     for isa in isas:
         with kernels.use_isa(isa):
@@ -135,9 +125,9 @@ def test_products_split_over_threads_are_exact(isas, two_threads):
         alpha, bias = weight.abs().mean(1), torch.randn(n)
         packed = pack_signs(weight)
         panels, weight_counts = kernels.pack_weight_panels(packed, k), kernels.weight_row_counts(packed)
-        dots = _pm1(x - threshold) @ _pm1(weight).T
+        dots = pm1(x - threshold) @ pm1(weight).T
         expected = (dots.to(torch.float32) * alpha + bias).index_fill_(0, torch.tensor([m // 2]), float("nan"))
-        codes = _codes(x.nan_to_num(), threshold, 0.21, (-8, 7)) @ _pm1(weight).T
+        codes = _codes(x.nan_to_num(), threshold, 0.21, (-8, 7)) @ pm1(weight).T
         expected_codes = codes.to(torch.float32) * (alpha * 0.21)
         for isa in isas:
             with kernels.use_isa(isa):
