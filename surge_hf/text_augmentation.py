@@ -161,8 +161,13 @@ def augment_dataset(dataset: Any, sentence_keys: Sequence[str], label_key: str, 
     import datasets
 
     rows = dataset.to_dict()
-    words = {part.lower() for key in sentence_keys for text in rows[key] for token in str(text).split()
-             if (part := (_content_word(token) or ("", "", ""))[1])}
+    words = set()
+    for key in sentence_keys:
+        for text in rows[key]:
+            for token in str(text).split():
+                parts = _content_word(token)
+                if parts is not None:
+                    words.add(parts[1].lower())
     neighbours = embedding_neighbours(sorted(words), embeddings, vocab, config.num_neighbours)
     new_rows = augment_rows(rows, sentence_keys, label_key, neighbours, config)
     original = dataset.add_column(AUGMENTED_COLUMN, [False] * len(dataset))
