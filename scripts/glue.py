@@ -11,8 +11,9 @@ the binarization recipe, distillation, output-folder and Hub flags are shared wi
 
 The run trains in stages, each in its own folder of `--output_dir`: the full-precision teacher (`teacher/`, unless
 `--teacher_model_name_or_path` names one or is `none`), one stage per entry of `--activation_bits_schedule` but the
-last (`stage_a{bits}/`), then the final model. Each earlier stage records what made it (`surge_hf.stages`): run
-again, the command reuses its finished stages, continues an interrupted one and refuses a stage of another command.
+last (`stage_a{bits}/`) or of `--weight_planes_schedule` but the last (`stage_w{planes}/`), then the final model.
+Each earlier stage records what made it (`surge_hf.stages`): run again, the command reuses its finished stages,
+continues an interrupted one and refuses a stage of another command.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "trained for --num_train_epochs (or --max_train_steps) at that many activation bits, "
                              "started from the previous stage's model; the last entry is the final model's "
                              "(overrides --activation_bits).")
+    parser.add_argument("--weight_planes_schedule", type=cli.planes_schedule,
+                        help="A weight-axis stage first: 2,1 trains two binary weight planes per weight (a residual "
+                             "2-bit weight, SurgeConfig.weight_planes) for --num_train_epochs (or --max_train_steps), "
+                             "then the 1-bit model from its latent weights for as long again.")
     # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
     # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
@@ -166,6 +171,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError("--augment needs a teacher: the new sentences have no label, the student learns the "
                              "teacher's outputs on them. Pass --teacher_model_name_or_path (auto, the default for a "
                              "binary student, trains one first), or drop --augment.")
+    if args.weight_planes_schedule and args.activation_bits_schedule:
+        raise ValueError("--weight_planes_schedule and --activation_bits_schedule each plan the run's stages: pass "
+                         "one of them (the other axis then keeps its single value, e.g. --activation_bits).")
     if args.teacher_cache_dir is not None:
         if args.teacher_model_name_or_path is None:
             raise ValueError("--teacher_cache_dir caches a teacher's outputs: pass a teacher, or drop the flag.")
@@ -205,15 +213,30 @@ def precision_stage_dir(bits: int) -> str:
     return f"stage_a{bits}"
 
 
-def precision_stage_args(args: argparse.Namespace, bits: int, init: str,
-                         teacher: str | None) -> argparse.Namespace:
-    """One stage of progressive precision: `bits` activation bits, started from `init` and distilled from
-    `teacher`, in its own folder."""
+def planes_stage_dir(planes: int) -> str:
+    """The folder of `--output_dir` that the stage with `planes` binary weight planes writes."""
+    return f"stage_w{planes}"
+
+
+def student_stage_args(args: argparse.Namespace, folder: str, init: str, teacher: str | None,
+                       **recipe: int) -> argparse.Namespace:
+    """One earlier student stage (progressive precision or weight planes): the run's flags with the stage's
+    `recipe` values (`activation_bits=` or `weight_planes=`), started from `init` and distilled from `teacher`, in
+    `output_dir/folder`, without schedules, resume or push of its own."""
     return argparse.Namespace(**{
-        **vars(args), "activation_bits": bits, "model_name_or_path": init, "teacher_model_name_or_path": teacher,
-        "push_to_hub": False, "output_dir": Path(args.output_dir) / precision_stage_dir(bits),
-        "activation_bits_schedule": None, "resume_from_checkpoint": None,
+        **vars(args), **recipe, "model_name_or_path": init, "teacher_model_name_or_path": teacher,
+        "push_to_hub": False, "output_dir": Path(args.output_dir) / folder,
+        "activation_bits_schedule": None, "weight_planes_schedule": None, "resume_from_checkpoint": None,
     })
+
+
+def student_stages(args: argparse.Namespace) -> list[tuple[str, str, dict[str, int]]]:
+    """The run's earlier student stages, in order: (folder, title, recipe values) per schedule entry but the last."""
+    planes = [(planes_stage_dir(n), f"W{n}A{args.activation_bits or 1} two-plane student", {"weight_planes": n})
+              for n in (args.weight_planes_schedule or [])[:-1]]
+    bits = [(precision_stage_dir(b), f"W1A{b} student", {"activation_bits": b})
+            for b in (args.activation_bits_schedule or [])[:-1]]
+    return planes + bits
 
 
 def stage_summary(folder: Path, what: str) -> str:
@@ -270,14 +293,16 @@ def earlier_stages(args: argparse.Namespace) -> list[EarlierStage]:
         stages.append(earlier_stage(teacher_stage_args(args), models, None, "full-precision teacher",
                                     "full-precision teacher, fine-tuned on the task", TEACHER_NOTE))
         init = teacher = str(stages[-1].stage.folder)
-    for bits in (args.activation_bits_schedule or [])[:-1]:
-        stages.append(earlier_stage(precision_stage_args(args, bits, init, teacher), models,
-                                    stages[-1] if stages else None, f"W1A{bits} student", f"W1A{bits} student"))
+    for folder, title, recipe in student_stages(args):
+        stages.append(earlier_stage(student_stage_args(args, folder, init, teacher, **recipe), models,
+                                    stages[-1] if stages else None, title, title))
         init = str(stages[-1].stage.folder / TRAIN_STATE_DIR)
     args.model_name_or_path, args.teacher_model_name_or_path = init, teacher
     args.earlier_stages_digest = record_digest(stages[-1].stage.record) if stages else None
     if args.activation_bits_schedule:
         args.activation_bits = args.activation_bits_schedule[-1]
+    if args.weight_planes_schedule:
+        args.weight_planes = args.weight_planes_schedule[-1]
     cli.recipe_from_args(args)
     return stages
 
@@ -385,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
 def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
     """The folders of `--output_dir` that the run's earlier stages (teacher, precision stages) write."""
     teacher = (TEACHER_DIR,) if args.teacher_model_name_or_path == AUTO_TEACHER else ()
-    return (*teacher, *(precision_stage_dir(bits) for bits in (args.activation_bits_schedule or [])[:-1]))
+    return (*teacher, *(folder for folder, _, _ in student_stages(args)))
 
 
 def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ...] = ()) -> dict:

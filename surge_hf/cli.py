@@ -22,6 +22,7 @@ from .configuration_surge import (
     COMPENSATORS,
     LAMBDA_PLACEMENTS,
     SURROGATES,
+    WEIGHT_PLANES,
     WEIGHT_SCALES,
     SurgeConfig,
 )
@@ -58,20 +59,37 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
 
 
+def _decreasing_schedule(text: str, allowed: tuple[int, ...], what: str, example: str) -> list[int]:
+    """Comma-separated values from `allowed`, strictly decreasing, or `ArgumentTypeError` saying how to write one."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v not in allowed for v in values) or values != sorted(set(values), reverse=True):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a schedule of {what}: give comma-separated values from {', '.join(map(str, allowed))}, "
+            "each lower than the one before (no repeats; train longer with --num_train_epochs instead), e.g. "
+            f"{example}."
+        )
+    return values
+
+
 def bits_schedule(text: str) -> list[int]:
     """`--activation_bits_schedule 8,4,2,1`: activation bits per stage, each from `ACTIVATION_BITS`, strictly
     decreasing (each stage has its own folder, named by its bits, so no entry repeats)."""
-    try:
-        bits = [int(part) for part in text.split(",")]
-    except ValueError:
-        bits = []
-    allowed = ", ".join(map(str, ACTIVATION_BITS))
-    if not bits or any(b not in ACTIVATION_BITS for b in bits) or bits != sorted(set(bits), reverse=True):
+    return _decreasing_schedule(text, ACTIVATION_BITS, "activation bits", "4,2,1")
+
+
+def planes_schedule(text: str) -> list[int]:
+    """`--weight_planes_schedule 2,1`: binary weight planes per stage (`SurgeConfig.weight_planes`), strictly
+    decreasing and ending at 1, the only form that packs to 1 bit."""
+    planes = _decreasing_schedule(text, WEIGHT_PLANES, "weight planes", "2,1")
+    if planes[-1] != 1:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a schedule of activation bits: give comma-separated values from {allowed}, each lower "
-            "than the one before (no repeats; train longer with --num_train_epochs instead), e.g. 4,2,1."
+            f"{text!r} ends at {planes[-1]} weight planes, but the final model must have 1 (it is packed to 1 bit "
+            "per weight): end the schedule with 1, e.g. 2,1."
         )
-    return bits
+    return planes
 
 
 def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
@@ -87,6 +105,8 @@ def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
         value = getattr(args, name)
         if value is not None:
             recipe[name] = value
+    if getattr(args, "weight_planes", None) is not None:  # set per stage by `--weight_planes_schedule`, not a flag
+        recipe["weight_planes"] = args.weight_planes
     recipe["compensator"] = args.binarize
     return SurgeConfig.from_dict(recipe)
 

@@ -23,6 +23,7 @@ AUX_WEIGHTS = ("separate", "shared")
 LAMBDA_PLACEMENTS = ("fork", "previous")
 MODULE_PATTERN_FIELDS = ("target_modules", "exclude_modules", "unsigned_activation_modules")
 ACTIVATION_BITS = (1, 2, 4, 8)
+WEIGHT_PLANES = (1, 2)
 
 # Per-architecture default targets: regular expressions matched (re.fullmatch) against module names.
 # Every Linear inside a transformer block (attention projections and FFN, whatever their names in a
@@ -63,6 +64,10 @@ class SurgeConfig:
         activation_bits: bits k of the layer inputs, one of 1, 2, 4, 8 (W1A{k}). k > 1 quantizes uniformly,
             s * clamp(round((x - tau) / s), -2^(k-1), 2^(k-1) - 1), with a learnable step s and threshold tau
             (needs `activation_binarizer="elastic"`); W1A8 is BinaryBERT's deployment point.
+        weight_planes: binary planes per weight. 1 is the 1-bit weight alpha * sign(W). 2 is a residual two-plane
+            weight alpha_1 s_1 + alpha_2 s_2 (s_1 = sign(W), s_2 = sign(W - alpha_1 s_1), each alpha the
+            `weight_scale` of what its plane binarizes): 2 bits per weight, a training stage that a 1-bit model
+            starts from (`--weight_planes_schedule 2,1`); it cannot be packed. Needs a `weight_scale`.
         unsigned_activation_modules: modules (same matching rules as `target_modules`) whose inputs are
             non-negative, e.g. after ReLU/GELU: their codes are clamp(round((x - tau) / s), 0, 2^k - 1), which for
             k = 1 is BiT's {0, s} binarizer (needs `activation_binarizer="elastic"`).
@@ -100,6 +105,7 @@ class SurgeConfig:
     weight_scale: str = "channel"
     activation_binarizer: str = "elastic"
     activation_bits: int = 1
+    weight_planes: int = 1
     unsigned_activation_modules: str | list[str] | None = None
     learnable_weight_scale: bool = False
     surrogate: str = "clipped_ste"
@@ -145,6 +151,16 @@ class SurgeConfig:
             raise ValueError(
                 f"SurgeConfig.activation_bits={self.activation_bits!r} is not valid; allowed values: "
                 f"{', '.join(map(str, ACTIVATION_BITS))}."
+            )
+        if isinstance(self.weight_planes, bool) or self.weight_planes not in WEIGHT_PLANES:
+            raise ValueError(
+                f"SurgeConfig.weight_planes={self.weight_planes!r} is not valid; allowed values: "
+                f"{', '.join(map(str, WEIGHT_PLANES))}."
+            )
+        if self.weight_planes > 1 and (not self.binarize_weights or self.weight_scale == "none"):
+            raise ValueError(
+                f"SurgeConfig.weight_planes={self.weight_planes} needs binary weights with a scale per plane: set "
+                "binarize_weights=True and weight_scale='channel' or 'tensor', or weight_planes=1."
             )
         uniform = self.activation_bits > 1 or self.unsigned_activation_modules is not None
         if uniform and self.activation_binarizer != "elastic":
@@ -192,6 +208,11 @@ class SurgeConfig:
                 "SurgeConfig.aux_loss_weight > 0 needs an auxiliary branch, but compensator='ste' has none; "
                 "set compensator to 'surge' or 'fixed', or aux_loss_weight to 0."
             )
+
+    @property
+    def packable(self) -> bool:
+        """Whether finalized layers can store the weights as packed 1-bit signs (one weight plane)."""
+        return self.weight_planes == 1
 
     @property
     def has_aux_branch(self) -> bool:

@@ -2,7 +2,8 @@
 
 `export_run` writes into `output_dir`:
 - the deployable model at the top: the packed 1-bit checkpoint for SURGE/STE recipes (the float model for
-  `--binarize none`), with its tokenizer or image processor and the custom-code files of `auto_map`;
+  `--binarize none`, the train form for a two-plane weight stage, which has no 1-bit form), with its tokenizer or
+  image processor and the custom-code files of `auto_map`;
 - `train_state/`: the train-form model (latent weights, auxiliary branches) to continue training from;
 - `all_results.json` (final metrics, bit account, sizes, recipe) and `training_history.json` (logged losses,
   SURGE diagnostics and per-epoch metrics);
@@ -142,10 +143,12 @@ def export_run(
 
     def write_outputs(staging: Path) -> None:
         """Every output, into the empty folder `staging`."""
-        if recipe is None:
-            model.save_pretrained(staging)
-        else:
+        # The deployable form: packed, or the float model, or the train form of a two-plane stage (no 1-bit form).
+        if recipe is not None and recipe.packable:
             model.save_pretrained(staging, packed=True)
+        else:
+            model.save_pretrained(staging)
+        if recipe is not None:
             model.save_pretrained(staging / TRAIN_STATE_DIR)
             preprocessor.save_pretrained(staging / TRAIN_STATE_DIR)
         preprocessor.save_pretrained(staging)

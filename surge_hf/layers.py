@@ -45,6 +45,7 @@ from .packing import pack_signs, packed_row_bytes, unpack_signs
 from .quantizers import (
     ActivationQuantizer,
     ActivationSpec,
+    ResidualWeightCodes,
     WeightSign,
     activation_codes,
     binary_weight,
@@ -100,10 +101,10 @@ def activation_spec(config: SurgeConfig, unsigned_input: bool = False) -> Activa
 
 
 def bit_widths(layer: nn.Module) -> str:
-    """`W1A1`, `W1A8`, `W32A1`, ...: the weight and activation bits of a binary layer."""
+    """`W1A1`, `W1A8`, `W32A1`, `W2A1` (two weight planes), ...: the weight and activation bits of a binary layer."""
     recipe = layer.surge_config
     activation_bits = recipe.activation_bits if recipe.binarize_activations else 32
-    return f"W{1 if recipe.binarize_weights else 32}A{activation_bits}"
+    return f"W{recipe.weight_planes if recipe.binarize_weights else 32}A{activation_bits}"
 
 
 class AuxiliaryGradient(torch.autograd.Function):
@@ -220,9 +221,12 @@ class SurgeLayerMixin(nn.Module):
         return ActivationQuantizer.apply(x, threshold, self.input_scale, self.activation_spec)
 
     def weight_signs(self) -> Tensor:
-        """sign(W) with the clipped straight-through estimator (the latent weight at full precision)."""
+        """sign(W) with the clipped straight-through estimator (the latent weight at full precision; with two
+        weight planes, the codes s_1 + (alpha_2 / alpha_1) s_2 of `quantizers.residual_weight_codes`)."""
         if not self.surge_config.binarize_weights:
             return self.weight
+        if self.surge_config.weight_planes == 2:
+            return ResidualWeightCodes.apply(self.weight, self.surge_config.weight_scale)
         return WeightSign.apply(self.weight)
 
     def weight_alpha(self) -> Tensor | None:

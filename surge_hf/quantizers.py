@@ -162,6 +162,39 @@ class WeightSign(torch.autograd.Function):
         return grad_output * (weight.abs() <= 1).to(grad_output.dtype)
 
 
+def residual_weight_codes(weight: Tensor, mode: str) -> Tensor:
+    """Two binary weight planes, relative to the first plane's scale: `s_1 + (alpha_2 / alpha_1) * s_2`.
+
+    `s_1 = sign(W)`, `alpha_1 = weight_scale(W, mode)`, `R = W - alpha_1 s_1`, `s_2 = sign(R)`,
+    `alpha_2 = weight_scale(R, mode)`, so `alpha_1 * codes = alpha_1 s_1 + alpha_2 s_2` is the residual two-plane
+    approximation of W (ABC-Net, ReBNN). A row whose alpha_1 is 0 (an all-zero row) gets ratio 0.
+    """
+    weight = weight.detach()
+    alpha = weight_scale(weight, mode)
+    signs = sign(weight)
+    residual = weight - alpha * signs
+    ratio = torch.where(alpha > 0, weight_scale(residual, mode) / alpha, torch.zeros_like(alpha))
+    return signs + ratio * sign(residual)
+
+
+class ResidualWeightCodes(torch.autograd.Function):
+    """`residual_weight_codes(W)` with the clipped straight-through estimator of `WeightSign`.
+
+    Forward: `s_1 + (alpha_2 / alpha_1) s_2`. Backward: `dL/dW = dL/dcodes * 1[|W| <= 1]` (the plane ratio is
+    treated as a constant).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mode: str) -> Tensor:
+        ctx.save_for_backward(weight)
+        return residual_weight_codes(weight, mode)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_output * (weight.abs() <= 1).to(grad_output.dtype), None
+
+
 class ActivationQuantizer(torch.autograd.Function):
     """The codes q of `activation_codes` with a surrogate gradient (the value q * s is formed after the product).
 

@@ -24,6 +24,7 @@ from surge_hf import (
     surge_layers,
     unfinalize,
 )
+from surge_hf.quantizers import sign, weight_scale
 
 BERT_TARGETS = [
     f"bert.encoder.layer.{i}.{suffix}"
@@ -413,3 +414,21 @@ def test_binarize_on_meta_then_to_empty_and_load_state_dict_matches_binarize_on_
         assert torch.equal(model.state_dict()[name], tensor), name
     assert torch.equal(model[0].aux_weight, trained[0].weight)
     assert torch.equal(model(x), reference(x))
+
+
+def test_two_plane_layers_compute_their_residual_weight_and_refuse_to_pack() -> None:
+    recipe = SurgeConfig(weight_planes=2, binarize_activations=False, compensator="ste")
+    model = binarize(tiny_bert(), recipe).eval()
+    layer = model.bert.encoder.layer[0].output.dense
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    weight = layer.weight.detach()
+    alpha = weight_scale(weight, "channel")
+    residual = weight - alpha * sign(weight)
+    two_planes = alpha * sign(weight) + weight_scale(residual, "channel") * sign(residual)
+    torch.testing.assert_close(layer(x), x @ two_planes.T + layer.bias, rtol=1e-5, atol=1e-6)
+    assert "W2A32" in repr(layer)
+    message = ("bert.encoder.layer.0.attention.self.query has weight_planes=2: a two-plane (2-bit) training stage "
+               "cannot be packed to 1 bit.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        finalize(model)
+    assert isinstance(layer, SurgeLinear)  # nothing was replaced

@@ -172,6 +172,7 @@ def test_defaults() -> None:
         "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "shortcuts": False, "shortcut_gate_init": 1.0,
         "binarize_attention": False, "attention_alpha_init": 0.05, "version": 1,
         "activation_bits": 1, "unsigned_activation_modules": None, "learnable_weight_scale": False,
+        "weight_planes": 1,
     }
 
 
@@ -200,7 +201,7 @@ def test_from_dict_unknown_keys_list_known_keys() -> None:
         "attention_alpha_init, aux_loss_weight, aux_weight, binarize_activations, binarize_attention, "
         "binarize_weights, compensator, eps, eta, exclude_modules, lambda_placement, learnable_weight_scale, "
         "scale_aux_grad, shortcut_gate_init, shortcuts, surrogate, swish_beta, target_modules, "
-        "unsigned_activation_modules, version, weight_scale. "
+        "unsigned_activation_modules, version, weight_planes, weight_scale. "
         "Remove or rename them."
     )
     with pytest.raises(ValueError, match=_exact(message)):
@@ -276,3 +277,19 @@ def test_module_name_listing_is_truncated() -> None:
     net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])
     with pytest.raises(ValueError, match=re.escape("Module names look like: 0, 1, 2, 3, 4, 5, 6, 7, ...")):
         resolve_targets(net, SurgeConfig(target_modules=["10"]))
+
+
+@pytest.mark.parametrize("planes", [0, 3, True, "2"])
+def test_weight_planes_allowed_values(planes) -> None:
+    with pytest.raises(ValueError, match=_exact(f"SurgeConfig.weight_planes={planes!r} is not valid; allowed values: "
+                                                "1, 2.")):
+        SurgeConfig(weight_planes=planes)
+
+
+@pytest.mark.parametrize("changes", [{"weight_scale": "none"}, {"binarize_weights": False}])
+def test_two_weight_planes_need_binary_weights_with_a_scale(changes: dict) -> None:
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.weight_planes=2 needs binary weights with a scale per "
+                                                "plane: set binarize_weights=True and weight_scale='channel' or "
+                                                "'tensor', or weight_planes=1.")):
+        SurgeConfig(weight_planes=2, **changes)
+    assert SurgeConfig(weight_planes=2).packable is False and SurgeConfig().packable is True

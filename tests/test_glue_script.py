@@ -772,3 +772,44 @@ def test_teacher_cache_is_built_once_and_gives_the_same_run_again(tiny_bert, dat
     assert f"Teacher outputs from the cache {entries[0]}." in capsys.readouterr().out
     with pytest.raises(ValueError, match="add --distill_mask_padding"):
         glue_script.main(run_args(tiny_bert, data_files, tmp_path / "c", *flags[:2], *flags[3:]))
+
+
+def test_weight_planes_schedule_trains_a_two_plane_stage_then_the_packed_one_bit_model(tiny_bert, data_files,
+                                                                                        tmp_path):
+    out = tmp_path / "planes"
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none",
+                                        "--weight_planes_schedule", "2,1"))
+    stage = json.loads((out / "stage_w2" / "all_results.json").read_text())
+    assert stage["recipe"]["weight_planes"] == 2 and stage["completed_steps"] == 4
+    assert results["recipe"]["weight_planes"] == 1 and results["completed_steps"] == 4
+    # the stage has no 1-bit form: its top-level model is the train form, which reloads as it trained
+    two_plane = AutoModelForSequenceClassification.from_pretrained(out / "stage_w2")
+    assert "W2A1" in repr(two_plane.bert.encoder.layer[0].attention.self.query) and not two_plane.is_packed
+    # the final model starts from the stage's latent weights (signs it did not move keep their stage values)
+    def ffn_output_weight(folder: Path) -> torch.Tensor:
+        return AutoModelForSequenceClassification.from_pretrained(folder).bert.encoder.layer[0].output.dense.weight
+
+    stage_weight, final_weight = ffn_output_weight(out / "stage_w2"), ffn_output_weight(out / "train_state")
+    base_weight = ffn_output_weight(tiny_bert)
+    assert (final_weight - stage_weight).abs().max() < (final_weight - base_weight).abs().max()
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    assert packed.is_packed and "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
+    assert not any(path.startswith("stage_") for path in hub.files_to_push(out))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--weight_planes_schedule", "1,2"), "is not a schedule of weight planes"),
+    (("--weight_planes_schedule", "2"), "ends at 2 weight planes"),
+    (("--weight_planes_schedule", "3,1"), "is not a schedule of weight planes"),
+])
+def test_bad_weight_planes_schedule_is_refused_by_the_parser(tiny_bert, data_files, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", *extra))
+    assert message in capsys.readouterr().err
+
+
+def test_two_schedules_at_once_are_refused_before_any_work(tiny_bert, data_files, tmp_path):
+    with pytest.raises(ValueError, match="pass one of them"):
+        glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--weight_planes_schedule", "2,1",
+                                        "--activation_bits_schedule", "2,1"))
+    assert not (tmp_path / "x").exists()

@@ -12,9 +12,11 @@ import torch
 from surge_hf.quantizers import (
     ActivationQuantizer,
     ActivationSpec,
+    ResidualWeightCodes,
     WeightSign,
     activation_codes,
     output_scale,
+    residual_weight_codes,
     sign,
     surrogate_derivative,
     weight_scale,
@@ -277,3 +279,28 @@ def test_weight_scale_of_rebuilt_weight_is_exact(mode: str, shape: tuple[int, ..
     assert alpha.dtype == dtype
     rebuilt = alpha * _ref_sign(weight)
     assert torch.equal(weight_scale(rebuilt, mode), alpha)
+
+
+def test_residual_weight_codes_forward_backward() -> None:
+    # row 0: alpha_1 = 0.5, R = [0.25, 0.25, -0.25, -0.25], alpha_2 = 0.25 -> ratio 0.5
+    # row 1: all zero -> alpha_1 = 0 -> ratio 0, codes = sign(0) = +1
+    # row 2: alpha_1 = 2, R = [1, 1, -1, -1], alpha_2 = 1 -> ratio 0.5; |W| > 1 clips the gradient
+    weight = torch.tensor([[0.75, -0.25, 0.25, -0.75], [0.0, 0.0, 0.0, 0.0], [3.0, -1.0, 1.0, -3.0]])
+    expected = torch.tensor([[1.5, -0.5, 0.5, -1.5], [1.0, 1.0, 1.0, 1.0], [1.5, -0.5, 0.5, -1.5]])
+    assert torch.equal(residual_weight_codes(weight, "channel"), expected)
+    # two planes represent these rows exactly: alpha_1 * codes == W
+    assert torch.equal(weight_scale(weight, "channel") * expected, weight)
+    latent = weight.clone().requires_grad_(True)
+    codes = ResidualWeightCodes.apply(latent, "channel")
+    grad = torch.arange(1.0, 13.0).reshape(3, 4)
+    codes.backward(grad)
+    assert torch.equal(latent.grad, grad * (weight.abs() <= 1))
+
+
+def test_two_planes_approximate_a_gaussian_weight_better_than_one() -> None:
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    alpha = weight_scale(weight, "channel")
+    one_plane = (weight - alpha * sign(weight)).norm() / weight.norm()
+    two_planes = (weight - alpha * residual_weight_codes(weight, "channel")).norm() / weight.norm()
+    # Gaussian rows: 1 - 2/pi of the energy is left by one plane (0.60 relative error), about a third of it by two
+    assert 0.59 < one_plane < 0.61 and two_planes < 0.7 * one_plane
