@@ -145,6 +145,8 @@ TEXT = Task(
                                "--activation_bits", "8"),
         "surge_aug4_mixup_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--augment", "4",
                                   "--embedding_mixup_alpha", "0.4"),
+        # SURGE with a frozen auxiliary weight (no G_a product, no optimizer state for W_a): the cheaper step
+        "surge_frozen_aux_1250": (*_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, *STEPS_1250),
         # the weight axis in the same 1,250 steps: 625 with two binary weight planes, then 625 at one plane from them
         "surge_w2_to_w1_1250": (*_surge("0.1"), *DEFAULT_RECIPE, "--weight_planes_schedule", "2,1",
                                 "--max_train_steps", "625"),
@@ -168,7 +170,7 @@ TEXT = Task(
         # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
         "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
-                                 "surge_aug4_a8_1250", "surge_w2_to_w1_1250"),
+                                 "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),

@@ -35,6 +35,7 @@ RECIPES = {
     "full_precision": None,
     "ste": surge_hf.SurgeConfig(compensator="ste"),
     "surge": surge_hf.SurgeConfig(compensator="surge"),
+    "surge_frozen_aux": surge_hf.SurgeConfig(compensator="surge", aux_weight="frozen"),
     "surge_aux_loss": surge_hf.SurgeConfig(compensator="surge", aux_loss_weight=0.1),
 }
 
@@ -113,7 +114,8 @@ def main() -> None:
     for name, (model, optimizer) in runs.items():
         for _ in range(args.warmup):
             step(model, optimizer, batch, autocast, device)
-        state = sum(p.numel() * p.element_size() * 4 for p in model.parameters())  # weights, grads, 2 moments
+        state = (sum(p.numel() * p.element_size() * 4 for p in model.parameters())  # weights, grads, 2 moments
+                 + sum(b.numel() * b.element_size() for b in model.buffers()))  # a frozen W_a, ...
         if device.type == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()

@@ -167,7 +167,8 @@ def _account(name: str, module: nn.Module) -> LayerAccount | None:
         row.binary_params = math.prod(module.weight_shape)
         row.packed_weight_bytes = module.weight_packed.numel()
         row.scale_params = module.weight_scale.numel()
-    aux = params.pop("aux_weight", None)
+    params.pop("aux_weight", None)
+    aux = getattr(module, "aux_weight", None) if isinstance(module, SURGE_LAYER_TYPES) else None  # or a buffer
     row.training_only_params = 0 if aux is None else aux.numel()
     row.full_precision_params = sum(p.numel() for p in params.values())
     row.binary_macs = recipe is not None and recipe.binarize_weights and recipe.binarize_activations

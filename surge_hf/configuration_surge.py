@@ -19,7 +19,7 @@ COMPENSATORS = ("surge", "fixed", "ste")
 SURROGATES = ("clipped_ste", "identity", "approx_sign", "swish_sign")
 ACTIVATION_BINARIZERS = ("sign", "rsign", "elastic")
 WEIGHT_SCALES = ("channel", "tensor", "none")
-AUX_WEIGHTS = ("separate", "shared")
+AUX_WEIGHTS = ("separate", "shared", "frozen")
 LAMBDA_PLACEMENTS = ("fork", "previous")
 MODULE_PATTERN_FIELDS = ("target_modules", "exclude_modules", "unsigned_activation_modules")
 ACTIVATION_BITS = (1, 2, 4, 8)
@@ -80,7 +80,8 @@ class SurgeConfig:
             it with a constant lam = eta (ablation: no AGS); `"ste"` has no auxiliary branch (plain STE).
         eta: the AGS hyper-parameter in lam = eta * ||g_b|| / (||g_a|| + eps); the constant lam for `"fixed"`.
         aux_weight: `"separate"` gives the auxiliary branch its own weight W_a, initialised as a copy of the latent
-            weight; `"shared"` uses the latent weight itself as W_a.
+            weight; `"shared"` uses the latent weight itself as W_a; `"frozen"` keeps W_a at that copy (a buffer, never
+            trained): the backward pass skips W_a's gradient G_a = g_y^T x and the optimizer holds no state for it.
         lambda_placement: `"fork"` applies lam computed from this step's gradients at an identity fork of the layer
             input; `"previous"` applies lam computed at the previous step (first step: lam = 0).
         scale_aux_grad: multiply the gradient that reaches W_a by lam as well (else W_a gets the unscaled
@@ -202,6 +203,11 @@ class SurgeConfig:
             raise ValueError(
                 f"SurgeConfig.version={self.version!r} is not supported by this surge_hf; it reads version "
                 f"{SURGE_CONFIG_VERSION}. Upgrade surge_hf to load this recipe."
+            )
+        if self.aux_weight == "frozen" and (self.aux_loss_weight > 0 or self.scale_aux_grad):
+            raise ValueError(
+                "SurgeConfig.aux_weight='frozen' never trains W_a, but aux_loss_weight > 0 / scale_aux_grad=True act "
+                "on W_a's training; set aux_weight='separate', or aux_loss_weight=0 and scale_aux_grad=False."
             )
         if self.compensator == "ste" and self.aux_loss_weight > 0:
             raise ValueError(

@@ -113,12 +113,14 @@ class AuxiliaryGradient(torch.autograd.Function):
     Forward: returns `f_b` (a view, the auxiliary term cancels in value).
     Backward: `g_y` goes to `f_b` unchanged; `g_a = J_x(op(x, W_a))^T g_y` goes to the auxiliary input and
     `G_Wa = J_W(op(x, W_a))^T g_y` to `W_a`, both computed by `products` in the dtype of `g_y` (the autocast dtype).
+    A `W_a` without gradient (`aux_weight="frozen"`) skips `G_Wa`, and `x` is then not kept for the backward pass.
     """
 
     @staticmethod
     def forward(ctx, binary_output: Tensor, x_aux: Tensor, aux_weight: Tensor,
                 products: LinearProducts | Conv2dProducts) -> Tensor:
-        ctx.save_for_backward(x_aux, aux_weight)
+        ctx.save_for_backward(x_aux if ctx.needs_input_grad[2] else None, aux_weight)
+        ctx.input_shape, ctx.input_dtype = x_aux.shape, x_aux.dtype
         ctx.products = products
         return binary_output.view_as(binary_output)
 
@@ -128,7 +130,7 @@ class AuxiliaryGradient(torch.autograd.Function):
         dtype = grad_output.dtype
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_x = ctx.products.input_grad(grad_output, aux_weight.to(dtype), x_aux.shape).to(x_aux.dtype)
+            grad_x = ctx.products.input_grad(grad_output, aux_weight.to(dtype), ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = ctx.products.weight_grad(grad_output, x_aux.to(dtype), aux_weight.shape)
             grad_weight = grad_weight.to(aux_weight.dtype)
@@ -169,6 +171,8 @@ class SurgeLayerMixin(nn.Module):
             self.register_parameter("weight_scale", None)
         if config.has_aux_branch and config.aux_weight == "separate":
             self.aux_weight = nn.Parameter(self.weight.detach().clone())
+        elif config.has_aux_branch and config.aux_weight == "frozen":
+            self.register_buffer("aux_weight", self.weight.detach().clone())
         else:
             self.register_parameter("aux_weight", None)
         if config.has_aux_branch and config.lambda_placement == "previous":

@@ -84,7 +84,8 @@ class AdaptiveGradientScaler:
 class DualPathFork(torch.autograd.Function):
     """Identity fork of the layer input (and of the auxiliary weight) into the binary and auxiliary paths.
 
-    Forward: returns `x` twice (views, no copy) and the auxiliary weight `W_a` once.
+    Forward: returns `x` twice (views, no copy) and the auxiliary weight `W_a` once (non-differentiable when `W_a`
+    needs no gradient, so that nothing downstream computes one).
     Backward: receives `g_b` (binary path), `g_a` (auxiliary path) and `G_a` (gradient of `W_a`); returns
     `g_b + lam * g_a` for `x` and `G_a` (or `lam * G_a` when the recipe scales the auxiliary weight's gradient) for
     `W_a`. `lam` is chosen by the scaler from the recipe:
@@ -99,7 +100,10 @@ class DualPathFork(torch.autograd.Function):
         ctx.scaler = scaler
         ctx.previous_lambda = previous_lambda
         ctx.device, ctx.accumulation_dtype = x.device, accumulation_dtype(x.dtype)
-        return x.view_as(x), x.view_as(x), aux_weight.view_as(aux_weight)
+        aux_weight_out = aux_weight.view_as(aux_weight)
+        if not aux_weight.requires_grad:  # a frozen W_a: no gradient G_a is asked for downstream
+            ctx.mark_non_differentiable(aux_weight_out)
+        return x.view_as(x), x.view_as(x), aux_weight_out
 
     @staticmethod
     def backward(ctx, grad_binary: Tensor | None, grad_aux: Tensor | None, grad_aux_weight: Tensor | None):

@@ -26,7 +26,7 @@ def _exact(message: str) -> str:
         ("activation_binarizer", "bisign", "sign, rsign, elastic"),
         ("surrogate", "tanh", "clipped_ste, identity, approx_sign, swish_sign"),
         ("compensator", "dpgc", "surge, fixed, ste"),
-        ("aux_weight", "copy", "separate, shared"),
+        ("aux_weight", "copy", "separate, shared, frozen"),
         ("lambda_placement", "next", "fork, previous"),
     ],
 )
@@ -293,3 +293,12 @@ def test_two_weight_planes_need_binary_weights_with_a_scale(changes: dict) -> No
                                                 "'tensor', or weight_planes=1.")):
         SurgeConfig(weight_planes=2, **changes)
     assert SurgeConfig(weight_planes=2).packable is False and SurgeConfig().packable is True
+
+
+@pytest.mark.parametrize("changes", [{"aux_loss_weight": 0.1}, {"scale_aux_grad": True}])
+def test_frozen_auxiliary_weight_refuses_what_would_train_it(changes: dict) -> None:
+    with pytest.raises(ValueError, match=_exact("SurgeConfig.aux_weight='frozen' never trains W_a, but "
+                                                "aux_loss_weight > 0 / scale_aux_grad=True act on W_a's training; "
+                                                "set aux_weight='separate', or aux_loss_weight=0 and "
+                                                "scale_aux_grad=False.")):
+        SurgeConfig(aux_weight="frozen", **changes)

@@ -12,7 +12,8 @@ The reference (`_reference_step`) recomputes everything with plain torch ops on 
     dW    = alpha * g_Wq * 1[|W| <= 1],  dalpha = sum(g_Wq * sign(W)) (learned alpha),  db = sum(g_y)
     (g_a, G_a) = vjp of op at (x, W_a) with g_y     (W_a = W for aux_weight="shared")
     lam   = eta * ||g_b|| / (||g_a|| + 1e-8)  (surge, fork) | eta (fixed) | lam of the previous step (previous)
-    dx    = g_b + lam * g_a,   dW_a = G_a (* lam when scale_aux_grad), added to dW when W_a is W.
+    dx    = g_b + lam * g_a,   dW_a = G_a (* lam when scale_aux_grad), added to dW when W_a is W,
+                                 none for aux_weight="frozen" (a buffer).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _reference_step(kind: str, params: dict[str, torch.Tensor], cfg: SurgeConfig
     if cfg.compensator == "ste":
         grads["x"] = g_b
     else:
-        W_a = params["aux_weight"] if cfg.aux_weight == "separate" else W
+        W_a = W if cfg.aux_weight == "shared" else params["aux_weight"]
         g_a, G_a = _vjp(kind, x, W_a, g_y)
         norm_b, norm_a = _norm32(g_b), _norm32(g_a)
         current = cfg.eta * norm_b / (norm_a + 1e-8)
@@ -156,7 +157,7 @@ def _reference_step(kind: str, params: dict[str, torch.Tensor], cfg: SurgeConfig
         dWa = G_a * lam if cfg.scale_aux_grad else G_a
         if cfg.aux_weight == "separate":
             grads["aux_weight"] = dWa
-        else:
+        elif cfg.aux_weight == "shared":
             grads["weight"] = grads["weight"] + dWa
         stats = (lam.item(), norm_b.item(), norm_a.item(), current.item())
     return y, grads, stats
@@ -190,6 +191,14 @@ def _make_layer(kind: str, cfg: SurgeConfig, seed: int = 0, unsigned: bool = Fal
         if layer.weight_scale is not None:  # learned alpha, away from mean |W|
             layer.weight_scale.copy_(torch.rand(layer.weight_scale.shape, generator=g) + 0.5)
     return layer
+
+
+def _tensors(layer: SurgeLinear | SurgeConv2d) -> dict[str, torch.Tensor]:
+    """The layer's parameters, and its auxiliary weight also when it is a buffer (`aux_weight="frozen"`)."""
+    tensors = dict(layer.named_parameters())
+    if layer.aux_weight is not None:
+        tensors["aux_weight"] = layer.aux_weight
+    return tensors
 
 
 def _make_input(kind: str, seed: int) -> torch.Tensor:
@@ -238,6 +247,8 @@ MODES = (
      for a, p, s in itertools.product(("separate", "shared"), ("fork", "previous"), (False, True))]
     + [{"compensator": "fixed", "aux_weight": a, "scale_aux_grad": s}
        for a, s in itertools.product(("separate", "shared"), (False, True))]
+    + [{"compensator": c, "aux_weight": "frozen", "lambda_placement": p}
+       for c, p in (("surge", "fork"), ("surge", "previous"), ("fixed", "fork"))]
     + [{"compensator": "fixed", "lambda_placement": "previous"}, {"compensator": "ste"},
        {"compensator": "ste", "aux_weight": "shared", "lambda_placement": "previous"}]
 )
@@ -258,7 +269,7 @@ def test_gradients_match_reference(kind: str, mode: dict, binarizer: str) -> Non
     for step in range(2):  # two steps: "previous" applies 0 first, then the ratio of step one
         x, g_y = _make_input(kind, step), _output_grad(kind, step)
         y, grads = _train_step(layer, x, g_y)
-        y_ref, expected, stats = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y, previous)
+        y_ref, expected, stats = _reference_step(kind, _tensors(layer), cfg, x, g_y, previous)
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
         _assert_grads(grads, expected)
         if stats is None:
@@ -302,7 +313,7 @@ def test_gradients_match_reference_variants(kind: str, variant: dict) -> None:
     layer = _make_layer(kind, cfg)
     x, g_y = _make_input(kind, 0), _output_grad(kind, 0)
     y, grads = _train_step(layer, x, g_y)
-    y_ref, expected, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y, 0.0)
+    y_ref, expected, _ = _reference_step(kind, _tensors(layer), cfg, x, g_y, 0.0)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     _assert_grads(grads, expected)
 
@@ -376,6 +387,9 @@ def test_surge_state_names() -> None:
                                        "previous_lambda"}
     shared = _make_layer("linear", SurgeConfig(aux_weight="shared", activation_binarizer="sign"))
     assert set(shared.state_dict()) == {"weight", "bias"}
+    frozen = _make_layer("linear", SurgeConfig(aux_weight="frozen", activation_binarizer="sign"))
+    assert set(frozen.state_dict()) == {"weight", "bias", "aux_weight"}
+    assert set(dict(frozen.named_parameters())) == {"weight", "bias"}  # W_a is a buffer: no gradient, no optimizer
 
 
 def test_from_float_reuses_parameters_and_copies_aux() -> None:
@@ -447,7 +461,7 @@ def test_forward_bit_exact(kind: str, mode: dict, binarizer: str) -> None:
     y_eval = layer.eval()(x)
     packed = _finalized(layer)
     y_final = packed(x)
-    y_ref, _, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x.detach(), _output_grad(kind, 0), 0.0)
+    y_ref, _, _ = _reference_step(kind, _tensors(layer), cfg, x.detach(), _output_grad(kind, 0), 0.0)
     assert torch.equal(y_train, y_eval)
     assert torch.equal(y_train_no_grad, y_eval)
     assert torch.equal(y_final, y_eval)
@@ -504,6 +518,10 @@ class _ProductCounter(TorchDispatchMode):
         ("linear", SurgeConfig(aux_weight="shared", lambda_placement="previous"), ["aten.mm.default"],
          ["aten.mm.default"] * 4),
         ("linear", SurgeConfig(compensator="ste"), ["aten.mm.default"], ["aten.mm.default"] * 2),
+        # a frozen W_a: no G_a
+        ("linear", SurgeConfig(aux_weight="frozen"), ["aten.mm.default"], ["aten.mm.default"] * 3),
+        ("conv", SurgeConfig(aux_weight="frozen"), ["aten.convolution.default"],
+         ["aten.convolution_backward.default"] * 2),
         # with the auxiliary loss: one more forward product x W_a^T, and its gradient w.r.t. W_a
         ("linear", SurgeConfig(aux_loss_weight=0.5), ["aten.mm.default"] * 2, ["aten.mm.default"] * 5),
         # conv: one convolution_backward for the binary branch (input + weight), one each for g_a and G_a
@@ -555,7 +573,7 @@ def test_auxiliary_loss_value_and_gradient(kind: str, scale_aux_grad: bool) -> N
     torch.testing.assert_close(collected.total(), weight * expected_loss, rtol=1e-6, atol=1e-7)
     ((y * g_y).sum() + collected.total()).backward()
 
-    _, expected, _ = _reference_step(kind, dict(layer.named_parameters()), cfg, x_value, g_y, 0.0)
+    _, expected, _ = _reference_step(kind, _tensors(layer), cfg, x_value, g_y, 0.0)
     # d/dW_a of w * mean((op(x, W_a) - f_b)^2) = vjp of op at (x, W_a) with 2 w (f_a - f_b) / N
     residual = 2 * weight * (f_a - y.detach()) / f_a.numel()
     _, aux_loss_grad = _vjp(kind, x_value, layer.aux_weight.detach(), residual)
@@ -620,7 +638,7 @@ def test_bf16_autocast(kind: str, mode: dict) -> None:
         y.backward(g_y)
         layer.train()
         bounds: dict[str, torch.Tensor] = {}
-        _, expected, stats = _reference_step(kind, dict(layer.named_parameters()), cfg, x_value, g_y.float(),
+        _, expected, stats = _reference_step(kind, _tensors(layer), cfg, x_value, g_y.float(),
                                              previous, bounds)
         actual = {name: p.grad for name, p in layer.named_parameters()} | {"x": x.grad}
         assert set(actual) == set(expected)
@@ -672,7 +690,7 @@ def test_float64_training_matches_the_reference(kind: str, mode: dict) -> None:
     for step in range(2):
         x, g_y = _make_input(kind, step).double(), _output_grad(kind, step).double()
         y, grads = _train_step(layer, x, g_y)
-        y_ref, expected, (lam, _, _, current) = _reference_step(kind, dict(layer.named_parameters()), cfg, x, g_y,
+        y_ref, expected, (lam, _, _, current) = _reference_step(kind, _tensors(layer), cfg, x, g_y,
                                                                 previous)
         assert y.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads.values())
         torch.testing.assert_close(y, y_ref)

@@ -24,7 +24,7 @@ from transformers import (
 
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassification
+from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassification, cli
 from surge_hf.checkpointing import CheckpointError
 from surge_hf.image_data import load_image_classification_data
 from surge_hf.image_processing import ImageCollator
@@ -330,6 +330,24 @@ def test_binary_vit_recipe_sets_defaults_that_flags_override():
     assert (args.shortcuts, args.weight_decay, args.train_teacher) == (False, 0.05, "none")
     args = vit_script.parse_args(["--dataset", "d", "--output_dir", "o", "--config", SIZES])
     assert (args.shortcuts, args.weight_decay, args.train_teacher) == (None, 0.01, "none")
+
+
+def test_binary_vit_recipe_resolves_to_exactly_the_measured_recipe():
+    """The preset is what the ladder measured (benchmarks/accuracy.py, vision suite cpu_ladder): a change of a
+    library default must not move it."""
+    args = vit_script.parse_args(["--dataset", "d", "--output_dir", "o", "--config", SIZES, "--recipe", "binary-vit"])
+    assert cli.recipe_from_args(args).to_dict() == {
+        "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
+        "weight_scale": "channel", "activation_binarizer": "rsign", "activation_bits": 1, "weight_planes": 1,
+        "unsigned_activation_modules": None, "learnable_weight_scale": False, "surrogate": "clipped_ste",
+        "swish_beta": 5.0, "compensator": "surge", "eta": 0.5, "aux_weight": "separate", "lambda_placement": "fork",
+        "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-8, "shortcuts": True, "shortcut_gate_init": 1.0,
+        "binarize_attention": False, "attention_alpha_init": 0.05, "version": 1,
+    }
+    training = cli.training_config_from_args(args)
+    assert (training.calibrate_activations, training.weight_decay, training.lr_scheduler_type, training.learning_rate,
+            args.distill_logits_weight, args.distill_label_weight, args.train_teacher) == (
+        False, 0.0, "cosine", 1e-3, 1.0, 0.0, "resnet")
 
 
 def test_two_cpu_processes_with_accelerate_launch(disk_data, tmp_path):
