@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,16 @@ from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
 from surge_hf.output_dir import check_output_dir, is_main_process, locked_output_dir
-from surge_hf.stages import Stage, StageAction, content_digest, record_digest, stage_record
+from surge_hf.stages import (
+    PlannedStage,
+    Stage,
+    StageAction,
+    content_digest,
+    plan_stages,
+    record_digest,
+    run_stages,
+    stage_record,
+)
 from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
 from surge_hf.text_data import LABEL_COLUMN, load_text_data, preprocess
@@ -247,18 +256,6 @@ def stage_summary(folder: Path, what: str) -> str:
             f"{metrics}")
 
 
-@dataclass
-class EarlierStage:
-    """A stage that runs before the final one: its folder and record (`surge_hf.stages.Stage`), its flags, its
-    model-card label, a note printed when it trains, and what this run does with it (`plan_stages`)."""
-
-    stage: Stage
-    args: argparse.Namespace
-    card_label: str
-    note: str = ""
-    action: StageAction = StageAction.START
-
-
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The data flags a run's checkpoints and stage records hold (they change what it computes), with the content
     digest of the data files (or the GLUE task's name)."""
@@ -271,24 +268,36 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
             "teacher_cache": args.teacher_cache_dir is not None}
 
 
-def earlier_stage(stage_args: argparse.Namespace, models: tuple[str, str | None], previous: EarlierStage | None,
-                  title: str, card_label: str, note: str = "") -> EarlierStage:
+def earlier_stage(stage_args: argparse.Namespace, models: tuple[str, str | None], previous: PlannedStage | None,
+                  title: str, card_label: str, note: str = "") -> PlannedStage:
     """An earlier stage from its flags, recorded (`surge_hf.stages.stage_record`) with the run's `models` (base
     model, and the teacher given by the user, if any), its settings and the record of the stage before it."""
     settings = cli.run_settings(stage_args, "glue", cli.recipe_from_args(stage_args), **data_settings(stage_args))
     record = stage_record(models[0], settings, None if previous is None else previous.stage.record, models[1])
-    return EarlierStage(Stage(Path(stage_args.output_dir), title, record), stage_args, card_label, note)
+    amount = (f"{stage_args.max_train_steps} steps" if stage_args.max_train_steps
+              else f"{stage_args.num_train_epochs} epoch(s)")
+    return PlannedStage(Stage(Path(stage_args.output_dir), title, record),
+                        functools.partial(train_earlier_stage, stage_args),
+                        f"{amount} at learning rate {stage_args.learning_rate:g}", card_label, note)
 
 
-def earlier_stages(args: argparse.Namespace) -> list[EarlierStage]:
-    """The run's earlier stages in order (the teacher stage, then every precision stage but the last), each started
-    from the one before; then `args` is pointed at the last of them (the final stage's initialisation, teacher and
-    activation bits; its checkpoints store the digest of the last stage's record, so that it resumes only on the
-    same stages). Every stage's flags are validated here, before any work."""
+def train_earlier_stage(stage_args: argparse.Namespace, action: StageAction) -> None:
+    """Train an earlier stage into its own folder (just emptied for `START`), or continue it from its latest
+    checkpoint (`RESUME`)."""
+    stage_args.resume_from_checkpoint = "latest" if action is StageAction.RESUME else None
+    stage_args.overwrite_output_dir = action is StageAction.START
+    run(stage_args, final=False)
+
+
+def earlier_stages(args: argparse.Namespace) -> list[PlannedStage]:
+    """The run's earlier stages in order (the teacher stage, then every weight-planes or precision stage but the
+    last), each started from the one before; then `args` is pointed at the last of them (the final stage's
+    initialisation, teacher, activation bits and weight planes; its checkpoints store the digest of the last stage's
+    record, so that it resumes only on the same stages). Every stage's flags are validated here, before any work."""
     init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
     # The user's teacher is recorded as a model; the teacher stage is recorded as the first stage.
     models = (args.model_name_or_path, None if teacher == AUTO_TEACHER else teacher)
-    stages: list[EarlierStage] = []
+    stages: list[PlannedStage] = []
     if teacher == AUTO_TEACHER:
         stages.append(earlier_stage(teacher_stage_args(args), models, None, "full-precision teacher",
                                     "full-precision teacher, fine-tuned on the task", TEACHER_NOTE))
@@ -307,40 +316,25 @@ def earlier_stages(args: argparse.Namespace) -> list[EarlierStage]:
     return stages
 
 
-def plan_stages(args: argparse.Namespace, stages: list[EarlierStage]) -> None:
-    """Decide, before any work, what to do with each earlier stage (`surge_hf.stages`: reuse, resume, start; a
-    folder of another command is an error). An interrupted earlier stage continues from its latest checkpoint with
-    or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has no checkpoint
-    yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
-    for stage in stages:
-        stage.action = stage.stage.plan(overwrite=args.overwrite_output_dir)
-    unfinished = [stage.stage for stage in stages if stage.action is not StageAction.REUSE]
+def plan_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
+    """Decide, before any work, what to do with each earlier stage (`surge_hf.stages.plan_stages`: reuse, resume,
+    start; a folder of another command is an error). An interrupted earlier stage continues from its latest checkpoint
+    with or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has no
+    checkpoint yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
+    plan_stages(stages, overwrite=args.overwrite_output_dir)
+    unfinished = [planned.stage for planned in stages if planned.action is not StageAction.REUSE]
     if unfinished and args.resume_from_checkpoint == "latest" and latest_checkpoint(args.output_dir) is None:
         print(f"--resume_from_checkpoint latest: the run stopped before the final stage; the {unfinished[0].title} "
               f"stage in {unfinished[0].folder} runs first, then the final stage starts from the beginning.")
         args.resume_from_checkpoint = None
 
 
-def run_earlier_stages(args: argparse.Namespace, stages: list[EarlierStage]) -> None:
-    """Reuse, continue or train each earlier stage as planned, adding its line to the model card's stages."""
+def run_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
+    """Reuse, continue or train each earlier stage as planned (`surge_hf.stages.run_stages`), adding its line to the
+    model card's stages."""
     total = len(stages) + 1
-    for number, earlier in enumerate(stages, 1):
-        stage, stage_args = earlier.stage, earlier.args
-        where = f"Stage {number} of {total}"
-        if earlier.action is StageAction.REUSE:
-            print(f"{where}: reusing the {stage.title} in {stage.folder} (made by this command: same model, data "
-                  "and settings).")
-        else:
-            amount = (f"{stage_args.max_train_steps} steps" if stage_args.max_train_steps
-                      else f"{stage_args.num_train_epochs} epoch(s)")
-            doing = ("continuing the interrupted" if earlier.action is StageAction.RESUME else "training the")
-            print(f"{where}: {doing} {stage.title} in {stage.folder}: {amount} at learning rate "
-                  f"{stage_args.learning_rate:g}.{earlier.note}")
-            stage_args.resume_from_checkpoint = "latest" if earlier.action is StageAction.RESUME else None
-            stage_args.overwrite_output_dir = earlier.action is StageAction.START  # its own folder, just emptied
-            with stage.running(earlier.action, main_process=is_main_process()):
-                run(stage_args, final=False)
-        args.stages.append(stage_summary(stage.folder, earlier.card_label))
+    run_stages(stages, total=total, main_process=is_main_process(),
+               finished=lambda planned: args.stages.append(stage_summary(planned.stage.folder, planned.label)))
     if stages:
         print(f"Stage {total} of {total}: the final model into {args.output_dir}, initialised from "
               f"{args.model_name_or_path}" + (f" and distilled from {args.teacher_model_name_or_path}."
@@ -402,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
                      resume=args.resume_from_checkpoint is not None, own_folders=own_folders)
     with locked_output_dir(args.output_dir):
         stages = earlier_stages(args)
-        plan_stages(args, stages)
+        plan_earlier_stages(args, stages)
         run_earlier_stages(args, stages)
         return run(args, own_folders=own_folders)
 

@@ -55,7 +55,7 @@ from surge_hf.image_transforms import AugmentConfig
 from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
 from surge_hf.output_dir import locked_output_dir
-from surge_hf.stages import Stage, StageAction, content_digest, stage_record
+from surge_hf.stages import PlannedStage, Stage, StageAction, content_digest, plan_stages, run_stages, stage_record
 from surge_hf.training import TrainingConfig, build_accelerator, train
 
 # ViTConfig fields that the data decides (and that --config must not set).
@@ -127,6 +127,8 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
 }
 TEACHER_ARCHITECTURES = ("resnet", "none")
 TEACHER_DIR = "teacher"
+TEACHER_NOTE = (" Bound it with --teacher_num_train_epochs N, or skip it with --train_teacher none (no teacher) or "
+                "--teacher_model_name_or_path PATH.")
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
@@ -172,40 +174,38 @@ def teacher_training_config(args: argparse.Namespace, config: TrainingConfig) ->
         checkpointing_steps=None, resume_from_checkpoint=None, calibrate_activations=False)
 
 
-def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> tuple[Stage, StageAction]:
-    """The `--train_teacher` stage and what to do with it (reuse a finished teacher that this command made, train it
-    otherwise; `surge_hf.stages`), decided before any work."""
+def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> PlannedStage:
+    """The `--train_teacher` stage, planned before any work (reuse a finished teacher that this command made, train it
+    otherwise; `surge_hf.stages`). What trains it is set once the data is loaded (`train_teacher`)."""
     teacher_config = teacher_training_config(args, config)
     settings = teacher_config.run_settings({"script": "vit", "teacher": args.train_teacher, **data_settings(args)})
     stage = Stage(Path(teacher_config.output_dir), f"{args.train_teacher} teacher", stage_record(None, settings, None))
-    return stage, stage.plan(overwrite=args.overwrite_output_dir)
+    planned = PlannedStage(stage, None, f"{teacher_config.num_train_epochs} epoch(s) at learning rate "
+                                        f"{teacher_config.learning_rate:g}", f"{args.train_teacher} teacher",
+                           TEACHER_NOTE)
+    plan_stages([planned], overwrite=args.overwrite_output_dir)
+    return planned
 
 
 def train_teacher(args: argparse.Namespace, accelerator, config: TrainingConfig, info: ImageDataInfo,
                   loaders: dict[str, DataLoader], on_epoch_start, processor, stage: Stage,
-                  action: StageAction) -> Path:
-    """Train the `--train_teacher` model on the student's data and inputs; save it (with the student's image
-    `processor`, and its metrics in all_results.json) to the folder of `stage`. A finished teacher of this command
-    there (`action` REUSE) is reused."""
-    if action is StageAction.REUSE:
-        accelerator.print(f"Reusing the teacher in {stage.folder} (made by this command: same data and settings).")
-        return stage.folder
-    teacher_config = teacher_training_config(args, config)
-    accelerator.print(f"Training the {stage.title} into {stage.folder}: {teacher_config.num_train_epochs} epoch(s) at "
-                      f"learning rate {teacher_config.learning_rate:g}. Bound it with --teacher_num_train_epochs N, "
-                      "or skip it with --train_teacher none (no teacher) or --teacher_model_name_or_path PATH.")
-    with stage.running(action, main_process=accelerator.is_main_process):
-        accelerator.wait_for_everyone()
-        teacher = ResNetForImageClassification(small_resnet_config(info))
-        result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]}, teacher_config,
-                       functools.partial(compute_metrics, "classification"), on_epoch_start=on_epoch_start)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(teacher).save_pretrained(stage.folder)
-            processor.save_pretrained(stage.folder)
-            (stage.folder / "all_results.json").write_text(json.dumps(
-                {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
-        accelerator.wait_for_everyone()
-    return stage.folder
+                  action: StageAction) -> None:
+    """Train the `--train_teacher` model on the student's data and inputs (an interrupted teacher, which writes no
+    checkpoint, is trained again); save it, with the student's image `processor` and its metrics in
+    all_results.json, to the folder of `stage`."""
+    accelerator.wait_for_everyone()
+    teacher = ResNetForImageClassification(small_resnet_config(info))
+    result = train(accelerator, teacher, loaders["train"], {"validation": loaders["eval"]},
+                   teacher_training_config(args, config), functools.partial(compute_metrics, "classification"),
+                   on_epoch_start=on_epoch_start)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(teacher).save_pretrained(stage.folder)
+        processor.save_pretrained(stage.folder)
+        (stage.folder / "all_results.json").write_text(json.dumps(
+            {"eval": result.metrics, "completed_steps": result.completed_steps}, indent=2))
+    accelerator.wait_for_everyone()
+
+
 # -- end of the binary-ViT block ---------------------------------------------------------------------------------------
 
 
@@ -431,9 +431,14 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                                    num_workers=args.dataloader_num_workers)}
 
     if teacher_plan is not None:
-        args.teacher_model_name_or_path = str(train_teacher(args, accelerator, config, info, loaders(),
-                                                            train_collator.set_epoch,
-                                                            build_image_processor(info, mean, std), *teacher_plan))
+        train_stage = functools.partial(train_teacher, args, accelerator, config, info, loaders(),
+                                        train_collator.set_epoch, build_image_processor(info, mean, std),
+                                        teacher_plan.stage)
+        run_stages([dataclasses.replace(teacher_plan, train=train_stage)], total=2,
+                   main_process=accelerator.is_main_process, log=accelerator.print)
+        args.teacher_model_name_or_path = str(teacher_plan.stage.folder)
+        accelerator.print(f"Stage 2 of 2: the student into {args.output_dir}, distilled from "
+                          f"{args.teacher_model_name_or_path}.")
     teacher = None
     if distillation is not None:
         teacher = load_image_teacher(args.teacher_model_name_or_path, info, mean, std)

@@ -13,6 +13,9 @@ any work, every stage is planned (`Stage.plan`) from what its folder holds:
   (`RESUME`), or is trained again from the start when it wrote none (`START`);
 - anything else (another record, or files and no record): `StageError`, naming each difference and the fix; with
   `overwrite` (`--overwrite_output_dir`) the stage is trained again from the start instead.
+
+Both scripts plan and run their earlier stages with the same runner (`PlannedStage`, `plan_stages`, `run_stages`):
+every stage is planned before any of them runs, and each is reused, continued or trained with the same messages.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +204,49 @@ class Stage:
             if self.folder.is_dir() and [entry.name for entry in self.folder.iterdir()] == [STAGE_FILE]:
                 shutil.rmtree(self.folder)
             raise
+
+
+@dataclass
+class PlannedStage:
+    """An earlier stage with what trains it.
+
+    `train(action)` trains (`START`) or continues (`RESUME`) it into its folder; a script that needs its data loaded
+    first plans the stage with `train=None` and sets it (`dataclasses.replace`) before `run_stages`. `amount` says how
+    long it trains ("4 steps at learning rate 0.001") and `note` is printed after that; `label` names the stage on the
+    final model's card; `action` is what this run does with it, set by `plan_stages`.
+    """
+
+    stage: Stage
+    train: Callable[[StageAction], None] | None
+    amount: str
+    label: str
+    note: str = ""
+    action: StageAction = StageAction.START
+
+
+def plan_stages(stages: list[PlannedStage], *, overwrite: bool = False) -> None:
+    """Decide what to do with every stage (`Stage.plan`) before any of them runs: a folder of another command is
+    refused before any work."""
+    for planned in stages:
+        planned.action = planned.stage.plan(overwrite=overwrite)
+
+
+def run_stages(stages: list[PlannedStage], *, total: int, main_process: bool = True,
+               log: Callable[[str], None] = print, finished: Callable[[PlannedStage], None] | None = None) -> None:
+    """Reuse, continue or train each planned stage in order (stage `n` of `total`, the final model being the last),
+    each training inside `Stage.running`; `finished(stage)` is called after each one, reused or trained."""
+    for number, planned in enumerate(stages, 1):
+        stage = planned.stage
+        where = f"Stage {number} of {total}"
+        if planned.action is StageAction.REUSE:
+            log(f"{where}: reusing the {stage.title} in {stage.folder} (made by this command: same model, data and "
+                "settings).")
+        else:
+            doing = "continuing the interrupted" if planned.action is StageAction.RESUME else "training the"
+            log(f"{where}: {doing} {stage.title} in {stage.folder}: {planned.amount}.{planned.note}")
+            if planned.train is None:
+                raise ValueError(f"The {stage.title} stage was planned without what trains it: set its `train`.")
+            with stage.running(planned.action, main_process=main_process):
+                planned.train(planned.action)
+        if finished is not None:
+            finished(planned)
