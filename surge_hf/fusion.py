@@ -54,6 +54,8 @@ from .kernels import PackedSigns
 from .layers import BinaryLinear, tensor_state
 from .quantizers import output_scale
 
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # a constant of the torch build (a constant to tracing too)
+
 
 @dataclass(frozen=True)
 class FeedForwardPattern:
@@ -129,14 +131,21 @@ class SignOutput:
         self._bounds: tuple[Tensor, Tensor, Tensor] | None = None
 
     def bounds(self, producer: BinaryLinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The bounds for `producer(x)` (on the kernel), or None where its output must stay float (module docstring)."""
+        """The bounds for `producer(x)` (on the kernel), or None where its output must stay float (module docstring).
+
+        Traced (`torch.compile`, `torch.export`), the bounds the last eager call built are taken as they are (tracing
+        cannot read the tensors' state), None before any; oneDNN's switch is not read there (`torch.export` turns it
+        off while it traces), since an eager call builds the bounds only with oneDNN on."""
         consumer = self.consumer
+        tracing = torch.compiler.is_compiling()
+        onednn = tracing or (_ONEDNN_BUILT and torch.backends.mkldnn.enabled)
         elementwise = not self._needs_onednn or (
-            torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and x.numel() // producer.in_features * producer.out_features > 1)
+            onednn and x.numel() // producer.in_features * producer.out_features > 1)
         if (not elementwise or consumer.weight_scale.dtype != torch.float32
                 or _records_gradients(producer) or _records_gradients(consumer)):
             return None
+        if tracing:
+            return self._bounds
         key = tensor_state(producer.weight_scale, producer.input_scale, producer.bias, consumer.input_threshold)
         if key != self._key:
             self._bounds = sign_output_bounds(producer, self.activation, consumer)

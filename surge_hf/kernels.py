@@ -22,6 +22,10 @@ threads taking blocks from a shared counter. Where it cannot be built (no C++ co
 use the reference path and one warning says why. `SURGE_HF_DISABLE_KERNELS=1` (or true, yes, on) or
 `set_enabled(False)` turns the kernel off.
 
+Tracing: the operators (`torch.ops.surge_hf.*`, defined by the extension) get fake kernels when it is built, which
+give their outputs' shapes and dtypes without computing them, so `torch.compile` and `torch.export` keep each call as
+one node of the graph (an exported program needs `available()` to have registered them before it runs).
+
 Sign outputs: where a layer's float output is only binarized by the next layer, `next(sign(g(y_j) - tau_j))` with an
 elementwise activation `g` and the next layer's thresholds tau, the bit of channel `j` is a function of the integer
 dot product `d = sign(x - tau') . sign(W_j)` alone, since `y_j = float(d) * (alpha_j * s) + b_j`. `d` takes the
@@ -114,6 +118,7 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
+    _register_fakes()
     return True
 
 
@@ -300,3 +305,82 @@ def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: 
 
 def _contiguous(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach().contiguous()
+
+
+# -- fake kernels: the operators' output shapes and dtypes, for tracing (torch.compile, torch.export) ----------------
+def _words(columns: int) -> int:
+    return (columns + 63) // 64
+
+
+def _code_planes(q_min: int, q_max: int) -> int:
+    return {2: 1, 4: 2, 16: 4, 256: 8}[q_max - q_min + 1]
+
+
+def _fake_pack_weight_panels(packed: Tensor, k: int) -> Tensor:
+    return packed.new_empty(((packed.shape[0] + 15) // 16, _words(k), 16), dtype=torch.int64)
+
+
+def _fake_pack_activation_bits(x: Tensor, threshold: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], _words(x.shape[1])), dtype=torch.int64)
+
+
+def _fake_weight_row_counts(packed: Tensor) -> Tensor:
+    return packed.new_empty((packed.shape[0],), dtype=torch.int32)
+
+
+def _fake_pack_activation_codes(x: Tensor, threshold: Tensor | None, step: float, q_min: int, q_max: int
+                                ) -> tuple[Tensor, Tensor]:
+    rows = x.shape[0] * _code_planes(q_min, q_max)
+    return x.new_empty((rows, _words(x.shape[1])), dtype=torch.int64), x.new_empty((rows,), dtype=torch.int32)
+
+
+def _fake_xnor_gemm(bits: Tensor, panels: Tensor, n: int, k: int) -> Tensor:
+    return bits.new_empty((bits.shape[0], n), dtype=torch.int32)
+
+
+def _fake_code_gemm(planes: Tensor, plane_counts: Tensor, panels: Tensor, weight_counts: Tensor, n: int, k: int,
+                    q_min: int, q_max: int) -> Tensor:
+    return planes.new_empty((planes.shape[0] // _code_planes(q_min, q_max), n), dtype=torch.int32)
+
+
+def _fake_binary_linear(x: Tensor, threshold: Tensor | None, panels: Tensor, n: int, alpha: Tensor,
+                        input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def _fake_binary_linear_from_signs(bits: Tensor, nan_rows: Tensor, panels: Tensor, n: int, k: int, alpha: Tensor,
+                                   input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return bits.new_empty((bits.shape[0], n), dtype=torch.float32)
+
+
+def _fake_binary_linear_signs(x: Tensor, threshold: Tensor | None, panels: Tensor, n: int, low: Tensor, width: Tensor,
+                              flip: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty((x.shape[0], _words(n)), dtype=torch.int64), x.new_empty((x.shape[0],), dtype=torch.uint8)
+
+
+def _fake_quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, q_min: int, q_max: int, panels: Tensor,
+                           weight_counts: Tensor, n: int, alpha: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+_FAKES = {
+    "pack_weight_panels": _fake_pack_weight_panels,
+    "pack_activation_bits": _fake_pack_activation_bits,
+    "weight_row_counts": _fake_weight_row_counts,
+    "pack_activation_codes": _fake_pack_activation_codes,
+    "xnor_gemm": _fake_xnor_gemm,
+    "code_gemm": _fake_code_gemm,
+    "binary_linear": _fake_binary_linear,
+    "binary_linear_from_signs": _fake_binary_linear_from_signs,
+    "binary_linear_signs": _fake_binary_linear_signs,
+    "quantized_linear": _fake_quantized_linear,
+}
+
+
+def _register_fakes() -> None:
+    """Give every tensor operator of the built extension its fake kernel (`torch.library.register_fake`): tracing
+    runs it on FakeTensors to learn the output's shape and dtype, so `torch.compile` and `torch.export` keep the
+    operator as one node of the graph. The extension names this module as the home of its fakes
+    (`set_python_module`)."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"surge_hf::{name}", fake)

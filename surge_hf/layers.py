@@ -566,14 +566,14 @@ class BinaryLinear(BinaryLayerMixin):
     def uses_kernel(self, x: Tensor) -> bool:
         """Binary weights and activations (sign, k-bit or unsigned codes) on float32 CPU inputs, when the kernel is
         built and enabled (see `surge_hf.kernels`); not under CPU autocast (the reference path computes in its
-        dtype) nor under `torch.compile` (which compiles the reference path). Codes other than signs only without
-        gradients (the kernel has none for their step)."""
+        dtype). Codes other than signs only without gradients (the kernel has none for their step). Traced by
+        `torch.compile` or `torch.export`, the kernel's operators become nodes of the graph."""
         recipe = self.surge_config
         return (
             recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
             and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
             and (self.activation_spec.is_sign or not torch.is_grad_enabled())
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and kernels_available()
+            and not torch.is_autocast_enabled("cpu") and kernels_available()
         )
 
     def forward(self, x: Tensor | PackedSigns) -> Tensor | PackedSigns:
@@ -598,13 +598,20 @@ class BinaryLinear(BinaryLayerMixin):
 
     def weight_panels(self) -> tuple[Tensor, Tensor]:
         """The packed weight in the kernel's panel layout and the +1 count of each row, rebuilt when
-        `weight_packed` is replaced or changed."""
+        `weight_packed` is replaced or changed.
+
+        Traced (`torch.compile`, `torch.export`), where a tensor's storage cannot be read, the ones the last eager
+        call built are taken as they are, or, before any eager call, computed in the graph on every call."""
+        if torch.compiler.is_compiling():
+            return getattr(self, "_panels", None) or self._pack_panels()
         key = tensor_state(self.weight_packed)
         if self.__dict__.get("_panels_key") != key:
-            packed = self.weight_packed
-            self._panels = pack_weight_panels(packed, self.in_features), weight_row_counts(packed)
+            self._panels = self._pack_panels()
             self._panels_key = key
         return self._panels
+
+    def _pack_panels(self) -> tuple[Tensor, Tensor]:
+        return pack_weight_panels(self.weight_packed, self.in_features), weight_row_counts(self.weight_packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

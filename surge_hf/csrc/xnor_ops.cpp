@@ -449,6 +449,7 @@ std::string set_isa(const std::string& name) {
 }  // namespace surge_xnor
 
 TORCH_LIBRARY(surge_hf, m) {
+  m.set_python_module("surge_hf.kernels");  // the fake (shape-only) kernels that tracing uses are registered there
   m.def("pack_weight_panels(Tensor packed, int k) -> Tensor");
   m.def("pack_activation_bits(Tensor x, Tensor? threshold) -> Tensor");
   m.def("weight_row_counts(Tensor packed) -> Tensor");
