@@ -96,7 +96,7 @@ def test_quantize_embeddings_errors():
     trainable = SurgeBertForSequenceClassification(model.config.__class__.from_base_config(model.config))
     with pytest.raises(ValueError, match=re.escape(
             "quantize_embeddings() applies to a packed (inference) model: this one has trainable SURGE layers, which "
-            "would train around frozen int8 tables, and its train-form checkpoint would not load them. Call "
+            "would train around frozen quantized tables, and its train-form checkpoint would not load them. Call "
             "model.finalize() (surge_hf.finalize(model)) first.")):
         trainable.quantize_embeddings()
     tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
