@@ -92,7 +92,7 @@ def check_group_size(group_size: object, embedding_dim: int | None = None, name:
         divisor = max(d for d in range(1, group_size + 1) if embedding_dim % d == 0)
         table = "" if name is None else f" of the embedding {name!r}"
         raise ValueError(f"group_size={group_size} does not divide the width {embedding_dim}{table}; pass a divisor "
-                         f"of {embedding_dim} (e.g. {divisor}), or group_size={embedding_dim} for one scale per row.")
+                         f"of {embedding_dim}, e.g. {divisor} (group_size={embedding_dim} is one scale per row).")
 
 
 class QuantizedEmbedding(nn.Module):
