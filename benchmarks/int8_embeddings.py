@@ -5,7 +5,8 @@ Loads a packed checkpoint (e.g. the output of `scripts/glue.py`), evaluates it o
 `label`) as saved (float32 embeddings), after `model.quantize_embeddings()` (int8) and after
 `model.quantize_embeddings(bits=4, group_size=G)` for each `--int4_group_sizes`, and saves each quantized form in a
 temporary folder to compare file sizes (with `--teacher`, also against that float32 checkpoint). Reports each
-accuracy, the share of predictions identical to the float32 tables' and the largest logit difference.
+accuracy, the share of predictions identical to the float32 tables', the largest logit difference and each table's
+rounding error (RMS).
 
     DATA=../shared/data/rotten_tomatoes
     python scripts/glue.py --model_name_or_path ../shared/models/all-MiniLM-L6-v2 \\
@@ -13,7 +14,7 @@ accuracy, the share of predictions identical to the float32 tables' and the larg
         --binarize ste --num_train_epochs 2 --max_seq_length 32 --per_device_train_batch_size 32 --seed 0 \\
         --output_dir outputs/rt-ste
     python benchmarks/int8_embeddings.py --model outputs/rt-ste     # writes benchmarks/results/int8_embeddings.json
-    python benchmarks/int8_embeddings.py --model outputs/rt-ste --teacher outputs/rt-teacher \
+    python benchmarks/int8_embeddings.py --model outputs/rt-ste --teacher outputs/rt-teacher \\
         --int4_group_sizes 32 64 128 384 --output benchmarks/results/int4_embeddings.json
 
 Without a trained model, `--binarize_untrained ../shared/models/all-MiniLM-L6-v2` packs the pretrained model as it is
@@ -90,10 +91,13 @@ def quantized_option(folder: Path, tokenizer, sentences: list[str], labels: torc
     """Load the packed checkpoint `folder`, measure its outputs with noise of the rounding error's size, quantize its
     embeddings to `layout` and measure again, and save it to read the file size."""
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    error_rms = {name: rounding_error_rms(module, layout).item() for name, module in model.named_modules()
+                 if type(module) is torch.nn.Embedding}
     noise_logits = logits_with_noise_like(model, tokenizer, sentences, max_length, layout)
     model.quantize_embeddings(bits=4 if layout else 8, **layout)
     report = compare(float_logits, logits_of(model, tokenizer, sentences, max_length), labels)
     report["same_size_noise"] = compare(float_logits, noise_logits, labels)
+    report["rounding_error_rms"] = error_rms
     with tempfile.TemporaryDirectory() as saved:
         model.save_pretrained(saved)
         report["file_bytes"] = (Path(saved) / "model.safetensors").stat().st_size
@@ -162,6 +166,7 @@ def main() -> None:
         "max_abs_logit_difference": int8["max_abs_logit_difference"],
         "same_size_noise": {key: int8["same_size_noise"][key]
                             for key in ("identical_predictions", "max_abs_logit_difference")},
+        "int8_rounding_error_rms": int8["rounding_error_rms"],
         "int4_embeddings": {name: {key: value for key, value in option.items() if key != "file_bytes"}
                             for name, option in int4.items()},
         "majority_class_share": max(labels.float().mean().item(), 1 - labels.float().mean().item()),

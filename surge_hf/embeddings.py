@@ -9,9 +9,9 @@ float32.
 width is one scale per row). Column `i` of row `r` lies in group `g = i // G`, stored as the code
 `q_ri = round(E_ri / c_rg)` in the symmetric levels -7..7 with the float32 scale `c_rg = max_{i in g} |E_ri| / 7`
 (`c_rg = 1` for an all-zero group), so `|E_ri - c_rg q_ri| <= c_rg / 2`. Codes are stored offset by 8 (nibbles
-1..15; 0 is unused), two per uint8 byte: byte `k` of a row holds column `2k` in its low nibble and column `2k + 1` in
+1..15; 0 only pads), two per uint8 byte: byte `k` of a row holds column `2k` in its low nibble and column `2k + 1` in
 its high nibble (an odd width pads the last high nibble with 0). A table of `R x D` takes `R * ceil(D / 2)` bytes of
-codes and `4 * R * D / G` bytes of scales: `4 + 32 / G` bits a value (4.5 at `G = 64`) against float32's 32.
+codes and `4 * R * D / G` bytes of scales: `4 + 32 / G` bits a value (4.25 at `G = 128`) against float32's 32.
 
 A lookup gathers the codes and scales of the requested ids and dequantises only those rows (`c * q`, in float32):
 the table stays int8 or 4-bit in memory.
@@ -38,8 +38,9 @@ from .layers import SURGE_LAYER_TYPES
 _INT8_MAX = 127
 _INT4_MAX = 7
 _INT4_OFFSET = 8  # stored nibble = code + 8, in 1..15
-INT4_GROUP_SIZE = 64
-"""The default number of columns that share one scale in a 4-bit table."""
+INT4_GROUP_SIZE = 128
+"""The default number of columns that share one scale in a 4-bit table (chosen on a trained W1A1 MiniLM:
+`benchmarks/README.md`)."""
 
 
 def _symmetric_codes(weight: Tensor, group_size: int, max_code: int) -> tuple[Tensor, Tensor]:

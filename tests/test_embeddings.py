@@ -213,8 +213,8 @@ def test_bit_account_of_4_bit_tables():
                   "group_size columns), got 3."),
     ({"bits": 8, "group_size": 16}, "group_size applies to bits=4 only (an int8 table has one scale per row); got "
                                     "group_size=16 with bits=8. Drop group_size, or pass bits=4."),
-    ({"bits": 4, "group_size": 0}, "group_size must be a positive integer that divides the embedding width (e.g. 64), "
-                                   "or None for 64; got 0."),
+    ({"bits": 4, "group_size": 0}, "group_size must be a positive integer that divides the embedding width (e.g. "
+                                   "128), or None for 128; got 0."),
     ({"bits": 4, "group_size": 12}, "group_size=12 does not divide the width 32 of the embedding "
                                     "'bert.embeddings.word_embeddings'; pass a divisor of 32, e.g. 8 "
                                     "(group_size=32 is one scale per row)."),
