@@ -137,6 +137,11 @@ def test_nibble_packing_of_an_odd_width_pads_the_last_high_nibble():
     packed = pack_nibbles(codes)
     assert torch.equal(packed, torch.tensor([[1 | 15 << 4, 8 | 9 << 4, 7]], dtype=torch.uint8))
     assert torch.equal(unpack_nibbles(packed, 5), codes)
+    embedding = nn.Embedding(3, 5)
+    int4 = Int4Embedding.from_embedding(embedding, group_size=5)
+    codes, scale = quantize_groups(embedding.weight, 5)
+    assert int4.weight_int4.shape == (3, 3) and torch.equal(int4.weight_int4, pack_nibbles(codes))
+    assert torch.equal(int4(torch.tensor([2, 0])), codes[[2, 0]].float() * scale[[2, 0]])
 
 
 @pytest.mark.parametrize("group_size", [4, 8, 16])
