@@ -9,7 +9,7 @@ from .configuration_surge import SurgeConfig
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
 from .deployment import DeploymentReport, measure_deployment
-from .embeddings import Int8Embedding, quantize_embeddings
+from .embeddings import Int4Embedding, Int8Embedding, quantize_embeddings
 from .layers import BinaryConv2d, BinaryLinear, SurgeConv2d, SurgeLinear
 from .modeling_surge_bert import (
     SurgeBertForQuestionAnswering,
@@ -33,6 +33,7 @@ __all__ = [
     "BitAccount",
     "DeploymentReport",
     "DistillationConfig",
+    "Int4Embedding",
     "Int8Embedding",
     "LayerAccount",
     "ShortcutLinear",

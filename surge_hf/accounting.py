@@ -5,14 +5,17 @@ For every module that owns parameters or buffers:
 - scale parameters: the per-channel scales alpha of binary weights (stored as full-precision numbers);
 - int8 parameters: embedding tables stored in int8 with per-row scales (`Int8Embedding`; the scales count as
   scale parameters);
+- int4 parameters: embedding tables stored in 4 bits, two a byte, with per-group scales (`Int4Embedding`; the
+  scales count as scale parameters);
 - full-precision parameters: everything else needed at inference (biases, thresholds, embeddings, norms, heads);
 - training-only parameters: the auxiliary weights W_a, dropped by `finalize`.
 
-Sizes: `packed_bytes = sum over binary layers of out * ceil(n / 8) + int8 + bytes(scales) + bytes(full precision)`
-with full-precision numbers at 4 bytes; `float32_bytes = 4 * (binary + int8 + full precision)`, the same model with
-every weight in float32 and no scales. When example inputs are given, a forward pass counts the multiply-accumulates
-of every Linear/Conv2d module (binary or not), so the binary share of those MACs can be reported; matmuls outside
-modules (attention scores) are not counted. `summary(model, ..., deployment=measure_deployment(...))` adds the
+Sizes: `packed_bytes = sum over binary layers of out * ceil(n / 8) + int8 + sum over 4-bit tables of rows *
+ceil(width / 2) + bytes(scales) + bytes(full precision)` with full-precision numbers at 4 bytes;
+`float32_bytes = 4 * (binary + int8 + int4 + full precision)`, the same model with every weight in float32 and no
+scales. When example inputs are given, a forward pass counts the multiply-accumulates of every Linear/Conv2d module
+(binary or not), so the binary share of those MACs can be reported; matmuls outside modules (attention scores) are
+not counted. `summary(model, ..., deployment=measure_deployment(...))` adds the
 measured speed and memory of the packed model on this machine (`surge_hf.deployment`).
 """
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from .deployment import DeploymentReport
-from .embeddings import Int8Embedding
+from .embeddings import Int4Embedding, Int8Embedding
 from .kernels import PackedSigns
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .packing import packed_row_bytes
@@ -42,6 +45,8 @@ class LayerAccount:
     binary_params: int = 0
     scale_params: int = 0
     int8_params: int = 0
+    int4_params: int = 0
+    int4_bytes: int = 0
     full_precision_params: int = 0
     training_only_params: int = 0
     packed_weight_bytes: int = 0
@@ -76,14 +81,21 @@ class BitAccount:
         return self.total("int8_params")
 
     @property
+    def int4_params(self) -> int:
+        return self.total("int4_params")
+
+    @property
     def packed_bytes(self) -> int:
-        """Inference size with binary weights at 1 bit, int8 tables at 1 byte and every other number at 4 bytes."""
-        return self.total("packed_weight_bytes") + self.int8_params + _FLOAT_BYTES * self.full_precision_params
+        """Inference size with binary weights at 1 bit, int8 tables at 1 byte, 4-bit tables at two values a byte and
+        every other number at 4 bytes."""
+        return (self.total("packed_weight_bytes") + self.int8_params + self.total("int4_bytes")
+                + _FLOAT_BYTES * self.full_precision_params)
 
     @property
     def float32_bytes(self) -> int:
         """Size of the same model with every weight in float32 (no scales)."""
-        return _FLOAT_BYTES * (self.binary_params + self.int8_params + self.total("full_precision_params"))
+        return _FLOAT_BYTES * (self.binary_params + self.int8_params + self.int4_params
+                               + self.total("full_precision_params"))
 
     @property
     def compression_ratio(self) -> float:
@@ -105,8 +117,10 @@ class BitAccount:
         return sum(layer.macs for layer in counted if layer.binary_macs) / total if total else 0.0
 
     def to_dict(self) -> dict:
-        """The totals; with `int8_params` when the model has int8 tables and `deployment` when it was measured."""
-        extra = {} if not self.int8_params else {"int8_params": self.int8_params}
+        """The totals; with `int8_params` / `int4_params` when the model has such tables and `deployment` when it was
+        measured."""
+        extra = {key: count for key, count in (("int8_params", self.int8_params), ("int4_params", self.int4_params))
+                 if count}
         if self.deployment is not None:
             extra["deployment"] = self.deployment.to_dict()
         return {**extra,
@@ -142,6 +156,9 @@ class BitAccount:
         if self.int8_params:
             lines.append(f"int8 embedding parameters (per-row scales counted as full precision): "
                          f"{self.int8_params:,}")
+        if self.int4_params:
+            lines.append(f"4-bit embedding parameters (per-group scales counted as full precision): "
+                         f"{self.int4_params:,}")
         if self.deployment is not None:
             lines.append(f"deployment: {self.deployment}".replace("\n", "\n  "))
         return "\n".join(lines)
@@ -154,6 +171,10 @@ def _account(name: str, module: nn.Module) -> LayerAccount | None:
     if isinstance(module, Int8Embedding):
         return LayerAccount(name=name, kind=type(module).__name__, int8_params=module.weight_int8.numel(),
                             scale_params=module.weight_scale.numel())
+    if isinstance(module, Int4Embedding):
+        return LayerAccount(name=name, kind=type(module).__name__, scale_params=module.weight_scale.numel(),
+                            int4_params=module.num_embeddings * module.embedding_dim,
+                            int4_bytes=module.weight_int4.numel())
     if not params and not packed:
         return None
     row = LayerAccount(name=name or "(root)", kind=type(module).__name__)

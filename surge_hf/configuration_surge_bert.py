@@ -1,4 +1,4 @@
-"""`SurgeBertConfig`: a `BertConfig` plus the SURGE recipe (see `configuration_utils` for the two added fields)."""
+"""`SurgeBertConfig`: a `BertConfig` plus the SURGE recipe (see `configuration_utils` for the added fields)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ class SurgeBertConfig(SurgeConfigMixin, BertConfig):
             inside the encoder layers.
         surge_packed: whether the binarized layers hold packed sign bits (inference) rather than latent weights.
         surge_int8_embeddings: names of the embedding modules stored in int8 with per-row scales (packed models,
-            see `surge_hf.embeddings`); None when every embedding is full precision.
+            see `surge_hf.embeddings`); None when no embedding is int8.
+        surge_int4_embeddings: names of the embedding modules stored in 4 bits, each mapped to its group size (the
+            columns that share a scale); None when no embedding is 4-bit.
         **kwargs: the `BertConfig` fields.
 
     Example:
@@ -32,6 +34,7 @@ class SurgeBertConfig(SurgeConfigMixin, BertConfig):
     surge_config: SurgeConfig | dict[str, Any] | None = None
     surge_packed: bool = False
     surge_int8_embeddings: list[str] | None = None
+    surge_int4_embeddings: dict[str, int] | None = None
 
     @classmethod
     def from_bert_config(

@@ -1,6 +1,6 @@
 """What the SURGE model configs share: the recipe and the packed-weights flag.
 
-A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with three more
+A SURGE config is the transformers config of the architecture it wraps (`BertConfig`, `ViTConfig`) with four more
 fields:
 
 - `surge_config`: the `SurgeConfig` recipe, held as the validated (immutable) object. Any assignment (constructor,
@@ -11,6 +11,8 @@ fields:
   trainable latent weights (`SurgeLinear`).
 - `surge_int8_embeddings`: the embedding modules that a packed model stores in int8 with per-row scales
   (`surge_hf.embeddings`), or None.
+- `surge_int4_embeddings`: the embedding modules that a packed model stores in 4 bits, each mapped to its group size
+  (the columns that share a scale), or None. A config written before this field existed reads as None.
 
 `from_pretrained(..., surge=recipe)` is the one place where the recipe has a short keyword (the model classes'
 `from_pretrained` and the config classes' `from_dict` both accept it). A plain checkpoint of the wrapped architecture
@@ -78,6 +80,12 @@ class SurgeConfigMixin:
             if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
                 raise ValueError(f"surge_int8_embeddings must be a list of module names or None, got {value!r}.")
             value = list(value)
+        elif key == "surge_int4_embeddings" and value is not None:
+            if not isinstance(value, dict) or not all(
+                    isinstance(name, str) and type(size) is int and size > 0 for name, size in value.items()):
+                raise ValueError("surge_int4_embeddings must map module names to group sizes (positive integers) or "
+                                 f"be None, got {value!r}.")
+            value = dict(value)
         super().__setattr__(key, value)
 
     @classmethod
@@ -137,5 +145,5 @@ class SurgeConfigMixin:
             fields.pop(key, None)
         if surge_config is not None:
             fields["surge_config"] = surge_config
-        fields.update(surge_packed=False, surge_int8_embeddings=None, **kwargs)
+        fields.update(surge_packed=False, surge_int8_embeddings=None, surge_int4_embeddings=None, **kwargs)
         return cls(**fields)

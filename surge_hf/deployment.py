@@ -2,9 +2,9 @@
 
 It times the packed model (binarized layers on the CPU kernel where it applies, `surge_hf.kernels`) against its
 float32 twin, the same architecture with every packed layer replaced by a float `nn.Linear`/`nn.Conv2d` holding the
-dequantized weight (and int8 embeddings by float ones): the cost the float32 model would have. Both run on the same
-inputs, round-robin, and the medians are compared, so load from other processes slows both alike. It also counts the
-bytes of the tensors each holds in memory (state dict, plus the packed layers' kernel panels).
+dequantized weight (and int8 or 4-bit embeddings by float ones): the cost the float32 model would have. Both run on
+the same inputs, round-robin, and the medians are compared, so load from other processes slows both alike. It also
+counts the bytes of the tensors each holds in memory (state dict, plus the packed layers' kernel panels).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DeploymentReport:
 
 def float32_twin(model: nn.Module) -> nn.Module:
     """A copy of `model` with every packed layer replaced by its float layer (weight alpha * sign(W)) and every
-    int8 embedding by a float embedding: the same computation cost as the float32 model."""
+    quantized embedding by a float embedding: the same computation cost as the float32 model."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         if isinstance(module, BinaryLinear):

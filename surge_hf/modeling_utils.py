@@ -11,7 +11,9 @@ Checkpoint forms (one `save_pretrained` / `from_pretrained`, the layers decide):
   auxiliary weight. `model.finalize()` turns a trained model into this form in memory;
   `model.save_pretrained(path, packed=True)` writes it without changing the in-memory model.
   `model.quantize_embeddings()` (after `finalize`) also stores the embedding tables in int8 with per-row scales
-  (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), kept int8 in memory after loading.
+  (`weight_int8`, `weight_scale`; listed in `config.surge_int8_embeddings`), or with `bits=4` in 4 bits with a scale
+  per group of columns (`weight_int4`, `weight_scale`; `config.surge_int4_embeddings`), kept so in memory after
+  loading.
 
 Loading follows transformers' contract for trainable models: a train-form or plain checkpoint that lacks weights
 loads, the missing weights are initialised (`_init_weights`) and listed in `output_loading_info`'s `missing_keys`.
@@ -49,7 +51,12 @@ from .binarize import unfinalize as unfinalize_layers
 from .binary_attention import ATTENTION_IMPLEMENTATION, BinaryAttentionProbabilities, init_binary_attention_parameters
 from .configuration_surge import SurgeConfig
 from .configuration_utils import RECIPE_KEYWORD, as_surge_config
-from .embeddings import Int8Embedding, dequantize_embeddings, int8_embedding_placeholders, quantize_embeddings
+from .embeddings import (
+    QuantizedEmbedding,
+    dequantize_embeddings,
+    quantize_embeddings,
+    quantized_embedding_placeholders,
+)
 from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
 from .quantizers import weight_scale
 from .saving import replaced_atomically, tensor_bytes
@@ -57,7 +64,7 @@ from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
 logger = logging.getLogger(__name__)
 
-PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8")
+PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8", "weight_int4")
 SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
 """Tensors of a trainable SURGE layer that a plain checkpoint lacks (`init_surge_parameters` sets them)."""
 
@@ -198,8 +205,8 @@ class SurgePreTrainedMixin:
             layer._surge_state_pending = False  # `from_pretrained` loads or `_init_weights` initialises every tensor
         if self.config.surge_packed:
             finalize_layers(self)
-        if self.config.surge_int8_embeddings:
-            int8_embedding_placeholders(self, self.config.surge_int8_embeddings)
+        quantized_embedding_placeholders(self, self.config.surge_int8_embeddings or (),
+                                         self.config.surge_int4_embeddings)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -256,33 +263,35 @@ class SurgePreTrainedMixin:
         self.config.surge_packed = True
         return self
 
-    def quantize_embeddings(self, names: list[str] | None = None):
-        """Store the embedding tables `names` (default: every `nn.Embedding`) in int8 with per-row scales, in place
-        (`surge_hf.embeddings`); a packed model only. `save_pretrained` then writes them in int8 and
-        `from_pretrained` keeps them int8 in memory. Returns the model."""
-        quantize_embeddings(self, names)
+    def quantize_embeddings(self, names: list[str] | None = None, bits: int = 8, group_size: int | None = None):
+        """Store the embedding tables `names` (default: every `nn.Embedding`) in int8 with per-row scales (`bits=8`)
+        or in 4 bits with one scale per `group_size` columns (`bits=4`), in place (`surge_hf.embeddings`); a packed
+        model only. `save_pretrained` then writes them so and `from_pretrained` keeps them so in memory. Returns the
+        model."""
+        quantize_embeddings(self, names, bits, group_size)
         return self
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """`PreTrainedModel.resize_token_embeddings`, for float input embeddings only: the new rows of a table need
-        training, which an int8 table (`quantize_embeddings`) cannot get."""
-        if isinstance(self.get_input_embeddings(), Int8Embedding):
+        training, which a quantized table (`quantize_embeddings`) cannot get."""
+        table = self.get_input_embeddings()
+        if isinstance(table, QuantizedEmbedding):
             raise ValueError(
-                "resize_token_embeddings() cannot resize the int8 input embedding table of this packed model "
-                "(config.surge_int8_embeddings): its new rows would need training, which an int8 table cannot get. "
-                "Call model.unfinalize() (float embeddings, trainable layers), resize and train, then finalize() and "
-                "quantize_embeddings() again."
+                f"resize_token_embeddings() cannot resize the {table.format_name} input embedding table of this packed "
+                f"model (config.{table.config_field}): its new rows would need training, which a quantized table "
+                "cannot get. Call model.unfinalize() (float embeddings, trainable layers), resize and train, then "
+                "finalize() and quantize_embeddings() again."
             )
         return super().resize_token_embeddings(*args, **kwargs)
 
     def unfinalize(self, surge_config: SurgeConfig | dict[str, Any] | None = None):
-        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; int8 embeddings
-        become float embeddings holding their dequantised rows), in place, so a packed checkpoint can be trained
-        further. `surge_config` replaces the recipe (default: the saved one)."""
+        """Rebuild trainable SURGE layers from the packed ones (latent W = alpha * sign(W), W_a = W; quantized
+        embeddings become float embeddings holding their dequantised rows), in place, so a packed checkpoint can be
+        trained further. `surge_config` replaces the recipe (default: the saved one)."""
         recipe = None if surge_config is None else as_surge_config(surge_config)
         unfinalize_layers(self, recipe)
         dequantize_embeddings(self)
-        self.config.surge_int8_embeddings = None
+        self.config.surge_int8_embeddings = self.config.surge_int4_embeddings = None
         if recipe is not None:
             self.config.surge_config = recipe
         self.config.surge_packed = False
@@ -436,7 +445,8 @@ class SurgePreTrainedMixin:
                 )
             return
         prefixes = tuple(f"{name}." for name in [*(name for name, _ in self._binarized_layers()),
-                                                 *(self.config.surge_int8_embeddings or [])])
+                                                 *(self.config.surge_int8_embeddings or []),
+                                                 *(self.config.surge_int4_embeddings or {})])
         mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
         incomplete = sorted(key for key in [*info["missing_keys"], *mismatched] if key.startswith(prefixes))
         _raise_if_incomplete(

@@ -161,10 +161,10 @@ def test_binarized_transformers_models_record_hidden_states_and_attentions_in_a_
 def test_quantize_embeddings_refuses_a_plain_transformers_model():
     plain = BertForSequenceClassification(bert_config())
     with pytest.raises(ValueError, match=exact(
-            "quantize_embeddings() on a BertForSequenceClassification: its from_pretrained would not know the int8 "
-            "tables that save_pretrained writes and would reload the model with random embeddings. Binarize it with "
-            "surge_hf.binarize and finalize it (a SURGE model records its int8 embeddings in its config), or keep "
-            "its embeddings in full precision.")):
+            "quantize_embeddings() on a BertForSequenceClassification: its from_pretrained would not know the "
+            "quantized tables that save_pretrained writes and would reload the model with random embeddings. Binarize "
+            "it with surge_hf.binarize and finalize it (a SURGE model records its quantized embeddings in its "
+            "config), or keep its embeddings in full precision.")):
         surge_hf.quantize_embeddings(plain)
     assert type(plain.get_submodule(WORD)) is nn.Embedding
 
@@ -172,7 +172,7 @@ def test_quantize_embeddings_refuses_a_plain_transformers_model():
 def test_quantize_embeddings_refuses_trainable_surge_layers():
     message = exact(
         "quantize_embeddings() applies to a packed (inference) model: this one has trainable SURGE layers, which "
-        "would train around frozen int8 tables, and its train-form checkpoint would not load them. Call "
+        "would train around frozen quantized tables, and its train-form checkpoint would not load them. Call "
         "model.finalize() (surge_hf.finalize(model)) first.")
     train_form = surge_model(SurgeBertForSequenceClassification)
     with pytest.raises(ValueError, match=message):
@@ -378,8 +378,8 @@ def test_resize_token_embeddings_refuses_int8_embeddings():
     model = surge_model(SurgeBertForSequenceClassification).finalize().quantize_embeddings([WORD])
     with pytest.raises(ValueError, match=exact(
             "resize_token_embeddings() cannot resize the int8 input embedding table of this packed model "
-            "(config.surge_int8_embeddings): its new rows would need training, which an int8 table cannot get. Call "
-            "model.unfinalize() (float embeddings, trainable layers), resize and train, then finalize() and "
+            "(config.surge_int8_embeddings): its new rows would need training, which a quantized table cannot get. "
+            "Call model.unfinalize() (float embeddings, trainable layers), resize and train, then finalize() and "
             "quantize_embeddings() again.")):
         model.resize_token_embeddings(120)
     assert model.get_input_embeddings().num_embeddings == 99
