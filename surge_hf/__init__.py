@@ -2,9 +2,9 @@
 
 `import surge_hf` registers the SURGE configs and models with the transformers Auto classes and loads only what a
 checkpoint runs (the layers, the recipe and the model classes). Every other public name is imported from its module
-on first use, so loading a checkpoint never imports the training harness (`transformers.Trainer`, `datasets`,
-`evaluate`, the Hub client and the model-card templates); `from surge_hf import X` works for every name in
-`__all__` either way.
+on first use, so loading a checkpoint imports nothing of the training harness that transformers itself does not
+(no `transformers.Trainer`, `datasets`, `evaluate` or model-card templates); `from surge_hf import X` works for
+every name in `__all__` either way.
 """
 
 from __future__ import annotations
