@@ -56,7 +56,7 @@ from surge_hf.stages import (
 )
 from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
-from surge_hf.text_data import LABEL_COLUMN, load_text_data, preprocess
+from surge_hf.text_data import LABEL_COLUMN, check_label_names, load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
@@ -70,12 +70,26 @@ TEACHER_NOTE = (" It is a stage of its own, not bounded by --max_train_steps or 
                 "--teacher_model_name_or_path none (no teacher) or PATH (a model already fine-tuned on the task).")
 
 
+def label_names(text: str) -> tuple[str, ...]:
+    """`--label_names negative,positive`: distinct class names, comma-separated (spaces around a name dropped)."""
+    names = tuple(name.strip() for name in text.split(","))
+    try:
+        check_label_names(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}, e.g. negative,positive.") from error
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--task_name", choices=list(GLUE_TASKS), help="A GLUE task, loaded from the Hub.")
     data.add_argument("--train_file", type=Path, help="Local csv/json/jsonl/parquet training file.")
     data.add_argument("--validation_file", type=Path, help="Local validation file, same format.")
+    data.add_argument("--label_names", type=label_names, metavar="NAME,NAME,...",
+                      help="Class names in label-id order, e.g. negative,positive for labels 0 and 1 (one per class "
+                           "of the data): the saved config's id2label / label2id, a pipeline's predictions and the "
+                           "model card use them. Data with a ClassLabel column (GLUE) names its classes itself.")
     data.add_argument("--max_length", "--max_seq_length", dest="max_length", type=int, default=128,
                       help="Tokens per example after truncation (at most the model's max_position_embeddings).")
     data.add_argument("--pad_to_max_length", action="store_true")
@@ -262,8 +276,10 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
     data = ({"task_name": args.task_name} if args.task_name else
             {"train_file": content_digest(args.train_file), "validation_file": content_digest(args.validation_file)})
     augmentation = augmentation_config(args)
+    # Label names are recorded only when given, so that runs and stages without them keep their earlier records.
+    names = {"label_names": list(args.label_names)} if args.label_names else {}
     return {"max_length": args.max_length, "pad_to_max_length": args.pad_to_max_length,
-            "max_train_samples": args.max_train_samples, "data": data,
+            "max_train_samples": args.max_train_samples, "data": data, **names,
             "augmentation": None if augmentation is None else asdict(augmentation),
             "teacher_cache": args.teacher_cache_dir is not None}
 
@@ -417,6 +433,8 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
     check_models(args, distillation)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
+    if args.label_names:
+        info = info.with_label_names(args.label_names)
     if args.teacher_model_name_or_path:
         check_label_compatibility(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info)
     if args.max_train_samples:

@@ -21,6 +21,7 @@ loads into the SURGE config unchanged (its `model_type` is accepted); any other 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .configuration_surge import SurgeConfig
@@ -129,6 +130,18 @@ class SurgeConfigMixin:
                 "pass it: from_pretrained(path, surge=SurgeConfig(...))."
             )
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`PretrainedConfig.get_config_dict`, without the `model_type` of a config of the wrapped architecture
+        (`bert` for a SURGE BERT): a SURGE model is built from such a checkpoint by design, so it loads as this
+        class (default recipe unless one is passed) without transformers' warning about a checkpoint of another
+        model type."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == cls.base_model_type:
+            config_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        return config_dict, kwargs
 
     @classmethod
     def from_base_config(cls, config: Any, surge_config: SurgeConfig | dict[str, Any] | None = None, **kwargs: Any):

@@ -92,6 +92,15 @@ def _card_base_model(base_model: str | None, output_dir: str | Path) -> dict[str
     return {"local_base_model": card_model_reference(base_model, output_dir)}
 
 
+def _card_labels(config: Any) -> list[str]:
+    """The class names a classifier's config gives its outputs, in class-id order, for the model card: none for a
+    regression model or for transformers' placeholder names `LABEL_0..LABEL_{n-1}`, which say nothing."""
+    if getattr(config, "problem_type", None) == "regression":
+        return []
+    names = [config.id2label[index] for index in sorted(config.id2label)]
+    return [] if names == [f"LABEL_{index}" for index in range(len(names))] else names
+
+
 def _card_repo_id(output_dir: str, hub: HubConfig) -> str:
     if hub.hub_model_id:
         return hub.hub_model_id
@@ -169,6 +178,7 @@ def export_run(
             **_card_base_model(base_model, output_dir),
             distillation=None if teacher is None else card_model_reference(teacher, output_dir),
             command=None if command is None else portable_command(command),
+            labels=_card_labels(model.config),
             hyperparameters={"batch size per device": training.per_device_train_batch_size,
                              "processes": accelerator.num_processes,
                              "gradient accumulation": training.gradient_accumulation_steps,

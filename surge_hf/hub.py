@@ -110,6 +110,8 @@ class ModelCardContext:
         command: the command line that trained the model, shown under the recipe.
         deployment: `DeploymentReport.to_dict()` of the packed model, measured where the card was made (speed
             against float32, weights in memory).
+        labels: the class names the model predicts, in class-id order (its config's `id2label`); empty for a
+            regression model.
     """
 
     repo_id: str
@@ -137,6 +139,7 @@ class ModelCardContext:
     image_mode: str = "RGB"
     command: str | None = None
     deployment: Mapping[str, Any] | None = None
+    labels: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         _check_repo_id(self.repo_id)
@@ -183,8 +186,10 @@ class ModelCardContext:
             raise ValueError(f"ModelCardContext.hyperparameters must be a mapping, got {self.hyperparameters!r}.")
         if self.image_mode not in ("L", "RGB"):
             raise ValueError(f"ModelCardContext.image_mode must be 'L' or 'RGB', got {self.image_mode!r}.")
-        if isinstance(self.tags, str) or not all(isinstance(tag, str) and tag for tag in self.tags):
-            raise ValueError(f"ModelCardContext.tags must be a list of non-empty strings, got {self.tags!r}.")
+        for name in ("tags", "labels"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(item, str) and item for item in value):
+                raise ValueError(f"ModelCardContext.{name} must be a list of non-empty strings, got {value!r}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelCardContext:
@@ -338,6 +343,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         float32_size=_size(context.float32_bytes),
         size_ratio=f"{context.float32_bytes / context.packed_bytes:.1f}",
         deployment=context.deployment,
+        labels=list(context.labels),
     )
 
 

@@ -7,6 +7,7 @@ Data comes from the Hub by GLUE task name (``datasets.load_dataset("nyu-mll/glue
   than ``label`` (the first one when there is only one);
 - label: the ``label`` column. Float labels make a regression task; otherwise the classes are the sorted set of the
   train labels (strings allowed), mapped to ids 0..n-1. A ``ClassLabel`` column keeps its names and ids.
+  ``TextDataInfo.with_label_names`` names the classes of data that carries no names (e.g. ``0``/``1`` in a csv).
 
 Every check on the files, columns and labels runs before any tokenization, and each error names the problem and
 the fix. ``datasets`` is imported inside the functions that need it.
@@ -15,7 +16,9 @@ the fix. ``datasets`` is imported inside the functions that need it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,6 +71,21 @@ class TextDataInfo:
     def id2label(self) -> dict[int, str]:
         """Class id -> name, for a model config (empty for regression)."""
         return {i: str(label) for i, label in enumerate(self.label_list)}
+
+    def with_label_names(self, names: Sequence[str]) -> TextDataInfo:
+        """The same data with its classes named `names`, given in class-id order: the names that `id2label` /
+        `label2id` of a model config (and so a pipeline's predictions and a model card) then show. The raw labels
+        keep their ids. Raises ValueError for regression data, or unless there is one distinct, non-empty name per
+        class."""
+        names = tuple(names)
+        check_label_names(names)
+        if self.is_regression:
+            raise ValueError(f"label names {list(names)} name classes, but the data is a regression task (float "
+                             "labels, one output): drop the label names")
+        if len(names) != self.num_labels:
+            raise ValueError(f"{len(names)} label names {list(names)} for the data's {self.num_labels} classes "
+                             f"{list(self.label_list)}: give one name per class, in class-id order")
+        return dataclasses.replace(self, label_list=names)
 
     @property
     def metric_config(self) -> str:
@@ -337,6 +355,16 @@ def _check_columns(dataset: Any, split: str, required: tuple[str, ...]) -> None:
             raise ValueError(
                 f"column {name!r} of the {split} data has {null_count} missing value(s); fill or drop those rows"
             )
+
+
+def check_label_names(names: Sequence[str]) -> None:
+    """Raise ValueError unless `names` are distinct, non-empty class names (leading or trailing spaces count as
+    empty: `label2id` would not find the name as written)."""
+    if not names or any(not isinstance(name, str) or not name or name != name.strip() for name in names):
+        raise ValueError(f"label names {list(names)} must be non-empty strings without surrounding spaces")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"label names {list(names)} repeat {repeated}: give each class its own name")
 
 
 def _check_label_ids(dataset: Any, split: str, num_labels: int) -> None:

@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     ViTConfig,
 )
 from transformers.testing_utils import CaptureLogger
@@ -363,14 +364,29 @@ def test_model_weights_reload_no_missing_tied_weights(cls, tmp_path):
 def test_a_plain_checkpoint_loads_with_one_line_instead_of_a_missing_report(tmp_path, caplog):
     BertForSequenceClassification(bert_config()).save_pretrained(tmp_path)
     report = CaptureLogger(transformers_logging.get_logger("transformers.modeling_utils"))
-    with report, caplog.at_level(logging.WARNING, logger="surge_hf"):
+    config_warnings = CaptureLogger(transformers_logging.get_logger("transformers.configuration_utils"))
+    with report, config_warnings, caplog.at_level(logging.WARNING, logger="surge_hf"):
         model, info = SurgeBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert config_warnings.out == ""  # a `bert` checkpoint is what a SURGE BERT is built from: no type warning
     assert [record.getMessage() for record in caplog.records if record.name.startswith("surge_hf")] == [
         f"SurgeBertForSequenceClassification: {tmp_path} holds none of the 36 tensors that the SURGE recipe adds; "
         "they were initialised as binarize() does: aux_weight = weight, input_threshold = 0, input_scale = 1."]
     assert "LOAD REPORT" not in report.out and "MISSING" not in report.out
     assert len(info["missing_keys"]) == 36 and all(
         key.endswith(("aux_weight", "input_threshold", "input_scale")) for key in info["missing_keys"])
+
+
+def test_weights_that_the_recipe_does_not_add_stay_in_the_missing_report(tmp_path, caplog):
+    BertModel(bert_config()).save_pretrained(tmp_path)  # no classification head
+    report = CaptureLogger(transformers_logging.get_logger("transformers.modeling_utils"))
+    with report, caplog.at_level(logging.WARNING, logger="surge_hf"):
+        _, info = SurgeBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("surge_hf")] == [
+        f"SurgeBertForSequenceClassification: {tmp_path} holds none of the 36 tensors that the SURGE recipe adds; "
+        "they were initialised as binarize() does: aux_weight = weight, input_threshold = 0, input_scale = 1."]
+    missing_rows = sorted(line.split("|")[0].strip() for line in report.out.splitlines() if "| MISSING" in line)
+    assert missing_rows == ["classifier.bias", "classifier.weight"]
+    assert {"classifier.bias", "classifier.weight"} < set(info["missing_keys"])
 
 
 # --------------------------------------------------------------------------- 16. resizing int8 embeddings

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import accelerate.utils.other
+import datasets
 import pytest
 import torch
 import transformers.modeling_utils
@@ -25,6 +26,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
+    pipeline,
 )
 
 import surge_hf
@@ -813,3 +815,60 @@ def test_two_schedules_at_once_are_refused_before_any_work(tiny_bert, data_files
         glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--weight_planes_schedule", "2,1",
                                         "--activation_bits_schedule", "2,1"))
     assert not (tmp_path / "x").exists()
+
+
+def test_label_names_name_the_classes_of_the_config_the_card_and_the_pipeline(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "named"
+    glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none",
+                              "--label_names", "negative, positive"))
+    for folder in (out, out / "train_state"):
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["id2label"], config["label2id"]) == ({"0": "negative", "1": "positive"},
+                                                            {"negative": 0, "positive": 1})
+    assert "It predicts 2 classes (`model.config.id2label`): 0 `negative`, 1 `positive`." in (
+        out / "README.md").read_text()
+    classifier = pipeline("text-classification", model=str(out))
+    model, tokenizer = classifier.model, classifier.tokenizer
+    with torch.no_grad():
+        logits = model(**tokenizer(["the movie was good fun", "a very dull plot"], return_tensors="pt",
+                                   padding=True)).logits
+    expected = [model.config.id2label[index] for index in logits.argmax(-1).tolist()]
+    assert [prediction["label"] for prediction in classifier(["the movie was good fun", "a very dull plot"])] == (
+        expected)
+
+
+def test_class_names_of_a_class_label_column_reach_the_config(tiny_bert, tmp_path):
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["dull", "fun"])})
+    files = []
+    for split, seed in (("train", 0), ("validation", 1)):
+        rows = sentiment_rows(16, seed)
+        datasets.Dataset.from_dict({"sentence": [text for text, _ in rows], "label": [label for _, label in rows]},
+                                   features=features).to_parquet(tmp_path / f"{split}.parquet")
+        files.append(tmp_path / f"{split}.parquet")
+    out = tmp_path / "class_label"
+    glue_script.main(run_args(tiny_bert, tuple(files), out, "--teacher_model_name_or_path", "none",
+                              "--max_train_steps", "1"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["id2label"], config["label2id"]) == ({"0": "dull", "1": "fun"}, {"dull": 0, "fun": 1})
+
+
+def test_label_names_of_another_count_fail_before_any_work(tiny_bert, data_files, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=re.escape(
+            "3 label names ['negative', 'neutral', 'positive'] for the data's 2 classes [0, 1]: give one name per "
+            "class, in class-id order")):
+        glue_script.main(run_args(tiny_bert, data_files, out, "--label_names", "negative,neutral,positive"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ("bad,bad", "'bad,bad': label names ['bad', 'bad'] repeat ['bad']: give each class its own name, e.g. "
+                "negative,positive."),
+    ("negative,", "'negative,': label names ['negative', ''] must be non-empty strings without surrounding "
+                  "spaces, e.g. negative,positive."),
+])
+def test_bad_label_names_are_refused_by_the_parser(tiny_bert, data_files, tmp_path, names, message, capsys):
+    with pytest.raises(SystemExit):
+        glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--label_names", names))
+    assert f"argument --label_names: {message}" in capsys.readouterr().err

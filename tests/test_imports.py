@@ -1,5 +1,7 @@
 """The shape of the package, read from its source: imports point down (no import cycle among surge_hf modules, at
-module or function level), and the modules a checkpoint runs import nothing of the training harness.
+module or function level), and the modules a checkpoint runs import nothing of the training harness; and, run in
+fresh interpreters, `import surge_hf` and loading a checkpoint import no harness module (the rest of the package's
+public names load on first use).
 
 transformers copies the modules that `modeling_surge_*.py` reaches through `from .x import` lines into every saved
 checkpoint for `trust_remote_code`; those (the checkpoint closure) must only reach each other. Run the check with
@@ -9,11 +11,21 @@ checkpoint for `trust_remote_code`; those (the checkpoint closure) must only rea
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "surge_hf"
+HARNESS_MODULES = ("transformers.trainer", "accelerate", "datasets", "evaluate", "jinja2")
+"""Modules of the training harness (Trainer, training loop, data, metrics, model-card templates) that loading a
+checkpoint has no use for."""
 CLOSURE_NAMED = {"quantizers", "packing", "scaler", "layers", "shortcuts", "binary_attention", "embeddings", "kernels",
                  "binarize", "auto", "aux_loss", "fusion", "saving"}
 
@@ -133,3 +145,48 @@ def test_the_closure_is_the_documented_one():
     assert closure_modules() == CLOSURE_NAMED | {
         "configuration_surge", "configuration_utils", "configuration_surge_bert", "configuration_surge_vit",
         "modeling_utils", "modeling_surge_bert", "modeling_surge_vit"}
+
+
+def modules_imported_by(code: str) -> dict[str, list[str]]:
+    """Run `code` in a fresh interpreter and return which `HARNESS_MODULES` and which surge_hf submodules (by name
+    relative to the package) it left imported."""
+    report = (
+        "\nimport json, sys\n"
+        f"print(json.dumps({{'harness': [m for m in {HARNESS_MODULES!r} if m in sys.modules], "
+        "'surge_hf': sorted(m.removeprefix('surge_hf.') for m in sys.modules if m.startswith('surge_hf.'))}))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, check=True,
+                               cwd=PACKAGE.parent)
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+def test_import_and_checkpoint_loading_import_no_harness_module_beyond_what_transformers_does(tmp_path):
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "plain")
+    SurgeBertForSequenceClassification(SurgeBertConfig.from_bert_config(config, surge_config=SurgeConfig())
+                                       ).save_pretrained(tmp_path / "packed", packed=True)
+    load = ("from transformers import AutoModelForSequenceClassification\n"
+            "model = AutoModelForSequenceClassification.from_pretrained({!r})\n")
+
+    # transformers itself imports some of them (accelerate with its modeling code, jinja2 for chat templates)
+    by_transformers = modules_imported_by(load.format(str(tmp_path / "plain")))["harness"]
+    on_import = modules_imported_by("import surge_hf")
+    on_load = modules_imported_by("import surge_hf\n" + load.format(str(tmp_path / "packed")) +
+                                  "assert type(model) is __import__('surge_hf').SurgeBertForSequenceClassification\n"
+                                  "assert model.is_packed")
+
+    assert not {"transformers.trainer", "datasets", "evaluate"} & set(by_transformers)
+    assert set(on_import["harness"]) <= set(by_transformers)
+    assert on_load["harness"] == by_transformers
+    assert set(on_load["surge_hf"]) <= closure_modules()
+
+
+def test_every_public_name_imports_from_the_package_and_is_listed():
+    import surge_hf
+
+    assert set(surge_hf.__all__) <= set(dir(surge_hf))
+    for name in surge_hf.__all__:
+        assert getattr(surge_hf, name).__name__ == name, name
+    assert surge_hf.binarize.__module__ == "surge_hf.auto"

@@ -3,6 +3,7 @@ and the errors raised before any work is done."""
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -381,3 +382,44 @@ def test_real_minilm_tokenizer(tmp_path):
     ids = processed["train"][0]["input_ids"]
     assert real.decode(ids) == "[CLS] a good movie. [SEP] a great film! [SEP]"
     assert collator([processed["train"][0], processed["train"][1]])["input_ids"].shape == (2, len(ids))
+
+
+def test_label_names_name_integer_labels_which_keep_their_ids(tmp_path, tokenizer):
+    train = [{"sentence": "a good movie", "label": 1}, {"sentence": "a bad film", "label": 0}]
+    raw, info = load(tmp_path, train, [{"sentence": "an awful film", "label": 0}])
+    named = info.with_label_names(["negative", "positive"])
+    assert named == TextDataInfo(None, ("sentence",), ("negative", "positive"), False, ("validation",), {0: 0, 1: 1})
+    assert (named.id2label, named.label2id) == ({0: "negative", 1: "positive"}, {"negative": 0, "positive": 1})
+    processed, _ = preprocess(raw, named, tokenizer, max_length=8)
+    assert processed["train"]["labels"][:] == [1, 0]
+
+
+def test_label_names_rename_the_classes_of_string_labels_in_id_order(tmp_path):
+    _, info = load(tmp_path, [{"sentence": "a", "label": "pos"}, {"sentence": "b", "label": "neg"}],
+                   [{"sentence": "c", "label": "neg"}])
+    named = info.with_label_names(("Negative", "Positive"))
+    assert (named.label_list, named.label_to_id) == (("Negative", "Positive"), {"neg": 0, "pos": 1})
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["negative"], "1 label names ['negative'] for the data's 2 classes [0, 1]: give one name per class, in "
+                   "class-id order"),
+    (["a", "b", "c"], "3 label names ['a', 'b', 'c'] for the data's 2 classes [0, 1]: give one name per class, in "
+                      "class-id order"),
+    (["bad", "bad"], "label names ['bad', 'bad'] repeat ['bad']: give each class its own name"),
+    (["negative", ""], "label names ['negative', ''] must be non-empty strings without surrounding spaces"),
+    ([" negative", "positive"], "label names [' negative', 'positive'] must be non-empty strings without "
+                                "surrounding spaces"),
+])
+def test_label_names_must_name_each_class_once(names, message):
+    info = TextDataInfo(None, ("sentence",), (0, 1), False, ("validation",), {0: 0, 1: 1})
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        info.with_label_names(names)
+
+
+def test_label_names_are_refused_for_regression_data():
+    info = TextDataInfo(None, ("sentence1", "sentence2"), (), True, ("validation",))
+    with pytest.raises(ValueError, match=re.escape(
+            "label names ['low', 'high'] name classes, but the data is a regression task (float labels, one "
+            "output): drop the label names")):
+        info.with_label_names(["low", "high"])
