@@ -36,7 +36,7 @@ def _rank_run(rank: int, store: str, results: str) -> None:
 
 
 def test_each_rank_keeps_its_own_previous_lambda(tmp_path):
-    mp.start_processes(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert ranks[0]["stored_0"] != ranks[1]["stored_0"]  # the batches differ, so do their lam
     for record in ranks:
@@ -81,7 +81,7 @@ def _fsdp_rank_run(rank: int, store: str, results: str) -> None:
 
 
 def test_fsdp2_step_on_two_cpu_ranks_equals_the_step_of_the_averaged_rank_gradients(tmp_path):
-    mp.start_processes(_fsdp_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_fsdp_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     sharded = torch.load(tmp_path / "fsdp.pt")
     model = _tiny_surge_bert()
     gradients = []
