@@ -136,20 +136,17 @@ def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLayerMixin]]:
             yield name, module
 
 
-def check_packable(layers: list[tuple[str, SurgeLayerMixin]]) -> None:
-    """Raise `ValueError` naming the first layer whose weights cannot be packed to 1 bit (two weight planes)."""
-    for name, layer in layers:
-        if not layer.surge_config.packable:
-            raise ValueError(
-                f"{name or type(layer).__name__} has weight_planes={layer.surge_config.weight_planes}: a two-plane "
-                "(2-bit) training stage cannot be packed to 1 bit. Train a weight_planes=1 model from it "
-                "(scripts/glue.py --weight_planes_schedule 2,1 does), or save it unpacked."
-            )
+def packed_layer(layer: SurgeLayerMixin, name: str = "") -> BinaryLayerMixin:
+    """The packed inference layer of a SURGE layer (outputs equal the SURGE layer's eval-mode outputs).
 
-
-def packed_layer(layer: SurgeLayerMixin) -> BinaryLayerMixin:
-    """The packed inference layer of a SURGE layer (outputs equal the SURGE layer's eval-mode outputs)."""
-    check_packable([("", layer)])
+    Raises `ValueError`, naming the layer as `name`, for weights that cannot be packed to 1 bit (two weight planes).
+    """
+    if not layer.surge_config.packable:
+        raise ValueError(
+            f"{name or type(layer).__name__} has weight_planes={layer.surge_config.weight_planes}: a two-plane "
+            "(2-bit) training stage cannot be packed to 1 bit. Train a weight_planes=1 model from it "
+            "(scripts/glue.py --weight_planes_schedule 2,1 does), or save it unpacked."
+        )
     return layer_kind(layer).packed_type.from_surge(layer)
 
 
@@ -164,9 +161,9 @@ def finalize(model: nn.Module, sign_outputs: bool = True) -> nn.Module:
     layers = list(surge_layers(model))
     if not layers:
         raise ValueError("finalize() found no SURGE layer in this model; call surge_hf.binarize(model) first.")
-    check_packable(layers)
-    for name, layer in layers:
-        _set_submodule(model, name, packed_layer(layer))
+    packed = [(name, packed_layer(layer, name)) for name, layer in layers]  # every layer, before any is replaced
+    for name, layer in packed:
+        _set_submodule(model, name, layer)
     if sign_outputs:
         fold_sign_outputs(model)
     return model.eval()

@@ -303,7 +303,7 @@ class SurgePreTrainedMixin:
         originals = list(surge_layers(self))
         try:
             for name, layer in originals:
-                self.set_submodule(name, packed_layer(layer))
+                self.set_submodule(name, packed_layer(layer, name))
             self.config.surge_packed = True
             yield
         finally:

@@ -159,7 +159,12 @@ class WeightSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> Tensor:
         (weight,) = ctx.saved_tensors
-        return grad_output * (weight.abs() <= 1).to(grad_output.dtype)
+        return clipped_straight_through(grad_output, weight)
+
+
+def clipped_straight_through(grad_output: Tensor, weight: Tensor) -> Tensor:
+    """`dL/dW = dL/dQ * 1[|W| <= 1]`: the clipped straight-through gradient of a weight binarizer."""
+    return grad_output * (weight.abs() <= 1).to(grad_output.dtype)
 
 
 def residual_weight_codes(weight: Tensor, mode: str) -> Tensor:
@@ -192,7 +197,7 @@ class ResidualWeightCodes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (weight,) = ctx.saved_tensors
-        return grad_output * (weight.abs() <= 1).to(grad_output.dtype), None
+        return clipped_straight_through(grad_output, weight), None
 
 
 class ActivationQuantizer(torch.autograd.Function):

@@ -242,10 +242,10 @@ def run_stages(stages: list[PlannedStage], *, total: int, main_process: bool = T
             log(f"{where}: reusing the {stage.title} in {stage.folder} (made by this command: same model, data and "
                 "settings).")
         else:
-            doing = "continuing the interrupted" if planned.action is StageAction.RESUME else "training the"
-            log(f"{where}: {doing} {stage.title} in {stage.folder}: {planned.amount}.{planned.note}")
             if planned.train is None:
                 raise ValueError(f"The {stage.title} stage was planned without what trains it: set its `train`.")
+            doing = "continuing the interrupted" if planned.action is StageAction.RESUME else "training the"
+            log(f"{where}: {doing} {stage.title} in {stage.folder}: {planned.amount}.{planned.note}")
             with stage.running(planned.action, main_process=main_process):
                 planned.train(planned.action)
         if finished is not None:
