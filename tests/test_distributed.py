@@ -32,11 +32,12 @@ def _rank_run(rank: int, store: str, results: str) -> None:
         record[f"applied_{step}"] = layer.scaler.stats.lam.item()
         record[f"stored_{step}"] = layer.previous_lambda.item()
     torch.save(record, f"{results}/rank{rank}.pt")
+    del model  # before its process group: a DDP model freed after destroy_process_group can hang the rank's exit
     dist.destroy_process_group()
 
 
 def test_each_rank_keeps_its_own_previous_lambda(tmp_path):
-    mp.start_processes(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert ranks[0]["stored_0"] != ranks[1]["stored_0"]  # the batches differ, so do their lam
     for record in ranks:
@@ -77,11 +78,12 @@ def _fsdp_rank_run(rank: int, store: str, results: str) -> None:
     state = {name: value.full_tensor() for name, value in model.state_dict().items()}
     if rank == 0:
         torch.save(state, f"{results}/fsdp.pt")
+    del model, optimizer  # before their process group, as in `_rank_run`
     dist.destroy_process_group()
 
 
 def test_fsdp2_step_on_two_cpu_ranks_equals_the_step_of_the_averaged_rank_gradients(tmp_path):
-    mp.start_processes(_fsdp_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_fsdp_rank_run, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
     sharded = torch.load(tmp_path / "fsdp.pt")
     model = _tiny_surge_bert()
     gradients = []
