@@ -150,6 +150,10 @@ TEXT = Task(
         # the weight axis in the same 1,250 steps: 625 with two binary weight planes, then 625 at one plane from them
         "surge_w2_to_w1_1250": (*_surge("0.1"), *DEFAULT_RECIPE, "--weight_planes_schedule", "2,1",
                                 "--max_train_steps", "625"),
+        # twice the steps on teacher-labelled new inputs, with what helped or cost nothing at 1,250 steps: the frozen
+        # W_a (the cheaper step) and the weight axis (1,250 steps with two planes, then 1,250 at one plane)
+        "surge_frozen_aug4_w2_to_w1_2500": (*_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4",
+                                            "--weight_planes_schedule", "2,1", *STEPS_1250),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -170,7 +174,8 @@ TEXT = Task(
         # the best W1A1 rung of the ladder, SURGE against STE, three seeds (seed 0 is the ladder's run)
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
         "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
-                                 "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250"),
+                                 "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250",
+                                 "surge_frozen_aug4_w2_to_w1_2500"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
