@@ -154,6 +154,13 @@ TEXT = Task(
         # W_a (the cheaper step) and the weight axis (1,250 steps with two planes, then 1,250 at one plane)
         "surge_frozen_aug4_w2_to_w1_2500": (*_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4",
                                             "--weight_planes_schedule", "2,1", *STEPS_1250),
+        # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
+        # hidden-state term scale-free; the token-token relations of the hidden states added to it
+        "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
+        "surge_normalized_hidden_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
+                                         "--distill_hidden_states_loss", "normalized"),
+        "surge_hidden_relations_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
+                                        "--distill_hidden_relations_weight", "1"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_fixed_lam", "surge_shared_aux", "surge_previous_lam",
@@ -175,7 +182,8 @@ TEXT = Task(
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
         "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
                                  "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250",
-                                 "surge_frozen_aug4_w2_to_w1_2500"),
+                                 "surge_frozen_aug4_w2_to_w1_2500", "surge_no_latent_decay_1250",
+                                 "surge_normalized_hidden_1250", "surge_hidden_relations_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),
         "smoke": Suite(("full_precision", "ste", "surge", "surge_kd"), (0,), {"full_precision": (1e-4,),
@@ -201,6 +209,13 @@ VISION = Task(
         "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_binary_attention": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD, "--binarize_attention"),
         "full_precision_resnet_teacher": ("--binarize", "none", *VISION_RESNET_KD),
+        # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
+        # hidden-state term scale-free; the token-token relations of the hidden states added to it
+        "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
+        "surge_normalized_hidden_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
+                                         "--distill_hidden_states_loss", "normalized"),
+        "surge_hidden_relations_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
+                                        "--distill_hidden_relations_weight", "1"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),

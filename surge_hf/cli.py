@@ -28,7 +28,7 @@ from .configuration_surge import (
 )
 from .export import push_run
 from .hub import HubConfig, check_push_access
-from .objective import DistillationConfig
+from .objective import HIDDEN_STATES_LOSSES, DistillationConfig
 from .training import TrainingConfig, prepare_run
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
@@ -144,10 +144,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: fl
     group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=calibrate,
                        help="Initialise activation thresholds/scales from the first training batch.")
     group.add_argument("--latent_weight_learning_rate", type=float,
-                       help="Learning rate (and no weight decay) for the latent weights of binarized layers.")
+                       help="Learning rate (and no weight decay, unless --binary_weight_decay) for the latent "
+                            "weights of binarized layers.")
     group.add_argument("--quantizer_learning_rate", type=float,
-                       help="Learning rate (and no weight decay) for activation thresholds/scales and learned "
-                            "weight scales.")
+                       help="Learning rate (and no weight decay, unless --binary_weight_decay) for activation "
+                            "thresholds/scales and learned weight scales.")
+    group.add_argument("--binary_weight_decay", type=float,
+                       help="Weight decay of the binarized layers' latent weights (default: --weight_decay, or 0 "
+                            "with --latent_weight_learning_rate); 0 keeps decay from pulling latent weights towards "
+                            "their sign flips.")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -165,7 +170,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         resume_from_checkpoint=args.resume_from_checkpoint, report_to=report_to, cpu=args.cpu,
         calibrate_activations=args.calibrate_activations,
         latent_weight_learning_rate=args.latent_weight_learning_rate,
-        quantizer_learning_rate=args.quantizer_learning_rate,
+        quantizer_learning_rate=args.quantizer_learning_rate, binary_weight_decay=args.binary_weight_decay,
     )
 
 
@@ -180,6 +185,12 @@ def add_distillation_arguments(parser: argparse.ArgumentParser, *, intermediate:
     group.add_argument("--distill_logits_weight", type=float, default=1.0)
     if intermediate:
         group.add_argument("--distill_hidden_states_weight", type=float, default=0.0)
+        group.add_argument("--distill_hidden_states_loss", choices=HIDDEN_STATES_LOSSES, default="mse",
+                           help="mse: hidden states as they are; normalized: their directions, 2 - 2 cos per token "
+                                "(scale-free).")
+        group.add_argument("--distill_hidden_relations_weight", type=float, default=0.0,
+                           help="Weight of the MSE between the student's and the teacher's token-token cosine "
+                                "similarities in every layer's hidden states.")
         group.add_argument("--distill_attentions_weight", type=float, default=0.0)
 
 
@@ -190,6 +201,8 @@ def distillation_from_args(args: argparse.Namespace) -> DistillationConfig | Non
         temperature=args.distill_temperature, label_weight=args.distill_label_weight,
         logits_weight=args.distill_logits_weight,
         hidden_states_weight=getattr(args, "distill_hidden_states_weight", 0.0),
+        hidden_states_loss=getattr(args, "distill_hidden_states_loss", "mse"),
+        hidden_relations_weight=getattr(args, "distill_hidden_relations_weight", 0.0),
         attentions_weight=getattr(args, "distill_attentions_weight", 0.0),
         embedding_mixup_alpha=getattr(args, "embedding_mixup_alpha", 0.0),
         mask_padding=getattr(args, "distill_mask_padding", False),

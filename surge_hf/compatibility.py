@@ -46,13 +46,16 @@ def check_max_length(config: Any, max_length: int, source: str) -> None:
 def check_teacher_shapes(student: Any, teacher: Any, distillation: DistillationConfig, source: str) -> None:
     """Raise unless the teacher's hidden states / attention maps can be compared with the student's.
 
-    Hidden-state distillation needs the same hidden size and layer count; attention-map distillation the same
-    layer count and number of heads. Logit distillation needs neither.
+    Hidden-state distillation needs the same hidden size and layer count; hidden-state relations (token-token
+    similarities) the same layer count; attention-map distillation the same layer count and number of heads. Logit
+    distillation needs none of them.
     """
     needed = []
-    if distillation.needs_hidden_states:
+    if distillation.hidden_states_weight > 0:
         needed += [("hidden_size", "--distill_hidden_states_weight"), ("num_hidden_layers",
                                                                        "--distill_hidden_states_weight")]
+    if distillation.hidden_relations_weight > 0:
+        needed += [("num_hidden_layers", "--distill_hidden_relations_weight")]
     if distillation.needs_attentions:
         needed += [("num_hidden_layers", "--distill_attentions_weight"), ("num_attention_heads",
                                                                           "--distill_attentions_weight")]

@@ -3,13 +3,19 @@
 With student logits `z_s`, teacher logits `z_t`, temperature `T` and weights from `DistillationConfig`:
 
     L = label_weight * L_task + logits_weight * L_logits + hidden_states_weight * L_hidden
-        + attentions_weight * L_attn + L_aux                    (with a teacher)
+        + hidden_relations_weight * L_rel + attentions_weight * L_attn + L_aux     (with a teacher)
     L = L_task + L_aux                                          (without)
 
     L_logits = T^2 * KL(softmax(z_t / T) || softmax(z_s / T))     (classification; soft cross-entropy)
              = mean((z_s - z_t)^2)                                (regression)
     L_hidden = mean over layers l of mean((h_s^l - h_t^l)^2)        (embedding output and every layer; with
                                                                    mask_padding, over real tokens only)
+             = mean over layers l and tokens i of ||n(h_s^l_i) - n(h_t^l_i)||^2 = 2 - 2 cos(h_s^l_i, h_t^l_i)
+                                                                  (hidden_states_loss="normalized": scale-free,
+                                                                   n(v) = v / ||v||)
+    L_rel    = mean over layers l, examples and token pairs (i, j) of (R_s^l_ij - R_t^l_ij)^2,
+               R^l_ij = cos(h^l_i, h^l_j)                         (the token-token relations of each layer's hidden
+                                                                   states; over real tokens with mask_padding)
     L_attn   = mean over layers l of mean((A_s^l - A_t^l)^2)        (attention probabilities)
     L_aux    = sum over SURGE layers of w * mean((W_a x - f_b)^2)   (recipes with aux_loss_weight = w > 0)
 
@@ -42,6 +48,8 @@ from torch import Tensor, nn
 from .aux_loss import AuxiliaryLossCollector, collect_auxiliary_loss, record_auxiliary_loss
 from .teacher_cache import TEACHER_INDEX
 
+HIDDEN_STATES_LOSSES = ("mse", "normalized")
+"""The forms of L_hidden (`DistillationConfig.hidden_states_loss`)."""
 IGNORE_LABEL = -100
 """The class id of a row without a hard label (torch's `cross_entropy` default `ignore_index`): augmented inputs,
 learnt from the teacher's outputs alone."""
@@ -50,9 +58,11 @@ learnt from the teacher's outputs alone."""
 __all__ = [
     "AuxiliaryLossCollector",
     "DistillationConfig",
+    "HIDDEN_STATES_LOSSES",
     "collect_auxiliary_loss",
     "compute_loss",
     "distillation_loss",
+    "hidden_relations_loss",
     "layerwise_mse",
     "logits_distillation_loss",
     "record_auxiliary_loss",
@@ -69,14 +79,22 @@ class DistillationConfig:
     label_weight: float = 0.0
     logits_weight: float = 1.0
     hidden_states_weight: float = 0.0
+    hidden_states_loss: str = "mse"
+    hidden_relations_weight: float = 0.0
     attentions_weight: float = 0.0
     embedding_mixup_alpha: float = 0.0
     mask_padding: bool = False
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
+            if isinstance(value, str):
+                continue
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"DistillationConfig.{name}={value!r} must be a finite number >= 0.")
+        if self.hidden_states_loss not in HIDDEN_STATES_LOSSES:
+            raise ValueError(f"DistillationConfig.hidden_states_loss={self.hidden_states_loss!r} is not one of "
+                             f"{', '.join(HIDDEN_STATES_LOSSES)}: 'mse' compares hidden states as they are, "
+                             "'normalized' compares their directions (scale-free).")
         if self.temperature <= 0:
             raise ValueError(f"DistillationConfig.temperature={self.temperature!r} must be > 0.")
         if self.embedding_mixup_alpha > 0 and self.label_weight > 0:
@@ -87,7 +105,7 @@ class DistillationConfig:
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.hidden_states_weight > 0
+        return self.hidden_states_weight > 0 or self.hidden_relations_weight > 0
 
     @property
     def needs_attentions(self) -> bool:
@@ -103,20 +121,50 @@ def logits_distillation_loss(student: Tensor, teacher: Tensor, temperature: floa
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def layerwise_mse(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], what: str,
-                  token_mask: Tensor | None = None) -> Tensor:
-    """Mean over layers of the MSE between matching student and teacher tensors; with `token_mask` (B, L) of
-    hidden states (B, L, H), the mean runs over the tokens where the mask is 1 only."""
+def _check_layer_counts(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], what: str) -> None:
     if len(student) != len(teacher):
         raise ValueError(
             f"Cannot distil {what}: the student has {len(student)} and the teacher {len(teacher)}. Use a teacher "
             f"with the student's number of layers, or set the {what} distillation weight to 0."
         )
+
+
+def layerwise_mse(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], what: str,
+                  token_mask: Tensor | None = None, *, normalized: bool = False) -> Tensor:
+    """Mean over layers of the MSE between matching student and teacher tensors; with `token_mask` (B, L) of
+    hidden states (B, L, H), the mean runs over the tokens where the mask is 1 only.
+
+    With `normalized`, each token's vector is divided by its norm first and the squared distances are summed over
+    the last dim instead of averaged: per token ||n(s) - n(t)||^2 = 2 - 2 cos(s, t), whatever the two scales."""
+    _check_layer_counts(student, teacher, what)
+    if normalized:
+        student = tuple(F.normalize(s.float(), dim=-1) for s in student)
+        teacher = tuple(F.normalize(t.float(), dim=-1) for t in teacher)
+        return layerwise_mse(student, teacher, what, token_mask) * student[0].shape[-1]
     if token_mask is None:
         return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
     weights = token_mask.float().unsqueeze(-1)
     count = weights.sum() * student[0].shape[-1]
     return torch.stack([((s.float() - t.float()) ** 2 * weights).sum() / count
+                        for s, t in zip(student, teacher)]).mean()
+
+
+def hidden_relations_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...],
+                          token_mask: Tensor | None = None) -> Tensor:
+    """L_rel: mean over layers of the MSE between the student's and the teacher's token-token cosine similarities,
+    `R_ij = cos(h_i, h_j)` of each example's hidden states (B, L, H); with `token_mask` (B, L), over the pairs of
+    real tokens only. Scale-free, and defined whatever the two hidden sizes."""
+    _check_layer_counts(student, teacher, "hidden-state relations")
+
+    def relations(hidden: Tensor) -> Tensor:
+        unit = F.normalize(hidden.float(), dim=-1)
+        return unit @ unit.transpose(-1, -2)
+
+    if token_mask is None:
+        return torch.stack([F.mse_loss(relations(s), relations(t)) for s, t in zip(student, teacher)]).mean()
+    mask = token_mask.float()
+    pairs = mask.unsqueeze(-1) * mask.unsqueeze(-2)
+    return torch.stack([((relations(s) - relations(t)) ** 2 * pairs).sum() / pairs.sum()
                         for s, t in zip(student, teacher)]).mean()
 
 
@@ -140,15 +188,19 @@ def task_loss(outputs: Any, soft_labels: Tensor | None, labels: Tensor | None = 
 
 def distillation_loss(outputs: Any, teacher_outputs: Any, distillation: DistillationConfig,
                       is_regression: bool, attention_mask: Tensor | None = None) -> Tensor:
-    """logits_weight * L_logits + hidden_states_weight * L_hidden + attentions_weight * L_attn (`attention_mask`:
-    the real tokens, for `mask_padding`)."""
+    """logits_weight * L_logits + hidden_states_weight * L_hidden + hidden_relations_weight * L_rel
+    + attentions_weight * L_attn (`attention_mask`: the real tokens, for `mask_padding`)."""
     loss = distillation.logits_weight * logits_distillation_loss(
         outputs.logits, teacher_outputs.logits, distillation.temperature, is_regression
     )
-    if distillation.needs_hidden_states:
+    token_mask = attention_mask if distillation.mask_padding else None
+    if distillation.hidden_states_weight > 0:
         loss = loss + distillation.hidden_states_weight * layerwise_mse(
-            outputs.hidden_states, teacher_outputs.hidden_states, "hidden states",
-            attention_mask if distillation.mask_padding else None)
+            outputs.hidden_states, teacher_outputs.hidden_states, "hidden states", token_mask,
+            normalized=distillation.hidden_states_loss == "normalized")
+    if distillation.hidden_relations_weight > 0:
+        loss = loss + distillation.hidden_relations_weight * hidden_relations_loss(
+            outputs.hidden_states, teacher_outputs.hidden_states, token_mask)
     if distillation.needs_attentions:
         loss = loss + distillation.attentions_weight * layerwise_mse(
             outputs.attentions, teacher_outputs.attentions, "attention maps")

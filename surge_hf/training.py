@@ -76,6 +76,7 @@ class TrainingConfig:
     calibrate_activations: bool = False
     latent_weight_learning_rate: float | None = None
     quantizer_learning_rate: float | None = None
+    binary_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
@@ -86,9 +87,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {value!r}.")
-        for name in ("num_warmup_steps", "weight_decay"):
+        for name in ("num_warmup_steps", "weight_decay", "binary_weight_decay"):
             value = getattr(self, name)
-            if not value >= 0:
+            if value is not None and not value >= 0:
                 raise ValueError(f"TrainingConfig.{name} must be >= 0, got {value!r}.")
 
     def run_settings(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -144,13 +145,16 @@ def parameter_groups(
     weight_decay: float,
     latent_weight_learning_rate: float | None = None,
     quantizer_learning_rate: float | None = None,
+    binary_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: `weight_decay` on `decay_parameter_names(model)`, none on the rest.
 
-    With `latent_weight_learning_rate`, the latent weights of binarized layers (whose signs are the binary weights)
-    form their own group at that learning rate and without weight decay, so that signs can move within a short run
-    whatever the base learning rate. With `quantizer_learning_rate`, the quantizers' thresholds and scales (tau, s,
-    learned alpha) likewise. The scheduler scales every group's learning rate by the same factor.
+    The latent weights of binarized layers (whose signs are the binary weights) form a group of their own with
+    `latent_weight_learning_rate` (so that signs can move within a short run whatever the base learning rate) or
+    `binary_weight_decay` (their weight decay; 0 where only the learning rate is their own); otherwise they are
+    decayed like any other weight. With `quantizer_learning_rate`, the quantizers' thresholds and scales (tau, s,
+    learned alpha) form one too, without weight decay. The scheduler scales every group's learning rate by the same
+    factor.
     """
     latent_ids, quantizer_ids = set(), set()
     for _, layer in surge_layers(model):
@@ -158,24 +162,27 @@ def parameter_groups(
             latent_ids.add(id(layer.weight))
         quantizer_ids.update(id(p) for p in (layer.input_threshold, layer.input_scale, layer.weight_scale)
                              if p is not None)
+    separate_latent = latent_weight_learning_rate is not None or binary_weight_decay is not None
+    separate_quantizer = quantizer_learning_rate is not None
     decayed = decay_parameter_names(model)
     decay, no_decay, latent, quantizer = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if latent_weight_learning_rate is not None and id(param) in latent_ids:
+        if separate_latent and id(param) in latent_ids:
             latent.append(param)
-        elif quantizer_learning_rate is not None and id(param) in quantizer_ids:
+        elif separate_quantizer and id(param) in quantizer_ids:
             quantizer.append(param)
         elif name in decayed:
             decay.append(param)
         else:
             no_decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if latent:
-        groups.append({"params": latent, "weight_decay": 0.0, "lr": latent_weight_learning_rate})
-    if quantizer:
-        groups.append({"params": quantizer, "weight_decay": 0.0, "lr": quantizer_learning_rate})
+    for params, learning_rate, decay_rate in ((latent, latent_weight_learning_rate, binary_weight_decay or 0.0),
+                                              (quantizer, quantizer_learning_rate, 0.0)):
+        if params:
+            groups.append({"params": params, "weight_decay": decay_rate,
+                           **({} if learning_rate is None else {"lr": learning_rate})})
     return groups
 
 
@@ -280,7 +287,7 @@ def train(
     accelerator.print(f"Training into {config.output_dir}: {max_steps} optimizer steps ({num_epochs} epoch(s) of "
                       f"{steps_per_epoch} steps) at learning rate {config.learning_rate:g}.")
     groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
-                              config.quantizer_learning_rate)
+                              config.quantizer_learning_rate, config.binary_weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
                               num_training_steps=max_steps)

@@ -138,9 +138,11 @@ def test_full_precision_teacher_then_distilled_student(tiny_bert, data_files, tm
 
     student = glue_script.main(run_args(
         tiny_bert, data_files, tmp_path / "student", "--teacher_model_name_or_path", str(teacher_dir),
-        "--distill_hidden_states_weight", "0.5", "--distill_attentions_weight", "0.5", "--distill_temperature", "2"))
+        "--distill_hidden_states_weight", "0.5", "--distill_attentions_weight", "0.5", "--distill_temperature", "2",
+        "--distill_hidden_states_loss", "normalized", "--distill_hidden_relations_weight", "0.25"))
     assert student["distillation"] == {"temperature": 2.0, "label_weight": 0.0, "logits_weight": 1.0,
-                                       "hidden_states_weight": 0.5, "attentions_weight": 0.5,
+                                       "hidden_states_weight": 0.5, "hidden_states_loss": "normalized",
+                                       "hidden_relations_weight": 0.25, "attentions_weight": 0.5,
                                        "embedding_mixup_alpha": 0.0, "mask_padding": False}
 
 

@@ -21,6 +21,7 @@ from surge_hf import (
     collect_auxiliary_loss,
     compute_loss,
 )
+from surge_hf.objective import hidden_relations_loss, layerwise_mse
 
 AUX = SurgeConfig(aux_loss_weight=0.5)
 
@@ -150,6 +151,63 @@ def test_the_teacher_reaches_the_student_gradient(term, through, trainer):
     first, second = _student_gradient(term, teacher(1), use), _student_gradient(term, teacher(2), use)
     assert first.abs().sum() > 0
     assert not torch.allclose(first, second)
+
+
+def test_normalized_hidden_state_loss_is_two_minus_twice_the_cosine_per_real_token():
+    # token 0: orthogonal directions (cos 0); token 1: the same direction at another scale (cos 1); token 2: padding
+    student = (torch.tensor([[[3.0, 0.0], [1.0, 1.0], [5.0, -7.0]]]),)
+    teacher = (torch.tensor([[[0.0, 2.0], [4.0, 4.0], [0.0, 0.0]]]),)
+    mask = torch.tensor([[1, 1, 0]])
+    assert layerwise_mse(student, teacher, "hidden states", mask, normalized=True).item() == pytest.approx(
+        ((2 - 2 * 0) + (2 - 2 * 1)) / 2)
+    scaled = (teacher[0] * 10,)
+    assert layerwise_mse(student, scaled, "hidden states", mask, normalized=True).item() == pytest.approx(1.0)
+
+
+def test_hidden_relations_loss_compares_token_token_cosines_of_real_tokens():
+    # student tokens at cosines [[1, 0], [0, 1]]; teacher tokens parallel: [[1, 1], [1, 1]]; the third is padding
+    student = (torch.tensor([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]]),) * 2
+    teacher = (torch.tensor([[[1.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]]),) * 2
+    mask = torch.tensor([[1, 1, 0]])
+    assert hidden_relations_loss(student, teacher, mask).item() == pytest.approx((0 + 1 + 1 + 0) / 4)
+    # unmasked: all 9 pairs (cos(s_2, s_0) = cos(s_2, s_1) = 1/sqrt2; teacher: cos(t_2, t_0) = -1/sqrt2)
+    r = 2 ** -0.5
+    s_rel = torch.tensor([[1, 0, r], [0, 1, r], [r, r, 1]])
+    t_rel = torch.tensor([[1, 1, -r], [1, 1, -r], [-r, -r, 1]])
+    assert hidden_relations_loss(student, teacher).item() == pytest.approx(((s_rel - t_rel) ** 2).mean().item())
+    with pytest.raises(ValueError, match=r"Cannot distil hidden-state relations: the student has 2 and the teacher "
+                                         r"1\. Use a teacher with the student's number of layers"):
+        hidden_relations_loss(student, teacher[:1])
+
+
+@pytest.mark.parametrize("form", ["normalized", "relations"])
+def test_scale_free_hidden_state_terms_reach_the_student_gradient(form):
+    model, data = student(SurgeConfig()).train(), batch()
+    weights = ({"hidden_states_weight": 1.0, "hidden_states_loss": "normalized"} if form == "normalized"
+               else {"hidden_relations_weight": 1.0})
+    gradients = []
+    for seed in (1, 2):
+        model.zero_grad()
+        loss, outputs = compute_loss(model, data, teacher(seed), DistillationConfig(logits_weight=0.0, **weights))
+        teacher_hidden = teacher(seed)(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
+                                       output_hidden_states=True).hidden_states
+        pairs = list(zip(outputs.hidden_states, teacher_hidden))
+        if form == "normalized":
+            expected = sum((2 - 2 * F.cosine_similarity(s, t, dim=-1)).mean() for s, t in pairs) / len(pairs)
+        else:
+            expected = sum(((F.cosine_similarity(s.unsqueeze(2), s.unsqueeze(1), dim=-1)
+                             - F.cosine_similarity(t.unsqueeze(2), t.unsqueeze(1), dim=-1)) ** 2).mean()
+                           for s, t in pairs) / len(pairs)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert gradients[0].abs().sum() > 0 and not torch.allclose(gradients[0], gradients[1])
+
+
+def test_distillation_config_refuses_an_unknown_hidden_state_loss():
+    with pytest.raises(ValueError, match=r"DistillationConfig.hidden_states_loss='cosine' is not one of mse, "
+                                         r"normalized"):
+        DistillationConfig(hidden_states_loss="cosine")
 
 
 def test_label_weight_adds_the_task_loss_without_the_auxiliary_loss():

@@ -48,6 +48,23 @@ def test_weight_decay_skips_vit_layernorms_biases_and_binarizer_parameters():
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
 
 
+def test_binary_weight_decay_gives_latent_weights_their_own_decay():
+    model = surge_hf.binarize(tiny_vit(), surge_hf.SurgeConfig(activation_binarizer="elastic",
+                                                               learnable_weight_scale=True))
+    latent = {id(layer.weight) for _, layer in surge_hf.surge_layers(model)}
+    decayed_ids = {id(param) for name, param in model.named_parameters() if name in decay_parameter_names(model)}
+    groups = parameter_groups(model, 0.05, binary_weight_decay=0.0)
+    assert [group["weight_decay"] for group in groups] == [0.05, 0.0, 0.0]
+    assert "lr" not in groups[2] and {id(p) for p in groups[2]["params"]} == latent
+    assert {id(p) for p in groups[0]["params"]} == decayed_ids - latent
+    # with their own learning rate: still the decay asked for; the quantizers get a group without decay
+    groups = parameter_groups(model, 0.05, latent_weight_learning_rate=1e-3, quantizer_learning_rate=2e-3,
+                              binary_weight_decay=0.2)
+    assert [(group["weight_decay"], group.get("lr")) for group in groups] == [(0.05, None), (0.0, None),
+                                                                             (0.2, 1e-3), (0.0, 2e-3)]
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+
+
 def test_weight_decay_skips_resnet_batchnorms():
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
@@ -73,6 +90,7 @@ def test_weight_decay_skips_model_specific_norm_classes():
     ({"per_device_train_batch_size": 0}, r"TrainingConfig.per_device_train_batch_size must be > 0, got 0"),
     ({"max_grad_norm": -1.0}, r"TrainingConfig.max_grad_norm must be > 0, got -1.0"),
     ({"weight_decay": -0.1}, r"TrainingConfig.weight_decay must be >= 0, got -0.1"),
+    ({"binary_weight_decay": -0.1}, r"TrainingConfig.binary_weight_decay must be >= 0, got -0.1"),
 ])
 def test_training_config_errors_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

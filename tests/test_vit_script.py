@@ -167,7 +167,8 @@ def test_imagefolder_full_precision_then_binary_student_from_the_checkpoint(fold
                                        "--distill_temperature", "2", "--max_train_steps", "2"))
     assert student["recipe"]["compensator"] == "ste"
     assert student["distillation"] == {"temperature": 2.0, "label_weight": 0.0, "logits_weight": 1.0,
-                                       "hidden_states_weight": 0.0, "attentions_weight": 0.0,
+                                       "hidden_states_weight": 0.0, "hidden_states_loss": "mse",
+                                       "hidden_relations_weight": 0.0, "attentions_weight": 0.0,
                                        "embedding_mixup_alpha": 0.0, "mask_padding": False}
     processors = [json.loads((d / "preprocessor_config.json").read_text()) for d in (teacher_dir, student_dir)]
     assert processors[1]["image_mean"] == processors[0]["image_mean"]  # the checkpoint's normalisation is kept
