@@ -1,16 +1,26 @@
 """surge_hf: train, share and deploy binary (1-bit) neural networks with SURGE, the Hugging Face way.
 
+The modules at the top of the package are what a checkpoint runs: transformers copies the ones `modeling_surge_*.py`
+reaches into every saved model for `trust_remote_code`. The subpackages are the harness, which ships with no
+checkpoint: `training` (the training loop, objective, checkpoints and runs of the scripts), `data` (datasets,
+augmentation and metrics), `hub` (model cards and uploads) and `analysis` (bit accounts and deployment reports).
+
 `import surge_hf` registers the SURGE configs and models with the transformers Auto classes and loads only what a
 checkpoint runs (the layers, the recipe and the model classes). Every other public name is imported from its module
 on first use, so loading a checkpoint imports nothing of the training harness that transformers itself does not
 (no `transformers.Trainer`, `datasets`, `evaluate` or model-card templates); `from surge_hf import X` works for
-every name in `__all__` either way.
+every name in `__all__` either way. The module paths of the previous release import their new modules, with a
+`FutureWarning`, until the next release.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+import warnings
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
 from .auto import binarize as binarize  # the function, which shadows the submodule `surge_hf.binarize`
@@ -64,12 +74,12 @@ _LAZY_IMPORTS: dict[str, str] = {
     "push_to_hub": "hub",
     "write_model_card": "hub",
     # Analysis: bits and sizes per layer, SURGE's per-layer diagnostics, speed and memory measured on this machine.
-    "BitAccount": "accounting",
-    "LayerAccount": "accounting",
-    "summary": "accounting",
+    "BitAccount": "analysis.accounting",
+    "LayerAccount": "analysis.accounting",
+    "summary": "analysis.accounting",
     "diagnostics": "binarize",
-    "DeploymentReport": "deployment",
-    "measure_deployment": "deployment",
+    "DeploymentReport": "analysis.deployment",
+    "measure_deployment": "analysis.deployment",
 }
 
 __all__ = sorted(["binarize", "register_auto_classes", *_LAZY_IMPORTS])
@@ -81,20 +91,79 @@ _REMOVED = {
                       "outputs.loss. See CHANGELOG.md.",
 }
 
+# Modules of the previous release that moved into a subpackage (names relative to the package): the old name, or a
+# submodule under it, imports the new module itself, with a FutureWarning naming it, until the next release.
+_MOVED_MODULES: dict[str, str] = {
+    "accounting": "analysis.accounting",
+    "deployment": "analysis.deployment",
+}
+
+# Modules removed in the previous release: importing one raises an ImportError naming what replaces it.
+_REMOVED_MODULES: dict[str, str] = {
+    "distillation": (
+        "surge_hf.distillation was merged into surge_hf.objective: import DistillationConfig, compute_loss, "
+        "logits_distillation_loss, layerwise_mse and soft_cross_entropy from surge_hf.objective (DistillationConfig "
+        "and compute_loss also from surge_hf). See CHANGELOG.md."
+    ),
+    "losses": (
+        "surge_hf.losses was removed, and auxiliary_loss(model) with it: the auxiliary loss is collected during the "
+        "forward pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
+        "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in outputs.loss, and "
+        "surge_hf.objective.compute_loss counts it once. See CHANGELOG.md."
+    ),
+}
+
+
+def _warn_moved(old: str, new: str) -> None:
+    warnings.warn(f"{old} moved to {new}: import it from there (the old name works until the next release). See "
+                  "CHANGELOG.md.", FutureWarning, stacklevel=3)
+
+
+class _PreviousReleaseModules:
+    """The `sys.meta_path` finder (and loader) of the module names of the previous release.
+
+    A moved module's old name (`surge_hf.accounting`, or a submodule under it) is an alias of its new module: the
+    import returns the new module object, after a FutureWarning naming it, and leaves it in `sys.modules` under both
+    names. A removed module's name raises the ImportError that names its replacement. Other names are left to the
+    other finders.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if not fullname.startswith(f"{__name__}."):
+            return None
+        old, _, rest = fullname.removeprefix(f"{__name__}.").partition(".")
+        if old in _REMOVED_MODULES:
+            raise ImportError(_REMOVED_MODULES[old])
+        if old not in _MOVED_MODULES:
+            return None
+        new = ".".join(part for part in (__name__, _MOVED_MODULES[old], rest) if part)
+        return ModuleSpec(fullname, self, loader_state=new)
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        _warn_moved(spec.name, spec.loader_state)
+        return importlib.import_module(spec.loader_state)
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Nothing to run: the module is the new one, already imported."""
+
+
+# First, so that no other finder (an editable install's) resolves an old name to a stale file.
+sys.meta_path.insert(0, _PreviousReleaseModules())
+
 
 def _submodule_names() -> set[str]:
     return {info.name for info in pkgutil.iter_modules(__path__)}
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name (or a submodule, as `surge_hf.objective`) on first access and keep it; name the
+    """Import a public name (or a submodule, as `surge_hf.analysis`) on first access and keep it; name the
     replacement of an API removed in the previous release (an `ImportError`, so that `from surge_hf import name`
     shows the message too)."""
     if name in _LAZY_IMPORTS:
         value = getattr(importlib.import_module(f".{_LAZY_IMPORTS[name]}", __name__), name)
     elif name in _REMOVED:
         raise ImportError(_REMOVED[name])
-    elif name in _submodule_names():
+    elif name in _submodule_names() or name in _MOVED_MODULES or name in _REMOVED_MODULES:
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -104,4 +173,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-

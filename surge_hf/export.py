@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .accounting import summary
+from .analysis.accounting import summary
 from .configuration_surge import SurgeConfig
 from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
 from .objective import DistillationConfig

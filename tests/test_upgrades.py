@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -63,6 +64,44 @@ def test_moved_names_keep_their_old_import_locations():
     for name in ("AuxiliaryLossCollector", "collect_auxiliary_loss", "record_auxiliary_loss"):
         assert getattr(objective, name) is getattr(aux_loss, name)
     assert surge_hf.collect_auxiliary_loss is aux_loss.collect_auxiliary_loss
+
+
+# Modules of the previous release that moved into a subpackage: old name -> new name (CHANGELOG.md's table).
+MOVED_MODULES = {
+    "surge_hf.accounting": "surge_hf.analysis.accounting",
+    "surge_hf.deployment": "surge_hf.analysis.deployment",
+}
+
+
+def moved_message(old: str, new: str) -> str:
+    return exact(f"{old} moved to {new}: import it from there (the old name works until the next release). See "
+                 "CHANGELOG.md.")
+
+
+def forget(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """Make the next import of `module` (a name of surge_hf) run the import system again."""
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    if module.removeprefix("surge_hf.") in vars(surge_hf):  # (hasattr would import it)
+        monkeypatch.delattr(surge_hf, module.removeprefix("surge_hf."))
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_MODULES.items()))
+def test_a_moved_module_imports_from_its_old_name_as_the_new_module_with_a_warning(old, new, monkeypatch):
+    forget(monkeypatch, old)
+    with pytest.warns(FutureWarning, match=moved_message(old, new)):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    assert sys.modules[old] is module and getattr(surge_hf, old.removeprefix("surge_hf.")) is module
+
+
+def test_old_module_paths_work_in_every_form_of_import(monkeypatch):
+    for old in MOVED_MODULES:
+        forget(monkeypatch, old)
+    with pytest.warns(FutureWarning, match=moved_message("surge_hf.accounting", "surge_hf.analysis.accounting")):
+        from surge_hf.accounting import summary
+    assert summary is surge_hf.summary
+    with pytest.warns(FutureWarning, match=moved_message("surge_hf.deployment", "surge_hf.analysis.deployment")):
+        assert surge_hf.deployment is importlib.import_module("surge_hf.analysis.deployment")
 
 
 def test_renamed_layer_constructors_name_from_float():

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .embeddings import dequantize_embeddings
-from .layers import BinaryConv2d, BinaryLinear
+from .. import kernels
+from ..embeddings import dequantize_embeddings
+from ..layers import BinaryConv2d, BinaryLinear
 
 
 @dataclass

@@ -16,7 +16,7 @@ ceil(width / 2) + bytes(scales) + bytes(full precision)` with full-precision num
 scales. When example inputs are given, a forward pass counts the multiply-accumulates of every Linear/Conv2d module
 (binary or not), so the binary share of those MACs can be reported; matmuls outside modules (attention scores) are
 not counted. `summary(model, ..., deployment=measure_deployment(...))` adds the
-measured speed and memory of the packed model on this machine (`surge_hf.deployment`).
+measured speed and memory of the packed model on this machine (`surge_hf.analysis.deployment`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..embeddings import Int4Embedding, Int8Embedding
+from ..kernels import PackedSigns
+from ..layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
+from ..packing import packed_row_bytes
 from .deployment import DeploymentReport
-from .embeddings import Int4Embedding, Int8Embedding
-from .kernels import PackedSigns
-from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
-from .packing import packed_row_bytes
 
 _FLOAT_BYTES = 4
 

@@ -17,7 +17,7 @@ from surge_hf import (
     measure_deployment,
     summary,
 )
-from surge_hf.deployment import float32_twin
+from surge_hf.analysis.deployment import float32_twin
 from surge_hf.hub import render_model_card
 from test_hub import text_context
 
