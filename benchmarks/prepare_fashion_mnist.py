@@ -7,7 +7,7 @@ first N training images (the arrays are already shuffled), e.g. 25000 for the re
 
     python benchmarks/prepare_fashion_mnist.py --output_dir data/fashion_mnist_hf --train_limit 25000
 
-The result loads with ``surge_hf.image_data.load_image_classification_data("data/fashion_mnist_hf")``.
+The result loads with ``surge_hf.data.image.load_image_classification_data("data/fashion_mnist_hf")``.
 """
 
 from __future__ import annotations

@@ -38,9 +38,11 @@ from surge_hf.compatibility import (
     check_teacher_shapes,
     check_trainable_checkpoint,
 )
-from surge_hf.demo import demo_model_path, write_demo_dataset
+from surge_hf.data.demo import demo_model_path, write_demo_dataset
+from surge_hf.data.metrics import GLUE_TASKS, compute_metrics, get_glue_task
+from surge_hf.data.text import LABEL_COLUMN, check_label_names, load_text_data, preprocess
+from surge_hf.data.text_augmentation import TextAugmentationConfig, augment_dataset
 from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
-from surge_hf.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.objective import DistillationConfig
 from surge_hf.output_dir import check_output_dir, is_main_process, locked_output_dir
@@ -55,8 +57,6 @@ from surge_hf.stages import (
     stage_record,
 )
 from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
-from surge_hf.text_augmentation import TextAugmentationConfig, augment_dataset
-from surge_hf.text_data import LABEL_COLUMN, check_label_names, load_text_data, preprocess
 from surge_hf.training import build_accelerator, train
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--augment", type=int, default=0, metavar="N",
                       help="Add N new sentences per training example, labelled by the teacher alone (word "
                            "replacement by the model's own embedding neighbours, word dropout, recombination of "
-                           "same-label snippets; surge_hf.text_augmentation). Needs a teacher.")
+                           "same-label snippets; surge_hf.data.text_augmentation). Needs a teacher.")
     data.add_argument("--augment_replace_probability", type=float, default=0.3)
     data.add_argument("--augment_drop_probability", type=float, default=0.1)
     data.add_argument("--augment_recombine_probability", type=float, default=0.25)

@@ -42,17 +42,17 @@ import surge_hf
 from surge_hf import cli
 from surge_hf.compatibility import check_image_teacher, check_trainable_checkpoint
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
-from surge_hf.export import export_run, push_run
-from surge_hf.image_data import (
+from surge_hf.data.image import (
     ImageClassificationData,
     ImageDataInfo,
     detect_dataset_source,
     load_image_classification_data,
 )
-from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.data.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.data.image_transforms import AugmentConfig
+from surge_hf.data.metrics import compute_metrics
+from surge_hf.export import export_run, push_run
 from surge_hf.image_teachers import load_image_teacher, small_resnet_config
-from surge_hf.image_transforms import AugmentConfig
-from surge_hf.metrics import compute_metrics
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
 from surge_hf.output_dir import locked_output_dir
 from surge_hf.stages import PlannedStage, Stage, StageAction, content_digest, plan_stages, run_stages, stage_record

@@ -96,6 +96,14 @@ _REMOVED = {
 _MOVED_MODULES: dict[str, str] = {
     "accounting": "analysis.accounting",
     "deployment": "analysis.deployment",
+    "demo": "data.demo",
+    "glue_metric": "data.glue_metric",
+    "image_data": "data.image",
+    "image_processing": "data.image_processing",
+    "image_transforms": "data.image_transforms",
+    "metrics": "data.metrics",
+    "text_augmentation": "data.text_augmentation",
+    "text_data": "data.text",
 }
 
 # Modules removed in the previous release: importing one raises an ImportError naming what replaces it.

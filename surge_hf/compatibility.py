@@ -12,10 +12,10 @@ from typing import Any
 
 from transformers import AutoModelForImageClassification
 
-from .image_data import ImageDataInfo
+from .data.image import ImageDataInfo
+from .data.text import TextDataInfo
 from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
-from .text_data import TextDataInfo
 
 
 def check_trainable_checkpoint(config: Any, name_or_path: str) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
 
 from .compatibility import check_image_teacher
-from .image_data import ImageDataInfo
+from .data.image import ImageDataInfo
 
 LUMINANCE = (0.299, 0.587, 0.114)
 

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from transformers import BertConfig, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
 from surge_hf.compatibility import check_image_teacher
-from surge_hf.image_data import ImageDataInfo
+from surge_hf.data.image import ImageDataInfo
 from surge_hf.image_teachers import (
     TeacherInputAdapter,
     load_image_teacher,

@@ -70,12 +70,19 @@ def test_moved_names_keep_their_old_import_locations():
 MOVED_MODULES = {
     "surge_hf.accounting": "surge_hf.analysis.accounting",
     "surge_hf.deployment": "surge_hf.analysis.deployment",
+    "surge_hf.demo": "surge_hf.data.demo",
+    "surge_hf.glue_metric": "surge_hf.data.glue_metric",
+    "surge_hf.image_data": "surge_hf.data.image",
+    "surge_hf.image_processing": "surge_hf.data.image_processing",
+    "surge_hf.image_transforms": "surge_hf.data.image_transforms",
+    "surge_hf.metrics": "surge_hf.data.metrics",
+    "surge_hf.text_augmentation": "surge_hf.data.text_augmentation",
+    "surge_hf.text_data": "surge_hf.data.text",
 }
 
 
 def moved_message(old: str, new: str) -> str:
-    return exact(f"{old} moved to {new}: import it from there (the old name works until the next release). See "
-                 "CHANGELOG.md.")
+    return f"{old} moved to {new}: import it from there (the old name works until the next release). See CHANGELOG.md."
 
 
 def forget(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
@@ -88,20 +95,26 @@ def forget(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
 @pytest.mark.parametrize(("old", "new"), sorted(MOVED_MODULES.items()))
 def test_a_moved_module_imports_from_its_old_name_as_the_new_module_with_a_warning(old, new, monkeypatch):
     forget(monkeypatch, old)
-    with pytest.warns(FutureWarning, match=moved_message(old, new)):
+    with pytest.warns(FutureWarning, match=exact(moved_message(old, new))):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert sys.modules[old] is module and getattr(surge_hf, old.removeprefix("surge_hf.")) is module
 
 
 def test_old_module_paths_work_in_every_form_of_import(monkeypatch):
-    for old in MOVED_MODULES:
+    for old in [*MOVED_MODULES, "surge_hf.glue_metric.glue_metric"]:
         forget(monkeypatch, old)
-    with pytest.warns(FutureWarning, match=moved_message("surge_hf.accounting", "surge_hf.analysis.accounting")):
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.accounting", "surge_hf.analysis.accounting"))):
         from surge_hf.accounting import summary
     assert summary is surge_hf.summary
-    with pytest.warns(FutureWarning, match=moved_message("surge_hf.deployment", "surge_hf.analysis.deployment")):
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.deployment", "surge_hf.analysis.deployment"))):
         assert surge_hf.deployment is importlib.import_module("surge_hf.analysis.deployment")
+    with pytest.warns(FutureWarning) as caught:
+        import surge_hf.glue_metric.glue_metric as glue_metric
+    assert [str(warning.message) for warning in caught] == [
+        moved_message("surge_hf.glue_metric", "surge_hf.data.glue_metric"),
+        moved_message("surge_hf.glue_metric.glue_metric", "surge_hf.data.glue_metric.glue_metric")]
+    assert glue_metric is importlib.import_module("surge_hf.data.glue_metric.glue_metric")
 
 
 def test_renamed_layer_constructors_name_from_float():

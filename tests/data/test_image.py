@@ -1,4 +1,4 @@
-"""Tests of surge_hf.image_data, image_transforms, image_processing and benchmarks/prepare_fashion_mnist.py, on tiny
+"""Tests of surge_hf.data.image, image_transforms, image_processing and benchmarks/prepare_fashion_mnist.py, on tiny
 generated datasets (offline)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from surge_hf.image_data import ImageDataInfo, detect_dataset_source, load_image_classification_data
-from surge_hf.image_processing import ImageCollator, build_image_processor, compute_mean_std
-from surge_hf.image_transforms import (
+from surge_hf.data.image import ImageDataInfo, detect_dataset_source, load_image_classification_data
+from surge_hf.data.image_processing import ImageCollator, build_image_processor, compute_mean_std
+from surge_hf.data.image_transforms import (
     AugmentConfig,
     crop_with_offsets,
     cutmix_batch,
@@ -28,7 +28,7 @@ from surge_hf.image_transforms import (
 datasets = pytest.importorskip("datasets")
 Image = pytest.importorskip("PIL.Image")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 CLASSES = ("ant", "bee", "cat")
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from surge_hf.metrics import (
+from surge_hf.data.metrics import (
     GLUE_TASKS,
     compute_metrics,
     get_glue_task,

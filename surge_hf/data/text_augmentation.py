@@ -16,7 +16,7 @@ needs no download and no MLM head:
 Every example gets ``copies`` new sentences. The result is a pure function of the data, the embedding table and
 ``seed``: the same inputs give the same sentences in the same order, so paired runs share them and a resumed run
 sees what the interrupted one saw. New rows carry ``AUGMENTED_COLUMN = True``; their label is never used as a
-target (``text_data.preprocess`` gives them ``IGNORE_LABEL``), the teacher's outputs on them are.
+target (``surge_hf.data.text.preprocess`` gives them ``IGNORE_LABEL``), the teacher's outputs on them are.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..objective import IGNORE_LABEL
 from .metrics import get_glue_task, metric_config_name
-from .objective import IGNORE_LABEL
 from .text_augmentation import AUGMENTED_COLUMN
 
 GLUE_HUB_ID = "nyu-mll/glue"
@@ -89,7 +89,7 @@ class TextDataInfo:
 
     @property
     def metric_config(self) -> str:
-        """Config name for ``surge_hf.metrics.compute_metrics`` / ``load_glue_metric``."""
+        """Config name for ``surge_hf.data.metrics.compute_metrics`` / ``load_glue_metric``."""
         return metric_config_name(self.task_name, self.is_regression)
 
 
@@ -208,7 +208,7 @@ def preprocess(
     """Tokenize the train and evaluation splits and map their labels to ids, ready for a DataLoader.
 
     Texts are truncated to ``max_length`` tokens (pairs: longest first). Rows marked by ``AUGMENTED_COLUMN``
-    (``surge_hf.text_augmentation``) get the label ``IGNORE_LABEL``: they are learnt from the teacher alone. With
+    (``surge_hf.data.text_augmentation``) get the label ``IGNORE_LABEL``: they are learnt from the teacher alone. With
     ``pad_to_max_length`` every example
     is padded to ``max_length`` and batches are stacked by ``default_data_collator``; otherwise batches are padded
     to their longest example (rounded up to ``pad_to_multiple_of``) by ``DataCollatorWithPadding``.

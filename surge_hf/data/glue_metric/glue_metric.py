@@ -1,14 +1,14 @@
-"""``evaluate`` metric module for the GLUE tasks, loaded offline with ``surge_hf.metrics.load_glue_metric``.
+"""``evaluate`` metric module for the GLUE tasks, loaded offline with ``surge_hf.data.metrics.load_glue_metric``.
 
 The config name is a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or ``classification`` /
-``regression`` for local data. The numbers come from ``surge_hf.metrics.compute_metrics``; its docstring gives
+``regression`` for local data. The numbers come from ``surge_hf.data.metrics.compute_metrics``; its docstring gives
 the formulas.
 """
 
 import datasets
 import evaluate
 
-from surge_hf.metrics import compute_metrics, is_regression_config, metric_names
+from surge_hf.data.metrics import compute_metrics, is_regression_config, metric_names
 
 _DESCRIPTION = (
     "GLUE metrics: accuracy; F1 (positive class 1) and accuracy for mrpc and qqp; Matthews correlation for cola; "

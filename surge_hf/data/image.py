@@ -3,7 +3,7 @@
 :func:`load_image_classification_data` loads a Hub dataset, an ``imagefolder`` directory or a folder written by
 ``save_to_disk``, finds the image and label columns, checks a bounded sample of images, and returns the train and
 eval splits with an :class:`ImageDataInfo` (channels, size, label names). The tensors are made by
-``surge_hf.image_transforms`` and batched by ``surge_hf.image_processing.ImageCollator``.
+``surge_hf.data.image_transforms`` and batched by ``surge_hf.data.image_processing.ImageCollator``.
 
 ``datasets`` is imported inside the functions that need it.
 """

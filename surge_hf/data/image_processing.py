@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .image_data import ImageDataInfo
+from .image import ImageDataInfo
 from .image_transforms import (
     AugmentConfig,
     cutmix_batch,

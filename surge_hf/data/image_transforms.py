@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .image_data import MODE_CHANNELS, ImageDataInfo
+from .image import MODE_CHANNELS, ImageDataInfo
 
 
 def to_tensor(image: Any) -> torch.Tensor:

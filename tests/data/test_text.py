@@ -14,9 +14,9 @@ import torch
 from transformers import BertConfig, BertTokenizer
 
 from surge_hf.compatibility import check_label_compatibility
-from surge_hf.text_data import TextDataInfo, load_text_data, preprocess, resolve_data_info
+from surge_hf.data.text import TextDataInfo, load_text_data, preprocess, resolve_data_info
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "film", "great", "awful", "the",
          "cat", "sat", "dog", "ran"]
 VOCAB = {token: index for index, token in enumerate(WORDS)}
