@@ -26,8 +26,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 import surge_hf
-from surge_hf.objective import DistillationConfig, compute_loss
-from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
+from surge_hf.training.objective import DistillationConfig, compute_loss
+from surge_hf.training.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODES = ("max_length_live", "dynamic_live", "max_length_cached", "dynamic_cached")

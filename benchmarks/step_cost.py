@@ -6,13 +6,13 @@ measured in one run.
     python benchmarks/step_cost.py --shape minilm --batch_size 32 --seq_len 32 --adamw fused,foreach
 
 Each recipe gets its own randomly initialised `BertForSequenceClassification` (encoder Linear layers binarized,
-W1A1) and the AdamW of the training loop (`surge_hf.training.adamw` over `parameter_groups`: torch's fused kernel
-where the device has one); `--adamw fused,foreach` runs every recipe with both implementations (`recipe+foreach`
-is torch's default per-tensor loop, what the training loop used before). Steps are interleaved round-robin over the
-runs (one step of each per round), so drifts of the machine hit every run alike; the time of a run is the median
-over the timed rounds. Memory: on CUDA the peak allocated bytes that one step adds (activations and temporaries);
-on the CPU, which has no allocator statistics, the bytes of the tensors saved for backward. Both are reported with
-the bytes of the parameters, their gradients and the two AdamW moments added.
+W1A1) and the AdamW of the training loop (`surge_hf.training.loop.adamw` over `parameter_groups`: torch's fused
+kernel where the device has one); `--adamw fused,foreach` runs every recipe with both implementations
+(`recipe+foreach` is torch's default per-tensor loop, what the training loop used before). Steps are interleaved
+round-robin over the runs (one step of each per round), so drifts of the machine hit every run alike; the time of a
+run is the median over the timed rounds. Memory: on CUDA the peak allocated bytes that one step adds (activations
+and temporaries); on the CPU, which has no allocator statistics, the bytes of the tensors saved for backward. Both
+are reported with the bytes of the parameters, their gradients and the two AdamW moments added.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import surge_hf
-from surge_hf.training import adamw, parameter_groups
+from surge_hf.training.loop import adamw, parameter_groups
 
 SHAPES = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

@@ -7,12 +7,12 @@
 Flags take the names of transformers' `run_glue_no_trainer.py` (`--max_length`, `--pad_to_max_length`,
 `--use_slow_tokenizer`, `--ignore_mismatched_sizes`, `--with_tracking`, ...; `--max_seq_length` is kept as an alias);
 the binarization recipe, distillation, output-folder and Hub flags are shared with `scripts/vit.py`
-(`surge_hf.cli`). Every flag, file, label and model shape is checked before training starts.
+(`surge_hf.training.cli`). Every flag, file, label and model shape is checked before training starts.
 
 The run trains in stages, each in its own folder of `--output_dir`: the full-precision teacher (`teacher/`, unless
 `--teacher_model_name_or_path` names one or is `none`), one stage per entry of `--activation_bits_schedule` but the
 last (`stage_a{bits}/`) or of `--weight_planes_schedule` but the last (`stage_w{planes}/`), then the final model.
-Each earlier stage records what made it (`surge_hf.stages`): run again, the command reuses its finished stages,
+Each earlier stage records what made it (`surge_hf.training.stages`): run again, the command reuses its finished stages,
 continues an interrupted one and refuses a stage of another command.
 """
 
@@ -30,23 +30,24 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import surge_hf
-from surge_hf import cli
-from surge_hf.checkpointing import latest_checkpoint
-from surge_hf.compatibility import (
+from surge_hf.data.demo import demo_model_path, write_demo_dataset
+from surge_hf.data.metrics import GLUE_TASKS, compute_metrics, get_glue_task
+from surge_hf.data.text import LABEL_COLUMN, check_label_names, load_text_data, preprocess
+from surge_hf.data.text_augmentation import TextAugmentationConfig, augment_dataset
+from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
+from surge_hf.training import cli
+from surge_hf.training.checkpointing import latest_checkpoint
+from surge_hf.training.compatibility import (
     check_label_compatibility,
     check_max_length,
     check_teacher_shapes,
     check_trainable_checkpoint,
 )
-from surge_hf.data.demo import demo_model_path, write_demo_dataset
-from surge_hf.data.metrics import GLUE_TASKS, compute_metrics, get_glue_task
-from surge_hf.data.text import LABEL_COLUMN, check_label_names, load_text_data, preprocess
-from surge_hf.data.text_augmentation import TextAugmentationConfig, augment_dataset
-from surge_hf.export import TRAIN_STATE_DIR, export_run, push_run
-from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
-from surge_hf.objective import DistillationConfig
-from surge_hf.output_dir import check_output_dir, is_main_process, locked_output_dir
-from surge_hf.stages import (
+from surge_hf.training.export import TRAIN_STATE_DIR, export_run, push_run
+from surge_hf.training.loop import build_accelerator, train
+from surge_hf.training.objective import DistillationConfig
+from surge_hf.training.output_dir import check_output_dir, is_main_process, locked_output_dir
+from surge_hf.training.stages import (
     PlannedStage,
     Stage,
     StageAction,
@@ -56,8 +57,7 @@ from surge_hf.stages import (
     run_stages,
     stage_record,
 )
-from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
-from surge_hf.training import build_accelerator, train
+from surge_hf.training.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache
 
 DEMO_OUTPUT_DIR = Path("outputs/demo")
 AUTO_TEACHER = "auto"
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Distil hidden states on real tokens only (padded positions are not compared).")
     distil.add_argument("--teacher_cache_dir", type=Path,
                         help="Run the teacher once over the training set and reuse its outputs (float16) from "
-                             "this folder across epochs and runs (surge_hf.teacher_cache); needs "
+                             "this folder across epochs and runs (surge_hf.training.teacher_cache); needs "
                              "--distill_mask_padding, and no --embedding_mixup_alpha or attention-map distillation.")
     cli.add_shared_arguments(parser, learning_rate=5e-4, batch_size=32, epochs=4, intermediate_distillation=True,
                              calibrate=True)
@@ -286,7 +286,7 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def earlier_stage(stage_args: argparse.Namespace, models: tuple[str, str | None], previous: PlannedStage | None,
                   title: str, card_label: str, note: str = "") -> PlannedStage:
-    """An earlier stage from its flags, recorded (`surge_hf.stages.stage_record`) with the run's `models` (base
+    """An earlier stage from its flags, recorded (`surge_hf.training.stages.stage_record`) with the run's `models` (base
     model, and the teacher given by the user, if any), its settings and the record of the stage before it."""
     settings = cli.run_settings(stage_args, "glue", cli.recipe_from_args(stage_args), **data_settings(stage_args))
     record = stage_record(models[0], settings, None if previous is None else previous.stage.record, models[1])
@@ -333,10 +333,10 @@ def earlier_stages(args: argparse.Namespace) -> list[PlannedStage]:
 
 
 def plan_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
-    """Decide, before any work, what to do with each earlier stage (`surge_hf.stages.plan_stages`: reuse, resume,
-    start; a folder of another command is an error). An interrupted earlier stage continues from its latest checkpoint
-    with or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has no
-    checkpoint yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
+    """Decide, before any work, what to do with each earlier stage (`surge_hf.training.stages.plan_stages`: reuse,
+    resume, start; a folder of another command is an error). An interrupted earlier stage continues from its latest
+    checkpoint with or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has
+    no checkpoint yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
     plan_stages(stages, overwrite=args.overwrite_output_dir)
     unfinished = [planned.stage for planned in stages if planned.action is not StageAction.REUSE]
     if unfinished and args.resume_from_checkpoint == "latest" and latest_checkpoint(args.output_dir) is None:
@@ -346,8 +346,8 @@ def plan_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) ->
 
 
 def run_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
-    """Reuse, continue or train each earlier stage as planned (`surge_hf.stages.run_stages`), adding its line to the
-    model card's stages."""
+    """Reuse, continue or train each earlier stage as planned (`surge_hf.training.stages.run_stages`), adding its line
+    to the model card's stages."""
     total = len(stages) + 1
     run_stages(stages, total=total, main_process=is_main_process(),
                finished=lambda planned: args.stages.append(stage_summary(planned.stage.folder, planned.label)))

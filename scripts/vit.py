@@ -12,7 +12,7 @@ are resized (and converted to RGB) to what the checkpoint expects. Augmentation 
 flip, mixup / cutmix) runs on tensors in plain torch. The image processor saved with the model reproduces the eval
 transform, so `AutoImageProcessor` + `AutoModelForImageClassification` (after `import surge_hf`) predict as
 evaluated. The recipe, distillation (logits), Accelerate and Hub flags are shared with `scripts/glue.py`
-(`surge_hf.cli`). Every flag, file, image and label is checked before training starts.
+(`surge_hf.training.cli`). Every flag, file, image and label is checked before training starts.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from transformers import (
 )
 
 import surge_hf
-from surge_hf import cli
-from surge_hf.compatibility import check_image_teacher, check_trainable_checkpoint
 from surge_hf.configuration_surge import DEFAULT_TARGET_MODULES
 from surge_hf.data.image import (
     ImageClassificationData,
@@ -51,12 +49,22 @@ from surge_hf.data.image import (
 from surge_hf.data.image_processing import ImageCollator, build_image_processor, compute_mean_std
 from surge_hf.data.image_transforms import AugmentConfig
 from surge_hf.data.metrics import compute_metrics
-from surge_hf.export import export_run, push_run
-from surge_hf.image_teachers import load_image_teacher, small_resnet_config
 from surge_hf.modeling_surge_vit import SurgeViTForImageClassification
-from surge_hf.output_dir import locked_output_dir
-from surge_hf.stages import PlannedStage, Stage, StageAction, content_digest, plan_stages, run_stages, stage_record
-from surge_hf.training import TrainingConfig, build_accelerator, train
+from surge_hf.training import cli
+from surge_hf.training.compatibility import check_image_teacher, check_trainable_checkpoint
+from surge_hf.training.export import export_run, push_run
+from surge_hf.training.image_teachers import load_image_teacher, small_resnet_config
+from surge_hf.training.loop import TrainingConfig, build_accelerator, train
+from surge_hf.training.output_dir import locked_output_dir
+from surge_hf.training.stages import (
+    PlannedStage,
+    Stage,
+    StageAction,
+    content_digest,
+    plan_stages,
+    run_stages,
+    stage_record,
+)
 
 # ViTConfig fields that the data decides (and that --config must not set).
 DATA_FIELDS = ("image_size", "num_channels", "num_labels", "id2label", "label2id", "problem_type")
@@ -176,7 +184,7 @@ def teacher_training_config(args: argparse.Namespace, config: TrainingConfig) ->
 
 def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> PlannedStage:
     """The `--train_teacher` stage, planned before any work (reuse a finished teacher that this command made, train it
-    otherwise; `surge_hf.stages`). What trains it is set once the data is loaded (`train_teacher`)."""
+    otherwise; `surge_hf.training.stages`). What trains it is set once the data is loaded (`train_teacher`)."""
     teacher_config = teacher_training_config(args, config)
     settings = teacher_config.run_settings({"script": "vit", "teacher": args.train_teacher, **data_settings(args)})
     stage = Stage(Path(teacher_config.output_dir), f"{args.train_teacher} teacher", stage_record(None, settings, None))

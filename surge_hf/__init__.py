@@ -62,13 +62,13 @@ _LAZY_IMPORTS: dict[str, str] = {
     "surge_layers": "binarize",
     "finalize": "binarize",
     "unfinalize": "binarize",
-    "calibrate": "calibration",
+    "calibrate": "training.calibration",
     # Training: the SURGE objective with distillation, as a transformers Trainer or as the scripts' accelerate loop.
-    "DistillationConfig": "objective",
-    "compute_loss": "objective",
-    "SurgeTrainer": "trainer",
-    "TrainingConfig": "training",
-    "train": "training",
+    "DistillationConfig": "training.objective",
+    "compute_loss": "training.objective",
+    "SurgeTrainer": "training.trainer",
+    "TrainingConfig": "training.loop",
+    "train": "training.loop",
     # Hub: the model card and the upload of a trained model's folder.
     "HubConfig": "hub",
     "push_to_hub": "hub",
@@ -104,20 +104,38 @@ _MOVED_MODULES: dict[str, str] = {
     "metrics": "data.metrics",
     "text_augmentation": "data.text_augmentation",
     "text_data": "data.text",
+    "calibration": "training.calibration",
+    "checkpointing": "training.checkpointing",
+    "cli": "training.cli",
+    "compatibility": "training.compatibility",
+    "export": "training.export",
+    "image_teachers": "training.image_teachers",
+    "objective": "training.objective",
+    "output_dir": "training.output_dir",
+    "stages": "training.stages",
+    "teacher_cache": "training.teacher_cache",
+    "trainer": "training.trainer",
+}
+
+# Modules of the previous release that became a subpackage of the same name, and the modules of the subpackage that
+# their names moved into: `from surge_hf.training import train` finds `surge_hf.training.loop.train`, with a
+# FutureWarning naming it, until the next release.
+_MOVED_NAMES: dict[str, tuple[str, ...]] = {
+    "training": ("training.loop",),
 }
 
 # Modules removed in the previous release: importing one raises an ImportError naming what replaces it.
 _REMOVED_MODULES: dict[str, str] = {
     "distillation": (
-        "surge_hf.distillation was merged into surge_hf.objective: import DistillationConfig, compute_loss, "
-        "logits_distillation_loss, layerwise_mse and soft_cross_entropy from surge_hf.objective (DistillationConfig "
-        "and compute_loss also from surge_hf). See CHANGELOG.md."
+        "surge_hf.distillation was merged into surge_hf.training.objective: import DistillationConfig, compute_loss, "
+        "logits_distillation_loss, layerwise_mse and soft_cross_entropy from surge_hf.training.objective "
+        "(DistillationConfig and compute_loss also from surge_hf). See CHANGELOG.md."
     ),
     "losses": (
         "surge_hf.losses was removed, and auxiliary_loss(model) with it: the auxiliary loss is collected during the "
         "forward pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
         "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in outputs.loss, and "
-        "surge_hf.objective.compute_loss counts it once. See CHANGELOG.md."
+        "surge_hf.training.objective.compute_loss counts it once. See CHANGELOG.md."
     ),
 }
 
@@ -153,6 +171,20 @@ class _PreviousReleaseModules:
 
     def exec_module(self, module: ModuleType) -> None:
         """Nothing to run: the module is the new one, already imported."""
+
+
+def _moved_name(package: str, name: str) -> Any:
+    """`name` of `package` (`surge_hf.training`), as a name of the module of the previous release that the package
+    replaced, found in the package's module it moved into, with a FutureWarning naming it. AttributeError for any
+    other name, a submodule not imported yet among them, so that the import system then imports the submodule."""
+    submodules = {info.name for info in pkgutil.iter_modules(sys.modules[package].__path__)}
+    if not name.startswith("__") and name not in submodules:
+        for module_name in _MOVED_NAMES[package.removeprefix(f"{__name__}.")]:
+            module = importlib.import_module(f".{module_name}", __name__)
+            if hasattr(module, name):
+                _warn_moved(f"{package}.{name}", f"{module.__name__}.{name}")
+                return getattr(module, name)
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
 
 # First, so that no other finder (an editable install's) resolves an old name to a stale file.

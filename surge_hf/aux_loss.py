@@ -3,8 +3,8 @@
 A SURGE layer whose recipe has `aux_loss_weight = w > 0` computes, in training, the term
 `w * mean((W_a x - f_b)^2)` (see `surge_hf.layers`) and hands it to every open `collect_auxiliary_loss()` block;
 the SURGE models collect around their own forward and return the sum as `aux_loss`, and
-`surge_hf.objective.compute_loss` collects around any model. The term is collected, never stored on a module, so
-nothing of it outlives the forward pass that made it.
+`surge_hf.training.objective.compute_loss` collects around any model. The term is collected, never stored on a
+module, so nothing of it outlives the forward pass that made it.
 
 A block asks for the terms only when it is opened with gradients enabled: the term trains `W_a` and nothing else,
 so without gradients there is nothing to collect (the block stays empty, and no layer pays for the extra product).

@@ -125,8 +125,8 @@ def output_class_with_aux_loss(output_class: type[ModelOutput]) -> type[ModelOut
 
 def with_auxiliary_loss(forward: Callable[..., Any], output_class: type[ModelOutput]) -> Callable[..., Any]:
     """Wrap a transformers head's `forward` (which returns `output_class`) so that it returns the auxiliary-branch
-    loss of the recipe as `aux_loss` (see `surge_hf.objective`) and, when it computes a `loss`, includes it there:
-    `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`, so a plain `Trainer` optimises both.
+    loss of the recipe as `aux_loss` (see `surge_hf.training.objective`) and, when it computes a `loss`, includes it
+    there: `loss = task_loss + sum_layers w * mean((W_a x - f_b)^2)`, so a plain `Trainer` optimises both.
 
     The wrapper keeps the wrapped signature (`Trainer` reads it to select dataset columns) and honours
     `return_dict` / `config.return_dict` like the wrapped method. In eval mode it opens no collector (layers record

@@ -125,7 +125,7 @@ RECORDED_OUTPUTS = textwrap.dedent(
     from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
     import surge_hf
-    from surge_hf.objective import DistillationConfig, compute_loss
+    from surge_hf.training.objective import DistillationConfig, compute_loss
 
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

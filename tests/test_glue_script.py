@@ -31,10 +31,11 @@ from transformers import (
 
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import checkpointing, cli, hub
-from surge_hf.output_dir import OutputDirInUseError
+from surge_hf import hub
 from surge_hf.saving import DiskFullError
-from surge_hf.stages import StageError
+from surge_hf.training import checkpointing, cli
+from surge_hf.training.output_dir import OutputDirInUseError
+from surge_hf.training.stages import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
@@ -657,7 +658,7 @@ def test_resume_with_other_training_data_is_refused_before_any_work(tiny_bert, d
 
 LOCK_HOLDER = """
 import sys, time
-from surge_hf.output_dir import locked_output_dir
+from surge_hf.training.output_dir import locked_output_dir
 with locked_output_dir(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(300)

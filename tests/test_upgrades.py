@@ -41,15 +41,15 @@ def test_removed_functions_and_modules_name_their_replacements():
     with pytest.raises(AttributeError, match=exact("module 'surge_hf' has no attribute 'nothing'")):
         surge_hf.nothing  # noqa: B018
     with pytest.raises(ImportError, match=exact(
-            "surge_hf.distillation was merged into surge_hf.objective: import DistillationConfig, compute_loss, "
-            "logits_distillation_loss, layerwise_mse and soft_cross_entropy from surge_hf.objective "
-            "(DistillationConfig and compute_loss also from surge_hf). See CHANGELOG.md.")):
+            "surge_hf.distillation was merged into surge_hf.training.objective: import DistillationConfig, "
+            "compute_loss, logits_distillation_loss, layerwise_mse and soft_cross_entropy from "
+            "surge_hf.training.objective (DistillationConfig and compute_loss also from surge_hf). See CHANGELOG.md.")):
         importlib.import_module("surge_hf.distillation")
     with pytest.raises(ImportError, match=exact(
             "surge_hf.losses was removed, and auxiliary_loss(model) with it: the auxiliary loss is collected during "
             "the forward pass. Use `with surge_hf.collect_auxiliary_loss() as aux: outputs = model(**batch)` and add "
             "aux.total() to the loss; a SURGE model also returns it as outputs.aux_loss, included in outputs.loss, "
-            "and surge_hf.objective.compute_loss counts it once. See CHANGELOG.md.")):
+            "and surge_hf.training.objective.compute_loss counts it once. See CHANGELOG.md.")):
         importlib.import_module("surge_hf.losses")
     with pytest.raises(ImportError, match=exact(
             "surge_hf.binarize.binarize moved: import the public function as `from surge_hf import binarize` (it "
@@ -59,7 +59,8 @@ def test_removed_functions_and_modules_name_their_replacements():
 
 
 def test_moved_names_keep_their_old_import_locations():
-    from surge_hf import aux_loss, objective
+    from surge_hf import aux_loss
+    from surge_hf.training import objective
 
     for name in ("AuxiliaryLossCollector", "collect_auxiliary_loss", "record_auxiliary_loss"):
         assert getattr(objective, name) is getattr(aux_loss, name)
@@ -78,6 +79,17 @@ MOVED_MODULES = {
     "surge_hf.metrics": "surge_hf.data.metrics",
     "surge_hf.text_augmentation": "surge_hf.data.text_augmentation",
     "surge_hf.text_data": "surge_hf.data.text",
+    "surge_hf.calibration": "surge_hf.training.calibration",
+    "surge_hf.checkpointing": "surge_hf.training.checkpointing",
+    "surge_hf.cli": "surge_hf.training.cli",
+    "surge_hf.compatibility": "surge_hf.training.compatibility",
+    "surge_hf.export": "surge_hf.training.export",
+    "surge_hf.image_teachers": "surge_hf.training.image_teachers",
+    "surge_hf.objective": "surge_hf.training.objective",
+    "surge_hf.output_dir": "surge_hf.training.output_dir",
+    "surge_hf.stages": "surge_hf.training.stages",
+    "surge_hf.teacher_cache": "surge_hf.training.teacher_cache",
+    "surge_hf.trainer": "surge_hf.training.trainer",
 }
 
 
@@ -115,6 +127,24 @@ def test_old_module_paths_work_in_every_form_of_import(monkeypatch):
         moved_message("surge_hf.glue_metric", "surge_hf.data.glue_metric"),
         moved_message("surge_hf.glue_metric.glue_metric", "surge_hf.data.glue_metric.glue_metric")]
     assert glue_metric is importlib.import_module("surge_hf.data.glue_metric.glue_metric")
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.objective", "surge_hf.training.objective"))):
+        from surge_hf.objective import compute_loss
+    assert compute_loss is surge_hf.compute_loss
+
+
+def test_the_names_of_a_module_that_became_a_subpackage_are_found_in_its_modules():
+    import surge_hf.training
+    from surge_hf.training import loop
+
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.training.train",
+                                                               "surge_hf.training.loop.train"))):
+        from surge_hf.training import train
+    assert train is loop.train
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.training.TrainingConfig",
+                                                               "surge_hf.training.loop.TrainingConfig"))):
+        assert surge_hf.training.TrainingConfig is loop.TrainingConfig
+    with pytest.raises(AttributeError, match=exact("module 'surge_hf.training' has no attribute 'nothing'")):
+        surge_hf.training.nothing  # noqa: B018
 
 
 def test_renamed_layer_constructors_name_from_float():

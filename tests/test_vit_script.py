@@ -24,11 +24,12 @@ from transformers import (
 
 import surge_hf  # noqa: F401  (registers the SURGE classes with the Auto classes)
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassification, cli
-from surge_hf.checkpointing import CheckpointError
+from surge_hf import BinaryConv2d, ShortcutLinear, SurgeViTForImageClassification
 from surge_hf.data.image import load_image_classification_data
 from surge_hf.data.image_processing import ImageCollator
-from surge_hf.stages import StageError, content_digest
+from surge_hf.training import cli
+from surge_hf.training.checkpointing import CheckpointError
+from surge_hf.training.stages import StageError, content_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["dark", "mid", "light"]

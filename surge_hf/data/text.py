@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..objective import IGNORE_LABEL
+from ..training.objective import IGNORE_LABEL
 from .metrics import get_glue_task, metric_config_name
 from .text_augmentation import AUGMENTED_COLUMN
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertTokenizer
 
-from surge_hf.compatibility import check_label_compatibility
 from surge_hf.data.text import TextDataInfo, load_text_data, preprocess, resolve_data_info
+from surge_hf.training.compatibility import check_label_compatibility
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "film", "great", "awful", "the",

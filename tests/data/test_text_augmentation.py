@@ -21,7 +21,7 @@ from surge_hf.data.text_augmentation import (
     recombine,
     whole_word_vocabulary,
 )
-from surge_hf.objective import IGNORE_LABEL, task_loss
+from surge_hf.training.objective import IGNORE_LABEL, task_loss
 
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "good": 2, "great": 3, "bad": 4, "awful": 5, "##ly": 6, "a": 7, "the": 8,
          "movie": 9, "film": 10, "Big": 11, "42": 12}

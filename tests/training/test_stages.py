@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from surge_hf.stages import (
+from surge_hf.training.stages import (
     RESULTS_FILE,
     STAGE_FILE,
     PlannedStage,

@@ -15,7 +15,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .configuration_surge import (
+from ..configuration_surge import (
     ACTIVATION_BINARIZERS,
     ACTIVATION_BITS,
     AUX_WEIGHTS,
@@ -26,10 +26,10 @@ from .configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
+from ..hub import HubConfig, check_push_access
 from .export import push_run
-from .hub import HubConfig, check_push_access
+from .loop import TrainingConfig, prepare_run
 from .objective import HIDDEN_STATES_LOSSES, DistillationConfig
-from .training import TrainingConfig, prepare_run
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
 _RECIPE_FLAGS = {
@@ -271,7 +271,7 @@ def input_models(args: argparse.Namespace) -> dict[str, str | None]:
 def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, *,
               own_folders: tuple[str, ...] = (), **data: Any) -> RunSetup:
     """Map the shared flags to typed configs and check, before any model or data loads, that the run may start
-    (`surge_hf.training.prepare_run`: output folder, checkpoint to resume).
+    (`surge_hf.training.loop.prepare_run`: output folder, checkpoint to resume).
 
     `recipe` is the run's recipe (the script may have adapted `recipe_from_args(args)`); `data` holds the script's
     settings that change the result (maximum length, image size, augmentation, the data's `content_digest`, ...),
@@ -294,7 +294,7 @@ def script_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig |
 
 def run_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> dict[str, Any]:
     """Everything that decides what a run computes, as its checkpoints store it (`TrainingConfig.run_settings` of
-    the flags with `script_settings`): what a stage of a staged run is recorded with (`surge_hf.stages`)."""
+    the flags with `script_settings`): what a stage of a staged run is recorded with (`surge_hf.training.stages`)."""
     return training_config_from_args(args).run_settings(script_settings(args, script, recipe, **data))
 
 

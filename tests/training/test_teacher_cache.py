@@ -8,8 +8,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, DataCollatorWithPadding
 
 from surge_hf import DistillationConfig, compute_loss
-from surge_hf.objective import layerwise_mse
-from surge_hf.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache, cache_key
+from surge_hf.training.objective import layerwise_mse
+from surge_hf.training.teacher_cache import TEACHER_INDEX, CachedTeacher, build_teacher_cache, cache_key
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "plot", "very", "the"]
 

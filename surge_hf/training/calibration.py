@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .binarize import surge_layers
-from .layers import BINARY_LAYER_TYPES, layer_kind
+from ..binarize import surge_layers
+from ..layers import BINARY_LAYER_TYPES, layer_kind
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .analysis.accounting import summary
-from .configuration_surge import SurgeConfig
-from .hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
+from ..analysis.accounting import summary
+from ..configuration_surge import SurgeConfig
+from ..hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
+from ..saving import removed_on_failure, tensor_bytes
+from .loop import TrainingConfig, TrainingResult
 from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
-from .saving import removed_on_failure, tensor_bytes
-from .training import TrainingConfig, TrainingResult
 
 STAGING_DIR = ".export.tmp"
 _REPLACED_SUFFIX = ".replaced"

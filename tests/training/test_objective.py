@@ -1,4 +1,4 @@
-"""The training objective (`surge_hf.objective`) and `SurgeTrainer`: the auxiliary loss counted once, every
+"""The training objective (`surge_hf.training.objective`) and `SurgeTrainer`: the auxiliary loss counted once, every
 distillation term reaching the student's gradient, and a real `transformers.Trainer` run."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from surge_hf import (
     collect_auxiliary_loss,
     compute_loss,
 )
-from surge_hf.objective import hidden_relations_loss, layerwise_mse
+from surge_hf.training.objective import hidden_relations_loss, layerwise_mse
 
 AUX = SurgeConfig(aux_loss_weight=0.5)
 
@@ -276,7 +276,7 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
 
 # ------------------------------------------------------------------------------------------- embedding mixup
 def test_embedding_mixup_mixes_each_models_own_embeddings_with_the_same_draw():
-    from surge_hf.objective import mix_token_embeddings
+    from surge_hf.training.objective import mix_token_embeddings
 
     model, reference = student(), teacher(1)
     data = batch()

@@ -12,16 +12,16 @@ from accelerate import Accelerator
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 import surge_hf
-from surge_hf import output_dir
-from surge_hf.checkpointing import (
+from surge_hf.training import output_dir
+from surge_hf.training.checkpointing import (
     STATE_FILE,
     CheckpointError,
     check_checkpoint,
     latest_checkpoint,
     save_checkpoint,
 )
-from surge_hf.output_dir import check_output_dir
-from surge_hf.training import TrainingConfig, decay_parameter_names, parameter_groups
+from surge_hf.training.loop import TrainingConfig, decay_parameter_names, parameter_groups
+from surge_hf.training.output_dir import check_output_dir
 
 
 def tiny_vit() -> ViTForImageClassification:

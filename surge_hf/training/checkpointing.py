@@ -27,7 +27,7 @@ from typing import Any
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 
-from .saving import removed_on_failure, tensor_bytes
+from ..saving import removed_on_failure, tensor_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

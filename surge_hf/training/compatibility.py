@@ -12,8 +12,8 @@ from typing import Any
 
 from transformers import AutoModelForImageClassification
 
-from .data.image import ImageDataInfo
-from .data.text import TextDataInfo
+from ..data.image import ImageDataInfo
+from ..data.text import TextDataInfo
 from .objective import DistillationConfig
 from .output_dir import TRAIN_STATE_DIR
 

@@ -4,9 +4,9 @@ One loop, any task: the scripts build the model, the data loaders and a metric f
 precision, gradient accumulation, multi-process data parallelism, distillation, periodic evaluation, logging of the
 SURGE diagnostics, resumable checkpoints and the final evaluation.
 
-Checkpoints (`surge_hf.checkpointing`) are written every `checkpointing_steps` steps and at the last step. A run
-resumed from step N's checkpoint replays exactly what the uninterrupted run did after step N (same data order, same
-RNG states); a run resumed from its last step takes no further step.
+Checkpoints (`surge_hf.training.checkpointing`) are written every `checkpointing_steps` steps and at the last step.
+A run resumed from step N's checkpoint replays exactly what the uninterrupted run did after step N (same data order,
+same RNG states); a run resumed from its last step takes no further step.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .binarize import diagnostics, surge_layers
+from ..binarize import diagnostics, surge_layers
 from .calibration import calibrate
 from .checkpointing import (
     check_checkpoint,
@@ -220,8 +220,8 @@ def prepare_run(
     own_folders: Collection[str] = (),
 ) -> dict[str, Any] | None:
     """Check, before any model or data is loaded, that the run may start: the output-folder rules
-    (`surge_hf.output_dir`) and, when resuming, that the checkpoint is sound and was written with the same settings
-    (`config.run_settings()` and `run_settings`, as `train` stores them).
+    (`surge_hf.training.output_dir`) and, when resuming, that the checkpoint is sound and was written with the same
+    settings (`config.run_settings()` and `run_settings`, as `train` stores them).
 
     Returns the checkpoint's loop state, or None for a fresh run. `inputs` names the model folders the run reads,
     `own_folders` the folders of `output_dir` that the run's earlier stages wrote.
@@ -267,7 +267,8 @@ def train(
     """Train `model`, evaluating on every split of `eval_dataloaders` after each epoch.
 
     With `config.calibrate_activations`, the activation binarizers are first initialised from the first training
-    batch (`surge_hf.calibration`); a resumed run skips this and restores the trained values from its checkpoint.
+    batch (`surge_hf.training.calibration`); a resumed run skips this and restores the trained values from its
+    checkpoint.
 
     `on_epoch_start(epoch, first_batch)`, when given, is called before each epoch's first training batch is drawn:
     `first_batch` is the index of the first batch the loader will yield (> 0 only in the epoch a run resumes in,

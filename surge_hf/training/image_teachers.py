@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
 
+from ..data.image import ImageDataInfo
 from .compatibility import check_image_teacher
-from .data.image import ImageDataInfo
 
 LUMINANCE = (0.299, 0.587, 0.114)
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The collector lives in `aux_loss`, below the layers; it is re-exported here, where it used to be defined.
-from .aux_loss import AuxiliaryLossCollector, collect_auxiliary_loss, record_auxiliary_loss
+from ..aux_loss import AuxiliaryLossCollector, collect_auxiliary_loss, record_auxiliary_loss
 from .teacher_cache import TEACHER_INDEX
 
 HIDDEN_STATES_LOSSES = ("mse", "normalized")

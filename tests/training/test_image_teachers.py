@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from surge_hf.compatibility import check_image_teacher
 from surge_hf.data.image import ImageDataInfo
-from surge_hf.image_teachers import (
+from surge_hf.training.compatibility import check_image_teacher
+from surge_hf.training.image_teachers import (
     TeacherInputAdapter,
     load_image_teacher,
     small_resnet_config,

@@ -1,4 +1,4 @@
-"""`SurgeTrainer`: a `transformers.Trainer` that optimises `surge_hf.objective.compute_loss`.
+"""`SurgeTrainer`: a `transformers.Trainer` that optimises `surge_hf.training.objective.compute_loss`.
 
 A plain `Trainer` already trains the SURGE models on task + auxiliary loss (their `loss` includes `aux_loss`). This
 subclass optimises the whole objective for any binarized model, including the teacher terms when a teacher is given,
