@@ -70,9 +70,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     "TrainingConfig": "training.loop",
     "train": "training.loop",
     # Hub: the model card and the upload of a trained model's folder.
-    "HubConfig": "hub",
-    "push_to_hub": "hub",
-    "write_model_card": "hub",
+    "HubConfig": "hub.upload",
+    "push_to_hub": "hub.upload",
+    "write_model_card": "hub.model_card",
     # Analysis: bits and sizes per layer, SURGE's per-layer diagnostics, speed and memory measured on this machine.
     "BitAccount": "analysis.accounting",
     "LayerAccount": "analysis.accounting",
@@ -121,6 +121,7 @@ _MOVED_MODULES: dict[str, str] = {
 # their names moved into: `from surge_hf.training import train` finds `surge_hf.training.loop.train`, with a
 # FutureWarning naming it, until the next release.
 _MOVED_NAMES: dict[str, tuple[str, ...]] = {
+    "hub": ("hub.model_card", "hub.upload"),
     "training": ("training.loop",),
 }
 

@@ -31,7 +31,7 @@ from transformers import (
 
 import surge_hf
 from conftest import launch_two_cpu_processes, load_script
-from surge_hf import hub
+from surge_hf.hub import upload
 from surge_hf.saving import DiskFullError
 from surge_hf.training import checkpointing, cli
 from surge_hf.training.output_dir import OutputDirInUseError
@@ -215,21 +215,21 @@ class RecordingApi:
 def test_push_sends_exactly_the_deployable_files_and_a_failed_push_keeps_outputs(tiny_bert, data_files, tmp_path,
                                                                                    monkeypatch, hub_login):
     api = RecordingApi()
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(upload, "HfApi", lambda token=None: api)
     out = tmp_path / "pushed"
     glue_script.main(run_args(tiny_bert, data_files, out, "--checkpointing_steps", "4", "--push_to_hub",
                               "--hub_model_id", "org/tiny"))
     sent = dict(api.calls)["create_commit"]["paths"]
-    assert sent == hub.files_to_push(out)
+    assert sent == upload.files_to_push(out)
     assert "model.safetensors" in sent and "README.md" in sent and "all_results.json" in sent
     assert not any(path.startswith(("train_state/", "checkpoints/")) for path in sent)
 
 
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: RecordingApi(fail=True))
+    monkeypatch.setattr(upload, "HfApi", lambda token=None: RecordingApi(fail=True))
     failed = tmp_path / "failed"
     with pytest.raises(RuntimeError, match=r"org/tiny[\s\S]*intact"):
         glue_script.main(run_args(tiny_bert, data_files, failed, "--push_to_hub", "--hub_model_id", "org/tiny"))
-    assert sorted(hub.files_to_push(failed)) == sorted(sent)
+    assert sorted(upload.files_to_push(failed)) == sorted(sent)
     assert AutoModelForSequenceClassification.from_pretrained(failed).is_packed
 
 
@@ -255,8 +255,8 @@ def test_default_run_fine_tunes_a_teacher_then_starts_from_it_and_distils(tiny_b
     defaults = glue_script.parse_args(["--model_name_or_path", str(tiny_bert), "--train_file", str(data_files[0]),
                                        "--validation_file", str(data_files[1]), "--output_dir", str(tmp_path / "d")])
     assert defaults.learning_rate == 5e-4 and defaults.teacher_model_name_or_path == "auto"
-    assert "teacher" not in hub.files_to_push(out)[0] and not any(p.startswith("teacher/") for p in
-                                                                   hub.files_to_push(out))
+    assert "teacher" not in upload.files_to_push(out)[0] and not any(p.startswith("teacher/") for p in
+                                                                   upload.files_to_push(out))
     # the student's embeddings (never binarized, frozen by nothing) started from the teacher's, not the raw model's
     student = AutoModelForSequenceClassification.from_pretrained(out / "train_state")
     raw = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
@@ -294,7 +294,7 @@ def test_progressive_activation_bits(tiny_bert, data_files, tmp_path):
     for bits in (4, 2):
         stage = json.loads((out / f"stage_a{bits}" / "all_results.json").read_text())
         assert stage["recipe"]["activation_bits"] == bits and stage["completed_steps"] == 4
-    assert not any(path.startswith("stage_") for path in hub.files_to_push(out))
+    assert not any(path.startswith("stage_") for path in upload.files_to_push(out))
     packed = AutoModelForSequenceClassification.from_pretrained(out)
     assert "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
 
@@ -498,16 +498,16 @@ def test_a_label_head_of_another_size_needs_ignore_mismatched_sizes(tiny_bert, t
 def test_a_failed_push_names_the_push_only_command_which_pushes_without_training(tiny_bert, data_files, tmp_path,
                                                                                   monkeypatch, hub_login):
     out = tmp_path / "run"
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: RecordingApi(fail=True))
+    monkeypatch.setattr(upload, "HfApi", lambda token=None: RecordingApi(fail=True))
     with pytest.raises(RuntimeError, match=rf"--push_only --output_dir {out} --hub_model_id org/tiny"):
         glue_script.main(run_args(tiny_bert, data_files, out, "--push_to_hub", "--hub_model_id", "org/tiny"))
     before = folder_bytes(out)
 
     api = RecordingApi()
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(upload, "HfApi", lambda token=None: api)
     monkeypatch.setattr(glue_script, "train", lambda *args, **kwargs: pytest.fail("trained again"))
     results = glue_script.main(["--push_only", "--output_dir", str(out), "--hub_model_id", "org/tiny"])
-    assert dict(api.calls)["create_commit"]["paths"] == hub.files_to_push(out)
+    assert dict(api.calls)["create_commit"]["paths"] == upload.files_to_push(out)
     assert results == json.loads((out / "all_results.json").read_text())
     assert folder_bytes(out) == before
     with pytest.raises(FileNotFoundError, match=r"--push_only: .*all_results.json does not exist"):
@@ -799,7 +799,7 @@ def test_weight_planes_schedule_trains_a_two_plane_stage_then_the_packed_one_bit
     assert (final_weight - stage_weight).abs().max() < (final_weight - base_weight).abs().max()
     packed = AutoModelForSequenceClassification.from_pretrained(out)
     assert packed.is_packed and "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
-    assert not any(path.startswith("stage_") for path in hub.files_to_push(out))
+    assert not any(path.startswith("stage_") for path in upload.files_to_push(out))
 
 
 @pytest.mark.parametrize("extra, message", [

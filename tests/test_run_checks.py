@@ -17,10 +17,10 @@ from transformers import AutoTokenizer
 
 from conftest import load_script
 from hub_cache import make_hub_cache, use_hub_cache
+from model_card_contexts import text_context
 from surge_hf import SurgeBertForSequenceClassification, SurgeViTConfig, SurgeViTForImageClassification
-from surge_hf.hub import render_model_card
+from surge_hf.hub.model_card import render_model_card
 from surge_hf.training.export import card_model_reference, portable_command
-from test_hub import text_context
 
 tiny_bert, data_files = test_glue_script.tiny_bert, test_glue_script.data_files  # the glue tests' fixtures
 vit_script = load_script("vit")

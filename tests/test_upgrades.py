@@ -146,6 +146,17 @@ def test_the_names_of_a_module_that_became_a_subpackage_are_found_in_its_modules
     with pytest.raises(AttributeError, match=exact("module 'surge_hf.training' has no attribute 'nothing'")):
         surge_hf.training.nothing  # noqa: B018
 
+    import surge_hf.hub
+    from surge_hf.hub import model_card, upload
+
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.hub.push_to_hub",
+                                                               "surge_hf.hub.upload.push_to_hub"))):
+        from surge_hf.hub import push_to_hub
+    assert push_to_hub is upload.push_to_hub is surge_hf.push_to_hub
+    with pytest.warns(FutureWarning, match=exact(moved_message("surge_hf.hub.render_model_card",
+                                                               "surge_hf.hub.model_card.render_model_card"))):
+        assert surge_hf.hub.render_model_card is model_card.render_model_card
+
 
 def test_renamed_layer_constructors_name_from_float():
     with pytest.raises(AttributeError, match=exact(

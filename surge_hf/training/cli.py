@@ -26,7 +26,7 @@ from ..configuration_surge import (
     WEIGHT_SCALES,
     SurgeConfig,
 )
-from ..hub import HubConfig, check_push_access
+from ..hub.upload import HubConfig, check_push_access
 from .export import push_run
 from .loop import TrainingConfig, prepare_run
 from .objective import HIDDEN_STATES_LOSSES, DistillationConfig

@@ -7,11 +7,11 @@
 - `train_state/`: the train-form model (latent weights, auxiliary branches) to continue training from;
 - `all_results.json` (final metrics, bit account, sizes, recipe) and `training_history.json` (logged losses,
   SURGE diagnostics and per-epoch metrics);
-- `README.md`: the model card (`surge_hf.hub`).
+- `README.md`: the model card (`surge_hf.hub.model_card`).
 Everything is first written to a staging folder and then moved into place entry by entry, so an interrupted export
 leaves the previous outputs intact; a failed export removes the staging folder, and a full disk raises
 `surge_hf.saving.DiskFullError` naming the folder and the space it needs. `push_run` uploads the result (see
-`surge_hf.hub.push_to_hub`); a failed push names the push-only command that uploads the finished outputs again
+`surge_hf.hub.upload.push_to_hub`); a failed push names the push-only command that uploads the finished outputs again
 without training.
 """
 
@@ -31,7 +31,8 @@ from torch import nn
 
 from ..analysis.accounting import summary
 from ..configuration_surge import SurgeConfig
-from ..hub import HubConfig, ModelCardContext, push_to_hub, write_model_card
+from ..hub.model_card import ModelCardContext, write_model_card
+from ..hub.upload import HubConfig, push_to_hub
 from ..saving import removed_on_failure, tensor_bytes
 from .loop import TrainingConfig, TrainingResult
 from .objective import DistillationConfig
@@ -215,7 +216,7 @@ def push_run(accelerator: Accelerator, output_dir: str | Path, hub: HubConfig) -
             raise RuntimeError(
                 f"{error} To retry without training again, run the same script with --push_only --output_dir "
                 f"{output_dir} --hub_model_id {hub.hub_model_id} (it uploads the finished outputs only), or call "
-                f"surge_hf.hub.push_to_hub({str(output_dir)!r}, {hub.hub_model_id!r})."
+                f"surge_hf.push_to_hub({str(output_dir)!r}, {hub.hub_model_id!r})."
             ) from error
         accelerator.print(f"Pushed {output_dir} to {url}")
     accelerator.wait_for_everyone()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import BertConfig
 
+from model_card_contexts import text_context
 from surge_hf import (
     BinaryLinear,
     Int8Embedding,
@@ -18,8 +19,7 @@ from surge_hf import (
     summary,
 )
 from surge_hf.analysis.deployment import float32_twin
-from surge_hf.hub import render_model_card
-from test_hub import text_context
+from surge_hf.hub.model_card import render_model_card
 
 VOCAB, HIDDEN, POSITIONS, INTERMEDIATE = 99, 32, 64, 37
 
