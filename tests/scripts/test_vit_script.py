@@ -31,7 +31,7 @@ from surge_hf.training import cli
 from surge_hf.training.checkpointing import CheckpointError
 from surge_hf.training.stages import StageError, content_digest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["dark", "mid", "light"]
 SIZES = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,patch_size=4"
 

@@ -37,7 +37,7 @@ from surge_hf.training import checkpointing, cli
 from surge_hf.training.output_dir import OutputDirInUseError
 from surge_hf.training.stages import StageError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
 
 
