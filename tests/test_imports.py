@@ -4,8 +4,9 @@ fresh interpreters, `import surge_hf` and loading a checkpoint import no harness
 public names load on first use).
 
 transformers copies the modules that `modeling_surge_*.py` reaches through `from .x import` lines into every saved
-checkpoint for `trust_remote_code`; those (the checkpoint closure) must only reach each other. Run the check with
-`python -m pytest tests/test_imports.py`.
+checkpoint for `trust_remote_code`, from the same folder only; those (the checkpoint closure) must only reach each
+other. The layout says what ships: the closure is exactly the flat modules of `surge_hf/`, and every subpackage is
+harness. Run the check with `python -m pytest tests/test_imports.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, ViTConfig
 
-from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig
+from surge_hf import (
+    SurgeBertConfig,
+    SurgeBertForSequenceClassification,
+    SurgeConfig,
+    SurgeViTConfig,
+    SurgeViTForImageClassification,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "surge_hf"
 HARNESS_MODULES = ("transformers.trainer", "accelerate", "datasets", "evaluate", "jinja2")
@@ -31,7 +38,7 @@ CLOSURE_NAMED = {"quantizers", "packing", "scaler", "layers", "shortcuts", "bina
 
 
 def _module_names() -> list[str]:
-    """Every module of the package by dotted name relative to it (`layers`, `glue_metric.glue`; `` for the package
+    """Every module of the package by dotted name relative to it (`layers`, `training.loop`; `` for the package
     itself)."""
     names = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -114,6 +121,26 @@ def closure_modules() -> set[str]:
             if name in CLOSURE_NAMED or name.startswith(("configuration_", "modeling_"))}
 
 
+def flat_modules() -> set[str]:
+    """The modules at the top of the package (`surge_hf/*.py` but `__init__.py`)."""
+    return {path.stem for path in PACKAGE.glob("*.py") if path.name != "__init__.py"}
+
+
+def subpackages() -> set[str]:
+    """The folders of the package (`analysis`, `training`, ...)."""
+    return {path.name for path in PACKAGE.iterdir() if path.is_dir() and any(path.rglob("*.py"))}
+
+
+def reached_from(module: str) -> set[str]:
+    """`module` and every package module it reaches through its imports."""
+    graph, reached, todo = import_graph(), set(), [module]
+    while todo:
+        if (name := todo.pop()) not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    return reached
+
+
 def test_the_walker_sees_relative_absolute_and_function_level_imports(tmp_path, monkeypatch):
     package = tmp_path / "surge_hf"
     (package / "sub").mkdir(parents=True)
@@ -145,6 +172,39 @@ def test_the_closure_is_the_documented_one():
     assert closure_modules() == CLOSURE_NAMED | {
         "configuration_surge", "configuration_utils", "configuration_surge_bert", "configuration_surge_vit",
         "modeling_utils", "modeling_surge_bert", "modeling_surge_vit"}
+
+
+def test_the_closure_is_exactly_the_flat_modules_and_every_folder_is_harness():
+    assert subpackages() == {"analysis", "data", "hub", "training"}
+    assert closure_modules() == flat_modules()
+    assert not {name for name in closure_modules() if "." in name}
+
+
+@pytest.mark.parametrize("module", sorted(closure_modules()))
+def test_no_closure_module_imports_a_subpackage(module):
+    imported = imported_modules(module, set(_module_names()))
+    assert not {name for name in imported if name.split(".")[0] in subpackages()}, imported
+
+
+def tiny_model(architecture: str) -> SurgeBertForSequenceClassification | SurgeViTForImageClassification:
+    torch.manual_seed(0)
+    if architecture == "bert":
+        return SurgeBertForSequenceClassification(SurgeBertConfig.from_bert_config(BertConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
+            surge_config=SurgeConfig()))
+    return SurgeViTForImageClassification(SurgeViTConfig.from_vit_config(ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=8, patch_size=4,
+        num_labels=3), surge_config=SurgeConfig()))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["train", "packed"])
+@pytest.mark.parametrize("architecture", ["bert", "vit"])
+def test_a_saved_checkpoint_carries_the_closure_modules_its_model_reaches_and_no_other_code(architecture, packed,
+                                                                                              tmp_path):
+    tiny_model(architecture).save_pretrained(tmp_path, packed=packed)
+    code = {path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*.py")}
+    assert code == {f"{module}.py" for module in reached_from(f"modeling_surge_{architecture}")}
+    assert {name.removesuffix(".py") for name in code} <= closure_modules()
 
 
 def modules_imported_by(code: str) -> dict[str, list[str]]:
