@@ -141,9 +141,10 @@ _REMOVED_MODULES: dict[str, str] = {
 }
 
 
-def _warn_moved(old: str, new: str) -> None:
+def _warn_moved(old: str, new: str, stacklevel: int) -> None:
+    """Warn that `old` is now `new`, for the code `stacklevel` frames above the caller (import machinery skipped)."""
     warnings.warn(f"{old} moved to {new}: import it from there (the old name works until the next release). See "
-                  "CHANGELOG.md.", FutureWarning, stacklevel=3)
+                  "CHANGELOG.md.", FutureWarning, stacklevel=stacklevel + 1)
 
 
 class _PreviousReleaseModules:
@@ -167,7 +168,7 @@ class _PreviousReleaseModules:
         return ModuleSpec(fullname, self, loader_state=new)
 
     def create_module(self, spec: ModuleSpec) -> ModuleType:
-        _warn_moved(spec.name, spec.loader_state)
+        _warn_moved(spec.name, spec.loader_state, stacklevel=2)
         return importlib.import_module(spec.loader_state)
 
     def exec_module(self, module: ModuleType) -> None:
@@ -176,15 +177,18 @@ class _PreviousReleaseModules:
 
 def _moved_name(package: str, name: str) -> Any:
     """`name` of `package` (`surge_hf.training`), as a name of the module of the previous release that the package
-    replaced, found in the package's module it moved into, with a FutureWarning naming it. AttributeError for any
-    other name, a submodule not imported yet among them, so that the import system then imports the submodule."""
-    submodules = {info.name for info in pkgutil.iter_modules(sys.modules[package].__path__)}
+    replaced: found in the package's module it moved into, with a FutureWarning naming it, and kept in the package.
+    AttributeError for any other name, a submodule not imported yet among them, so that the import system then
+    imports the submodule."""
+    namespace = vars(sys.modules[package])
+    submodules = {info.name for info in pkgutil.iter_modules(namespace["__path__"])}
     if not name.startswith("__") and name not in submodules:
         for module_name in _MOVED_NAMES[package.removeprefix(f"{__name__}.")]:
             module = importlib.import_module(f".{module_name}", __name__)
             if hasattr(module, name):
-                _warn_moved(f"{package}.{name}", f"{module.__name__}.{name}")
-                return getattr(module, name)
+                _warn_moved(f"{package}.{name}", f"{module.__name__}.{name}", stacklevel=3)
+                namespace[name] = getattr(module, name)
+                return namespace[name]
     raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
 
