@@ -35,9 +35,23 @@ interval of `d`, or on the complement of one, it is `(low_j <= d <= low_j + widt
 (`surge_hf.fusion` builds the tables from the reference path itself, so the bits are the reference path's, exactly).
 The next layer takes them with `binary_linear_from_signs`, without packing floats.
 
+Convolutions (`binary_conv2d`, `quantized_conv2d`; groups of 1): each input position's channels are binarized with
+their thresholds and packed once, then gathered tap by tap into one bit row per output position (im2col over bits:
+row `(n, oh, ow)` holds the words of the input position that tap `(i, j)` reads, each tap's C channels in their own
+`ceil(C / 64)` words), and the rows are multiplied by the weight panels of `pack_conv_weight_panels` (the same taps
+and words). Zero padding: the reference path's padded taps are 0, neither +1 nor -1. A padded tap's words hold bits 0,
+the code `q_min` (-1 for signs), so the product over all taps adds `q_min * w` for each weight `w` that meets the
+padding; the output positions that meet the padding alike (a class of output rows by which kernel rows fall inside the
+input, times a class of output columns) share one integer correction per output channel,
+`-q_min * sum over the padded taps of sum_c w[j][c][tap]`, added to the dot product before it is scaled. The result
+is the exact integer sum over the taps inside the input, `float(d) * (alpha_j * s) + b_j` as the reference
+`F.conv2d` of the codes (exact below 2^24) followed by the scale and the bias computes it. Outputs are NCHW, or
+channels_last for a channels_last input (as `F.conv2d` returns them); NaN where the receptive field holds a NaN.
+
 Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
 (on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
-`(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`).
+`(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`); convolution
+panels `(ceil(N / 16), kh * kw * ceil(C / 64), 16)`.
 """
 
 from __future__ import annotations
@@ -50,9 +64,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .packing import pack_signs, unpack_signs
 
 DISABLE_ENV = "SURGE_HF_DISABLE_KERNELS"
 _SOURCES = ("xnor_ops.cpp", "xnor_avx512.cpp", "xnor_avx2.cpp", "xnor_portable.cpp")
@@ -228,29 +246,48 @@ def binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, ou
 
     Differentiable like the reference path: no gradient reaches `x` or tau (the sign comparison cuts the graph),
     s gets `sum(g * float(dots) * alpha)` and b gets `sum(g)`."""
+    return _scaled_sign_product(x, threshold, weight_panels, out_features, alpha, input_scale, bias, None)
+
+
+def _scaled_sign_product(x: Tensor, threshold: Tensor | None, panels: Tensor, out_features: int, alpha: Tensor,
+                         input_scale: Tensor | None, bias: Tensor | None, geometry: ConvGeometry | None) -> Tensor:
+    """`binary_linear` (geometry None) or `binary_conv2d`, through `_ScaledSignProduct` where s or b needs a
+    gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input_scale, bias)):
-        return _BinaryLinear.apply(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
-    return _binary_linear(x, threshold, weight_panels, out_features, alpha, input_scale, bias)
+        return _ScaledSignProduct.apply(x, threshold, panels, out_features, alpha, input_scale, bias, geometry)
+    return _sign_product(x, threshold, panels, out_features, alpha, input_scale, bias, geometry)
 
 
-class _BinaryLinear(torch.autograd.Function):
+def _sign_product(x: Tensor, threshold: Tensor | None, panels: Tensor, out_features: int, alpha: Tensor,
+                  input_scale: Tensor | None, bias: Tensor | None, geometry: ConvGeometry | None) -> Tensor:
+    if geometry is None:
+        return _binary_linear(x, threshold, panels, out_features, alpha, input_scale, bias)
+    return _binary_conv2d(x, threshold, panels, out_features, geometry, alpha, input_scale, bias)
+
+
+class _ScaledSignProduct(torch.autograd.Function):
+    """The gradients of a sign product's input scale s and bias b (see `binary_linear`); b is broadcast along every
+    dim but the channels (the last for a linear layer, the third from the end for a convolution)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, threshold: Tensor | None, panels: Tensor, out_features: int, alpha: Tensor,
-                scale: Tensor | None, bias: Tensor | None) -> Tensor:
+                scale: Tensor | None, bias: Tensor | None, geometry: ConvGeometry | None) -> Tensor:
         ctx.save_for_backward(x, threshold, panels, alpha)
-        ctx.out_features = out_features
-        return _binary_linear(x, threshold, panels, out_features, alpha, scale, bias)
+        ctx.out_features, ctx.geometry = out_features, geometry
+        return _sign_product(x, threshold, panels, out_features, alpha, scale, bias, geometry)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         x, threshold, panels, alpha = ctx.saved_tensors
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[5]:
-            unscaled = _binary_linear(x, threshold, panels, ctx.out_features, alpha, None, None)
+            unscaled = _sign_product(x, threshold, panels, ctx.out_features, alpha, None, None, ctx.geometry)
             grad_scale = (grad_output * unscaled).sum().reshape(1)
-        if ctx.needs_input_grad[6]:
+        if ctx.needs_input_grad[6] and ctx.geometry is None:
             grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
-        return None, None, None, None, None, grad_scale, grad_bias
+        elif ctx.needs_input_grad[6]:
+            grad_bias = grad_output.sum([dim for dim in range(grad_output.dim()) if dim != grad_output.dim() - 3])
+        return None, None, None, None, None, grad_scale, grad_bias, None
 
 
 def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
@@ -301,6 +338,104 @@ def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: 
     out = _ops().quantized_linear(rows, _contiguous(threshold), _contiguous(step), levels[0], levels[1],
                                   weight_panels, weight_counts, out_features, _contiguous(alpha), _contiguous(bias))
     return out.reshape(*x.shape[:-1], out_features)
+
+
+class ConvGeometry(NamedTuple):
+    """The geometry of a 2-D convolution: `kernel_size`, `stride` and `dilation` as (height, width), the zero
+    `padding` as (top, bottom, left, right)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, kernel_size: int | tuple[int, ...], stride: int | tuple[int, ...] = 1,
+           padding: int | tuple[int, ...] | str = 0, dilation: int | tuple[int, ...] = 1) -> ConvGeometry:
+        """From `nn.Conv2d`'s arguments: ints or pairs; padding an int, a pair (symmetric), 4 values, "valid" (none) or
+        "same" (stride 1; where the padding is odd, the extra row or column goes to the bottom or right, as in
+        `F.conv2d`)."""
+        kernel_size, stride, dilation = (_pair(value, name) for value, name in
+                                         ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
+        if padding == "valid":
+            padding = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={stride}.")
+            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            padding = (totals[0] // 2, totals[0] - totals[0] // 2, totals[1] // 2, totals[1] - totals[1] // 2)
+        elif isinstance(padding, str):
+            raise ValueError(f"padding must be an int, 2 or 4 ints, 'valid' or 'same', got {padding!r}.")
+        elif isinstance(padding, int) or len(padding) == 2:
+            height, width = _pair(padding, "padding")
+            padding = (height, height, width, width)
+        elif len(padding) != 4:
+            raise ValueError(f"padding must be an int, 2 or 4 ints, 'valid' or 'same', got {padding!r}.")
+        return cls(kernel_size, stride, tuple(int(p) for p in padding), dilation)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output's (height, width) for an input of (height, width) (as `F.conv2d`'s)."""
+        (kh, kw), (sh, sw), (top, bottom, left, right), (dh, dw) = self
+        return ((height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (width + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or 2 ints (height, width), got {value!r}.")
+    return int(pair[0]), int(pair[1])
+
+
+def pack_conv_weight_panels(weight_packed: Tensor, weight_shape: tuple[int, int, int, int]) -> Tensor:
+    """The weight panels of a convolution (see the module docstring) from its `packing.pack_signs` rows
+    `(N, ceil(C * kh * kw / 8))` uint8 and its shape `(N, C, kh, kw)`: int64 `(ceil(N / 16), kh * kw * ceil(C / 64),
+    16)`, tap `(i, j)` (row-major over the kernel) in words `[(i * kw + j) * ceil(C / 64), ...)`, channel `c` at bit
+    `c % 64` of its tap's word `c // 64`, bits past C zero."""
+    if len(weight_shape) != 4:
+        raise ValueError(f"weight_shape must be (out_channels, in_channels, kh, kw), got {tuple(weight_shape)}.")
+    out_channels, channels, kh, kw = weight_shape
+    signs = unpack_signs(weight_packed, weight_shape).permute(0, 2, 3, 1)  # (N, kh, kw, C): taps, then channels
+    words = (channels + 63) // 64
+    signs = F.pad(signs, (0, words * 64 - channels), value=-1.0)  # channels past C: bit 0
+    columns = kh * kw * words * 64
+    return pack_weight_panels(pack_signs(signs.reshape(out_channels, columns)), columns)
+
+
+def binary_conv2d(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_channels: int,
+                  geometry: ConvGeometry, alpha: Tensor, input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`float(d_j) * (alpha_j * s) + b_j` with `d = conv2d(sign(x - tau), sign(W))[:, j]` the exact integer sum over
+    the taps inside the input (padded taps count 0: module docstring), for float32 `x` of shape `(B, C, H, W)`, tau
+    of shape `(C,)` (optional), the panels of `pack_conv_weight_panels`, groups 1; s and b optional. Returns float32
+    of shape `(B, N, OH, OW)`, as `F.conv2d` sizes it.
+
+    Differentiable like `binary_linear`: s and b get their gradients, `x` and tau none."""
+    return _scaled_sign_product(x, threshold, weight_panels, out_channels, alpha, input_scale, bias, geometry)
+
+
+def _binary_conv2d(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_channels: int,
+                   geometry: ConvGeometry, alpha: Tensor, input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return _ops().binary_conv2d(_images(x), _contiguous(threshold), weight_panels, out_channels, *geometry,
+                                _contiguous(alpha), _contiguous(input_scale), _contiguous(bias))
+
+
+def quantized_conv2d(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,
+                     weight_counts: Tensor, out_channels: int, geometry: ConvGeometry, alpha: Tensor,
+                     bias: Tensor | None) -> Tensor:
+    """`binary_conv2d` of the codes `q = clamp(round((x - tau) / s), q_min, q_max)` (`levels = (q_min, q_max)`, 2,
+    4, 16 or 256 levels): `float(d_j) * (alpha_j * s) + b_j` with `d = conv2d(q, sign(W))[:, j]`, padded taps 0,
+    bit-serial (`weight_counts`: `weight_row_counts` of the packed weight). Inference only (no gradient)."""
+    return _ops().quantized_conv2d(_images(x), _contiguous(threshold), _contiguous(step), levels[0], levels[1],
+                                   weight_panels, weight_counts, out_channels, *geometry, _contiguous(alpha),
+                                   _contiguous(bias))
+
+
+def _images(x: Tensor) -> Tensor:
+    """`x` (detached), checked to be a batch of images `(B, C, H, W)`."""
+    if x.dim() != 4:
+        raise ValueError(f"A binary convolution takes a batch of images (batch, channels, height, width), got shape "
+                         f"{tuple(x.shape)}; add the batch dim of a single image with x.unsqueeze(0).")
+    return x.detach()
 
 
 def _contiguous(tensor: Tensor | None) -> Tensor | None:
@@ -363,6 +498,27 @@ def _fake_quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, q_
     return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
 
+def _fake_conv_output(x: Tensor, n: int, kernel_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int]) -> Tensor:
+    height, width = ConvGeometry(tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)).output_size(
+        x.shape[2], x.shape[3])
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((x.shape[0], n, height, width), dtype=torch.float32, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _fake_binary_conv2d(x: Tensor, threshold: Tensor | None, panels: Tensor, n: int, kernel_size: list[int],
+                        stride: list[int], padding: list[int], dilation: list[int], alpha: Tensor,
+                        input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return _fake_conv_output(x, n, kernel_size, stride, padding, dilation)
+
+
+def _fake_quantized_conv2d(x: Tensor, threshold: Tensor | None, step: Tensor, q_min: int, q_max: int, panels: Tensor,
+                           weight_counts: Tensor, n: int, kernel_size: list[int], stride: list[int],
+                           padding: list[int], dilation: list[int], alpha: Tensor, bias: Tensor | None) -> Tensor:
+    return _fake_conv_output(x, n, kernel_size, stride, padding, dilation)
+
+
 _FAKES = {
     "pack_weight_panels": _fake_pack_weight_panels,
     "pack_activation_bits": _fake_pack_activation_bits,
@@ -374,6 +530,8 @@ _FAKES = {
     "binary_linear_from_signs": _fake_binary_linear_from_signs,
     "binary_linear_signs": _fake_binary_linear_signs,
     "quantized_linear": _fake_quantized_linear,
+    "binary_conv2d": _fake_binary_conv2d,
+    "quantized_conv2d": _fake_quantized_conv2d,
 }
 
 

@@ -32,11 +32,15 @@ from torch import Tensor, nn
 from .aux_loss import auxiliary_loss_requested, record_auxiliary_loss
 from .configuration_surge import SurgeConfig
 from .kernels import (
+    ConvGeometry,
     PackedSigns,
+    binary_conv2d,
     binary_linear,
     binary_linear_from_signs,
     binary_linear_signs,
+    pack_conv_weight_panels,
     pack_weight_panels,
+    quantized_conv2d,
     quantized_linear,
     weight_row_counts,
 )
@@ -522,11 +526,42 @@ class BinaryLayerMixin(nn.Module):
     binary_branch = SurgeLayerMixin.binary_branch
 
     def uses_kernel(self, x: Tensor) -> bool:
-        """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference
-        path; the layer kinds that have a kernel override `uses_kernel` and `kernel_forward`."""
+        """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference path:
+        binary weights and activations (sign, k-bit or unsigned codes) on float32 CPU inputs that the layer's kernel
+        takes (`kernel_takes`), when the kernel is built and enabled; not under CPU autocast (the reference path
+        computes in its dtype). Codes other than signs only without gradients (the kernel has none for their step).
+        Traced by `torch.compile` or `torch.export`, the kernel's operators become nodes of the graph."""
+        recipe = self.surge_config
+        return (
+            recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
+            and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
+            and (self.activation_spec.is_sign or not torch.is_grad_enabled())
+            and not torch.is_autocast_enabled("cpu") and self.kernel_takes(x) and kernels_available()
+        )
+
+    def kernel_takes(self, x: Tensor) -> bool:
+        """Whether the layer's kernel computes this input (the layer kinds with a kernel override this and
+        `kernel_forward`, `_pack_panels`)."""
         return False
 
     def kernel_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
+
+    def weight_panels(self) -> tuple[Tensor, Tensor]:
+        """The packed weight in the kernel's panel layout and the +1 count of each row, rebuilt when
+        `weight_packed` is replaced or changed.
+
+        Traced (`torch.compile`, `torch.export`), where a tensor's storage cannot be read, the ones the last eager
+        call built are taken as they are, or, before any eager call, computed in the graph on every call."""
+        if torch.compiler.is_compiling():
+            return getattr(self, "_panels", None) or self._pack_panels()
+        key = tensor_state(self.weight_packed)
+        if self.__dict__.get("_panels_key") != key:
+            self._panels = self._pack_panels()
+            self._panels_key = key
+        return self._panels
+
+    def _pack_panels(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
 
 
@@ -563,18 +598,9 @@ class BinaryLinear(BinaryLayerMixin):
     add_bias = SurgeLinear.add_bias
     apply_output_scale = SurgeLinear.apply_output_scale
 
-    def uses_kernel(self, x: Tensor) -> bool:
-        """Binary weights and activations (sign, k-bit or unsigned codes) on float32 CPU inputs, when the kernel is
-        built and enabled (see `surge_hf.kernels`); not under CPU autocast (the reference path computes in its
-        dtype). Codes other than signs only without gradients (the kernel has none for their step). Traced by
-        `torch.compile` or `torch.export`, the kernel's operators become nodes of the graph."""
-        recipe = self.surge_config
-        return (
-            recipe.binarize_weights and recipe.binarize_activations and x.device.type == "cpu"
-            and x.dtype == torch.float32 and self.weight_scale.dtype == torch.float32
-            and (self.activation_spec.is_sign or not torch.is_grad_enabled())
-            and not torch.is_autocast_enabled("cpu") and kernels_available()
-        )
+    def kernel_takes(self, x: Tensor) -> bool:
+        """Any input (see `uses_kernel`)."""
+        return True
 
     def forward(self, x: Tensor | PackedSigns) -> Tensor | PackedSigns:
         if isinstance(x, PackedSigns):
@@ -596,20 +622,6 @@ class BinaryLinear(BinaryLayerMixin):
         return binary_linear(x, self.input_threshold, panels, self.out_features, self.weight_scale, self.input_scale,
                              self.bias)
 
-    def weight_panels(self) -> tuple[Tensor, Tensor]:
-        """The packed weight in the kernel's panel layout and the +1 count of each row, rebuilt when
-        `weight_packed` is replaced or changed.
-
-        Traced (`torch.compile`, `torch.export`), where a tensor's storage cannot be read, the ones the last eager
-        call built are taken as they are, or, before any eager call, computed in the graph on every call."""
-        if torch.compiler.is_compiling():
-            return getattr(self, "_panels", None) or self._pack_panels()
-        key = tensor_state(self.weight_packed)
-        if self.__dict__.get("_panels_key") != key:
-            self._panels = self._pack_panels()
-            self._panels_key = key
-        return self._panels
-
     def _pack_panels(self) -> tuple[Tensor, Tensor]:
         return pack_weight_panels(self.weight_packed, self.in_features), weight_row_counts(self.weight_packed)
 
@@ -619,7 +631,10 @@ class BinaryLinear(BinaryLayerMixin):
 
 
 class BinaryConv2d(BinaryLayerMixin):
-    """Packed inference counterpart of `SurgeConv2d`."""
+    """Packed inference counterpart of `SurgeConv2d`.
+
+    With `groups=1` it runs on the XNOR-popcount kernel (`kernels.binary_conv2d`, `kernels.quantized_conv2d`: im2col
+    over the packed input signs, the zero padding counted exactly); grouped convolutions take the reference path."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding, dilation,
                  groups: int, bias: bool, recipe: SurgeConfig, *, unsigned_input: bool = False):
@@ -644,6 +659,27 @@ class BinaryConv2d(BinaryLayerMixin):
     binary_op = SurgeConv2d.binary_op
     add_bias = SurgeConv2d.add_bias
     apply_output_scale = SurgeConv2d.apply_output_scale
+
+    def kernel_takes(self, x: Tensor) -> bool:
+        """Batches of images `(B, C, H, W)` with this layer's channels, groups 1; other inputs take the reference
+        path, which computes grouped convolutions and single images `(C, H, W)` (returning `(1, N, OH, OW)`: the
+        scale broadcasts over a batch dim), and reports wrong shapes."""
+        return self.groups == 1 and x.dim() == 4 and x.shape[1] == self.in_channels
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        """`float(conv2d(q_x, sign(W))_j) * (alpha_j * s) + b_j` from the packed bits, without unpacking them, the
+        padded taps counted as the reference path's zeros (see `surge_hf.kernels`), the scales and the bias applied
+        in the reference path's order."""
+        panels, weight_counts = self.weight_panels()
+        geometry = ConvGeometry.of(self.kernel_size, self.stride, self.padding, self.dilation)
+        if not self.activation_spec.is_sign:
+            return quantized_conv2d(x, self.input_threshold, self.input_scale, self.activation_spec.levels, panels,
+                                    weight_counts, self.out_channels, geometry, self.weight_scale, self.bias)
+        return binary_conv2d(x, self.input_threshold, panels, self.out_channels, geometry, self.weight_scale,
+                             self.input_scale, self.bias)
+
+    def _pack_panels(self) -> tuple[Tensor, Tensor]:
+        return pack_conv_weight_panels(self.weight_packed, self.weight_shape), weight_row_counts(self.weight_packed)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

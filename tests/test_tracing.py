@@ -1,7 +1,8 @@
 """Packed models under `torch.compile` and `torch.export`: the kernel's operators have fake kernels that give the
 real kernels' shapes and dtypes (`torch.library.opcheck`), a packed BERT with sign outputs compiles as one graph
-(`fullgraph=True`) and exports with the kernel's operators as nodes, and both give the eager outputs exactly; before
-any eager call the weight panels are computed in the graph and the feed-forward layers keep float outputs."""
+(`fullgraph=True`) and exports with the kernel's operators as nodes, and both give the eager outputs exactly, as does
+a packed ResNet with its binary convolutions as `binary_conv2d` nodes; before any eager call the weight panels are
+computed in the graph and the feed-forward layers keep float outputs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from collections import Counter
 import pytest
 import torch
 from test_fusion import _tiny_bert
-from test_kernels import _packed_linear
+from test_kernels import _packed_conv, _packed_linear
+from test_resnet_recipe import tiny_resnet
 from torch import nn
 
-from surge_hf import kernels
+import surge_hf
+from surge_hf import SurgeConv2d, kernels
 from surge_hf.packing import pack_signs
 
 
@@ -37,6 +40,11 @@ def _kernel_arguments() -> dict[str, tuple]:
     bounds = (torch.full((n,), -3, dtype=torch.int32), torch.full((n,), 10, dtype=torch.int32),
               torch.zeros(n, dtype=torch.uint8))
     nan_rows = torch.zeros(m, dtype=torch.uint8)
+    images, conv_weight = torch.randn(2, 7, 9, 6, generator=generator), torch.randn(n, 7, 3, 3, generator=generator)
+    conv_panels = kernels.pack_conv_weight_panels(pack_signs(conv_weight), conv_weight.shape)
+    conv_counts = kernels.weight_row_counts(pack_signs(conv_weight))
+    conv_threshold = torch.randn(7, generator=generator)
+    geometry = ([3, 3], [2, 1], [1, 1, 2, 0], [1, 2])  # kernel, stride, padding (top, bottom, left, right), dilation
     return {
         "pack_weight_panels": (packed, k),
         "pack_activation_bits": (x, threshold),
@@ -48,6 +56,9 @@ def _kernel_arguments() -> dict[str, tuple]:
         "binary_linear_from_signs": (bits, nan_rows, panels, n, k, alpha, None, bias),
         "binary_linear_signs": (x, None, panels, n, *bounds),
         "quantized_linear": (x, threshold, scale, -8, 7, panels, counts, n, alpha, None),
+        "binary_conv2d": (images, conv_threshold, conv_panels, n, *geometry, alpha, scale, bias),
+        "quantized_conv2d": (images.contiguous(memory_format=torch.channels_last), conv_threshold, scale, -8, 7,
+                             conv_panels, conv_counts, n, *geometry, alpha, None),
     }
 
 
@@ -65,6 +76,18 @@ def _bert_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
               "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     inputs["attention_mask"][1, 6:] = 0
     return model, inputs
+
+
+def _resnet_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The tiny binary ResNet of the recipe tests, packed (its four residual-block convolutions, 3x3 with padding 1,
+    one with stride 2), thresholds away from 0, and a batch of odd-sized images."""
+    model = surge_hf.binarize(tiny_resnet()).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SurgeConv2d):
+                torch.nn.init.normal_(layer.input_threshold, 0, 0.2)
+    surge_hf.finalize(model)
+    return model, {"pixel_values": torch.randn(2, 3, 19, 17, generator=torch.Generator().manual_seed(0))}
 
 
 class _GraphRecorder:
@@ -111,23 +134,40 @@ def test_exported_packed_bert_holds_the_kernel_operators_and_equals_eager(isas):
         assert torch.equal(exported.module()(**other).logits, model(**other).logits)
 
 
+# Traced before any eager call: each binary layer's operator, and its panels computed in the graph. BERT: 6 binary
+# layers per encoder layer, float outputs between them; ResNet: 4 residual-block convolutions.
+TRACED_BEFORE_EAGER = {
+    "bert": (_bert_and_inputs, Counter({"binary_linear": 12, "pack_weight_panels": 12, "weight_row_counts": 12})),
+    "resnet": (_resnet_and_inputs, Counter({"binary_conv2d": 4, "pack_weight_panels": 4, "weight_row_counts": 4})),
+}
+
+
 @pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")
-def test_traced_before_any_eager_call_the_panels_are_computed_in_the_graph(isas):
-    model, inputs = _bert_and_inputs()
+@pytest.mark.parametrize("name", list(TRACED_BEFORE_EAGER))
+def test_traced_before_any_eager_call_the_panels_are_computed_in_the_graph(isas, name):
+    build, calls = TRACED_BEFORE_EAGER[name]
+    model, inputs = build()
     torch._dynamo.reset()
     recorder = _GraphRecorder()
     with torch.no_grad():
         traced = torch.compile(model, fullgraph=True, backend=recorder)(**inputs).logits
         expected = model(**inputs).logits
     assert torch.equal(traced, expected)
-    layers = 12  # 6 binary layers per encoder layer
-    assert _operator_calls(recorder.graphs[0].graph) == Counter(
-        {"binary_linear": layers, "pack_weight_panels": layers, "weight_row_counts": layers})
+    assert _operator_calls(recorder.graphs[0].graph) == calls
 
 
-def test_compiled_layer_records_the_gradients_of_its_bias_and_scale(isas):
-    layer = _packed_linear(70, 9, True, activation_binarizer="elastic").requires_grad_(True)
-    x, grad = torch.randn(4, 70), torch.randn(4, 9)
+def _elastic_layer(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A packed linear or convolution layer of the elastic recipe, with bias; an input and an output gradient."""
+    if kind == "linear":
+        return _packed_linear(70, 9, True, activation_binarizer="elastic"), torch.randn(4, 70), torch.randn(4, 9)
+    layer = _packed_conv(7, 5, 3, True, {"padding": 1, "stride": 2}, activation_binarizer="elastic")
+    return layer, torch.randn(3, 7, 6, 5), torch.randn(3, 5, 3, 3)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compiled_layer_records_the_gradients_of_its_bias_and_scale(isas, kind):
+    layer, x, grad = _elastic_layer(kind)
+    layer.requires_grad_(True)
     layer(x).backward(grad)
     expected = layer(x).detach(), layer.bias.grad.clone(), layer.input_scale.grad.clone()
     layer.zero_grad()
@@ -138,12 +178,41 @@ def test_compiled_layer_records_the_gradients_of_its_bias_and_scale(isas):
     assert torch.equal(layer.input_scale.grad, expected[2])
 
 
-def test_inductor_calls_the_kernel_and_keeps_its_outputs(isas):
-    layer = _packed_linear(100, 33, True, activation_binarizer="elastic")
-    x = torch.randn(2, 7, 100)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_inductor_calls_the_kernel_and_keeps_its_outputs(isas, kind):
+    if kind == "linear":
+        layer, inputs = _packed_linear(100, 33, True, activation_binarizer="elastic"), [torch.randn(2, 7, 100)]
+    else:
+        layer = _packed_conv(9, 20, 3, True, {"padding": 2, "dilation": 2}, activation_binarizer="elastic")
+        inputs = [torch.randn(2, 9, 7, 8)]
+        inputs.append(inputs[0].contiguous(memory_format=torch.channels_last))
     with torch.no_grad():
-        expected = layer(x)
+        expected = layer(inputs[0])
         with kernels.disabled():
-            assert torch.equal(layer(x), expected)
+            assert torch.equal(layer(inputs[0]), expected)
         torch._dynamo.reset()
-        assert torch.equal(torch.compile(layer, fullgraph=True)(x), expected)
+        for x in inputs:
+            assert torch.equal(torch.compile(layer, fullgraph=True)(x), expected)
+
+
+# -- packed convolutions ---------------------------------------------------------------------------------------------
+def test_compiled_and_exported_packed_resnet_hold_the_conv_kernel_and_equal_eager(isas):
+    model, inputs = _resnet_and_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with kernels.disabled():
+            assert torch.equal(model(**inputs).logits, expected)
+        torch._dynamo.reset()
+        recorder = _GraphRecorder()
+        assert torch.equal(torch.compile(model, fullgraph=True, backend=recorder)(**inputs).logits, expected)
+        assert len(recorder.graphs) == 1
+        assert _operator_calls(recorder.graphs[0].graph) == Counter({"binary_conv2d": 4})
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # through the fake kernels
+        assert torch.equal(compiled(**inputs).logits, expected)
+        exported = torch.export.export(model, (), inputs)
+    assert _operator_calls(exported.graph) == Counter({"binary_conv2d": 4})
+    assert torch.equal(exported.module()(**inputs).logits, expected)
+    other = {"pixel_values": torch.randn(2, 3, 19, 17)}
+    with torch.no_grad():
+        assert torch.equal(exported.module()(**other).logits, model(**other).logits)

@@ -8,6 +8,12 @@
 // Sign activations a, sign weights w (bits A, W): a . w = K - 2 * popcount(A xor W).
 // Codes q = q_min + sum_b 2^b c_b with bit planes c_b (bits C_b):
 //   q . w = sum_b 2^b (2 * popcount(C_b and W) - popcount(C_b)) + q_min * (2 * popcount(W) - K).
+// Convolutions (im2col over bits): row r of a product is one output position, its K = C * kh * kw columns tap by
+// tap (tap t = i * kw + j of the kernel), each tap's C channels in its own ceil(C / 64) words (bits past C are 0,
+// in the activations and in the weight panels). A tap that falls on the zero padding holds 0 bits, i.e. the code
+// q_min (-1 for signs), where the reference convolution multiplies 0: the product adds, to each such row, the
+// correction -q_min * sum over its padded taps of sum_c w[j][c][tap], one integer per output channel and padding
+// pattern (row_pattern, pattern_dots), which makes the dot product the exact sum over the taps inside the input.
 // Sign outputs (the output of a layer that the next layer only binarizes): (M, ceil(N / 64)) words in the sign
 // activations' layout, bit j of row i = (low[j] <= dot[i][j] <= low[j] + width[j]) xor flip[j]; each 16-column
 // panel writes its own 16-bit quarter of a word, so threads never share a store.
@@ -48,6 +54,8 @@ struct GemmProblem {
   int32_t q_min = 0;                     // smallest code (planes > 0)
   const int32_t* plane_counts = nullptr;   // (rows) popcount of each code plane (planes > 0)
   const int32_t* weight_counts = nullptr;  // (n) popcount of each weight row (planes > 0)
+  const int32_t* row_pattern = nullptr;   // (rows / max(planes, 1)) padding pattern of each output row, or null
+  const int32_t* pattern_dots = nullptr;  // (patterns, n) added to the dot products of the rows of each pattern
   int32_t* out_int = nullptr;     // (rows / max(planes, 1), n) exact dot products, or
   float* out_float = nullptr;     // the same shape, scaled (see Epilogue), or
   uint16_t* out_signs = nullptr;  // (rows, ceil(n / 64) * 4) sign outputs (see SignEpilogue), 16 channels a store
@@ -75,6 +83,16 @@ struct Isa {
                      uint64_t* planes, int32_t* plane_counts, uint8_t* nan_rows, int64_t row_begin,
                      int64_t row_end);
   void (*gemm_tiles)(const GemmProblem& problem, int64_t tile_begin, int64_t tile_end);
+  // The sign bits of the input positions of contiguous NCHW images x (batch, channels, height, width) with an optional
+  // threshold (channels), for image rows [row_begin, row_end) of the batch * height: position (image, h, w) is bit row
+  // (image * height + h) * width + w of bits (its ceil(channels / 64) words), and nan_positions[that row] = 1 where a
+  // channel of x - tau is NaN (the same bits as pack_signs of the transposed NHWC rows, without transposing x).
+  void (*pack_planar_signs)(const float* x, const float* threshold, int64_t channels, int64_t height, int64_t width,
+                            uint64_t* bits, uint8_t* nan_positions, int64_t row_begin, int64_t row_end);
+  // sums[j * taps + t] = sum over the channels c of sign(w[j][c][tap t]) = 2 * popcount(the tap's channel_words
+  // words) - channels, for the n weight rows of convolution panels (taps * channel_words words a row).
+  void (*tap_sums)(const uint64_t* panels, int64_t n, int64_t taps, int64_t channel_words, int64_t channels,
+                   int32_t* sums);
 };
 
 // nullptr where the variant was not compiled for this target (the CPU is checked separately, at run time).

@@ -8,7 +8,8 @@
 
 namespace surge_xnor {
 const Isa* avx2_isa() {
-  static const Isa isa{"avx2", avx2::pack_signs, avx2::pack_codes, avx2::gemm_tiles};
+  static const Isa isa{"avx2", avx2::pack_signs, avx2::pack_codes, avx2::gemm_tiles,
+                        avx2::pack_planar_signs, avx2::tap_sums};
   return &isa;
 }
 }  // namespace surge_xnor

@@ -1,11 +1,14 @@
 // AVX-512 variant (x86-64 with AVX-512 F/BW/DQ/VL and VPOPCNTDQ): 8 bit rows x 16 output channels per micro-tile,
 // 64-bit popcounts of XORed (signs) or ANDed (code planes) words in 512-bit vectors, signs compared 16 floats at a
-// time, the outputs of sign products written 16 channels a vector; code planes are packed, and the outputs of code
-// products written, by the scalar routines compiled for AVX-512.
+// time (rows of x, or 16 positions of an NCHW channel plane), the outputs of sign products written 16 channels a
+// vector; code planes are packed, and the outputs of code products written, by the scalar routines compiled for
+// AVX-512.
 #include "xnor.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include <vector>
 
 #define SURGE_XNOR_NS avx512
 #define SURGE_XNOR_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
@@ -40,6 +43,48 @@ SURGE_XNOR_TARGET static void pack_signs_avx512(const float* x, const float* thr
   }
 }
 
+// See Isa::pack_planar_signs: image by image, each channel's floats of the image rows read in one run, 16 at a
+// time, their signs ORed into the 64-bit words of 16 positions (one lane each).
+SURGE_XNOR_TARGET static void pack_planar_signs_avx512(const float* x, const float* threshold, int64_t channels,
+                                                      int64_t height, int64_t width, uint64_t* bits,
+                                                      uint8_t* nan_positions, int64_t row_begin, int64_t row_end) {
+  const int64_t cw = (channels + 63) / 64, plane = height * width;
+  const __m512 zero = _mm512_setzero_ps();
+  std::vector<uint64_t> words;
+  std::vector<__mmask16> nan;
+  for (int64_t row = row_begin; row < row_end;) {
+    const int64_t image = row / height, h0 = row % height, rows = std::min(row_end - row, height - h0);
+    const int64_t count = rows * width, blocks = (count + 15) / 16;  // the positions of this image's rows
+    words.assign(blocks * 16, 0);
+    nan.assign(blocks, 0);
+    uint64_t* out = bits + row * width * cw;
+    for (int64_t g = 0; g < cw; ++g) {
+      if (g > 0) std::fill(words.begin(), words.end(), uint64_t{0});
+      for (int64_t c = g * 64; c < std::min<int64_t>(channels, (g + 1) * 64); ++c) {
+        const float* line = x + (image * channels + c) * plane + h0 * width;
+        const __m512 tau = _mm512_set1_ps(threshold ? threshold[c] : 0.0f);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << (c % 64)));
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t left = count - b * 16;
+          const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1);
+          __m512 u = _mm512_maskz_loadu_ps(valid, line + b * 16);
+          if (threshold) u = _mm512_sub_ps(u, tau);
+          const __mmask16 positive = _mm512_mask_cmp_ps_mask(valid, u, zero, _CMP_GE_OQ);
+          nan[b] |= _mm512_mask_cmp_ps_mask(valid, u, u, _CMP_UNORD_Q);
+          uint64_t* acc = words.data() + b * 16;
+          const __m512i low = _mm512_maskz_mov_epi64(static_cast<__mmask8>(positive), bit);
+          const __m512i high = _mm512_maskz_mov_epi64(static_cast<__mmask8>(positive >> 8), bit);
+          _mm512_storeu_si512(acc, _mm512_or_si512(_mm512_loadu_si512(acc), low));
+          _mm512_storeu_si512(acc + 8, _mm512_or_si512(_mm512_loadu_si512(acc + 8), high));
+        }
+      }
+      for (int64_t q = 0; q < count; ++q) out[q * cw + g] = words[q];
+    }
+    for (int64_t q = 0; q < count; ++q) nan_positions[row * width + q] = (nan[q / 16] >> (q % 16)) & 1;
+    row += rows;
+  }
+}
+
 // The outputs of a sign (XOR) tile, 16 channels a vector, from the popcounts of channels 0-7 (`low`) and 8-15
 // (`high`) of each row: the scalar store_tile's operations, in its order and rounding (mul, then add, no FMA).
 template <int MR>
@@ -67,8 +112,12 @@ SURGE_XNOR_TARGET static void store_sign_tile(const GemmProblem& p, int64_t row0
   for (int r = 0; r < MR; ++r) {
     const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(low[r])),
                                               _mm512_cvtepi64_epi32(high[r]), 1);
-    const __m512i dots = _mm512_sub_epi32(k, _mm512_add_epi32(counts, counts));
+    __m512i dots = _mm512_sub_epi32(k, _mm512_add_epi32(counts, counts));
     const int64_t row = row0 + r;
+    if (p.row_pattern) {
+      const int32_t* correction = p.pattern_dots + static_cast<int64_t>(p.row_pattern[row]) * p.n + col0;
+      dots = _mm512_add_epi32(dots, _mm512_maskz_loadu_epi32(valid, correction));
+    }
     if (p.out_int) {
       _mm512_mask_storeu_epi32(p.out_int + row * p.n + col0, valid, dots);
     } else if (p.out_float) {
@@ -121,7 +170,8 @@ SURGE_XNOR_TARGET static void gemm_tiles_avx512(const GemmProblem& p, int64_t ti
 
 const Isa* avx512_isa() {
   static const Isa isa{"avx512_vpopcntdq", avx512::pack_signs_avx512, avx512::pack_codes,
-                        avx512::gemm_tiles_avx512};
+                        avx512::gemm_tiles_avx512, avx512::pack_planar_signs_avx512,
+                        avx512::tap_sums};
   return &isa;
 }
 

@@ -41,6 +41,48 @@ SURGE_XNOR_TARGET static inline int popcount64(uint64_t word) {
   }
 }
 
+// See Isa::pack_planar_signs: image by image, each channel's floats of the image rows read in one run.
+[[maybe_unused]] SURGE_XNOR_TARGET static void pack_planar_signs(const float* x, const float* threshold,
+                                                                 int64_t channels, int64_t height, int64_t width,
+                                                                 uint64_t* bits, uint8_t* nan_positions,
+                                                                 int64_t row_begin, int64_t row_end) {
+  const int64_t cw = (channels + 63) / 64, plane = height * width;
+  for (int64_t row = row_begin; row < row_end;) {
+    const int64_t image = row / height, h0 = row % height, rows = std::min(row_end - row, height - h0);
+    const int64_t count = rows * width;  // the positions of this image's rows
+    uint64_t* out = bits + row * width * cw;
+    uint8_t* nan = nan_positions + row * width;
+    std::fill_n(out, count * cw, uint64_t{0});
+    std::fill_n(nan, count, uint8_t{0});
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* line = x + (image * channels + c) * plane + h0 * width;
+      const uint64_t bit = uint64_t{1} << (c % 64);
+      uint64_t* words = out + c / 64;
+      for (int64_t q = 0; q < count; ++q) {
+        const float u = threshold ? line[q] - threshold[c] : line[q];
+        words[q * cw] |= u >= 0.0f ? bit : 0;
+        nan[q] |= u != u;
+      }
+    }
+    row += rows;
+  }
+}
+
+// See Isa::tap_sums: panel by panel, in memory order.
+[[maybe_unused]] SURGE_XNOR_TARGET static void tap_sums(const uint64_t* panels, int64_t n, int64_t taps,
+                                                        int64_t channel_words, int64_t channels, int32_t* sums) {
+  const int64_t row_words = taps * channel_words;
+  std::fill_n(sums, n * taps, -static_cast<int32_t>(channels));
+  for (int64_t j0 = 0; j0 < n; j0 += kPanelWidth) {
+    const uint64_t* panel = panels + j0 * row_words;
+    const int64_t lanes = std::min<int64_t>(kPanelWidth, n - j0);
+    for (int64_t word = 0; word < row_words; ++word) {
+      int32_t* tap = sums + j0 * taps + word / channel_words;
+      for (int64_t l = 0; l < lanes; ++l) tap[l * taps] += 2 * popcount64(panel[word * kPanelWidth + l]);
+    }
+  }
+}
+
 // The code planes of rows [row_begin, row_end): c = q - q_min, q = clamp(nearbyint((x - tau) / step), q_min, q_max)
 // (round half to even, the default rounding mode, as torch.round), plane b of row i at bit row i * planes + b.
 SURGE_XNOR_TARGET static void pack_codes(const float* x, const float* threshold, const CodeSpec& spec, int64_t k,
@@ -86,6 +128,15 @@ SURGE_XNOR_TARGET static inline uint16_t sign_chunk(const SignEpilogue& e, int64
   return static_cast<uint16_t>(chunk);
 }
 
+// Adds the padding correction of output row `row` (a convolution's row_pattern, see xnor.h) to its dot products
+// of channels [col0, col0 + cols).
+SURGE_XNOR_TARGET static inline void add_pattern_dots(const GemmProblem& p, int64_t row, int64_t col0, int64_t cols,
+                                                      int32_t (&dots)[kPanelWidth]) {
+  if (!p.row_pattern) return;
+  const int32_t* correction = p.pattern_dots + static_cast<int64_t>(p.row_pattern[row]) * p.n + col0;
+  for (int64_t l = 0; l < cols; ++l) dots[l] += correction[l];
+}
+
 // Writes the outputs of bit rows [row0, row0 + MR) x the columns of `panel` from the popcounts of the tile.
 template <int MR>
 SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int64_t panel,
@@ -116,6 +167,7 @@ SURGE_XNOR_TARGET static void store_tile(const GemmProblem& p, int64_t row0, int
       }
     }
     const int64_t out_row = (row0 + r) / planes;
+    add_pattern_dots(p, out_row, col0, cols, dots);
     if (p.out_int) {
       std::copy(dots, dots + cols, p.out_int + out_row * p.n + col0);
       continue;

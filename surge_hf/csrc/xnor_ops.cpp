@@ -2,6 +2,9 @@
 // instruction-set variant chosen at run time and the work split over torch's intra-op threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 #include <torch/library.h>
 
 #ifdef _OPENMP
@@ -12,6 +15,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -136,11 +140,13 @@ void fill_nan_rows(const GemmProblem& p, const uint8_t* nan_rows, int64_t begin,
   }
 }
 
-// One product: pack the rows of x (unless `packing` is null: the bit rows are given), XOR/AND-popcount them with
-// every weight panel, write the outputs, fill NaN rows, all in one parallel region. With enough rows each chunk is a
-// block of kRowBlock bit rows, packed and multiplied by every panel by the thread that takes it (its bits stay in
-// that core's cache); with few rows, they are packed first and the chunks are groups of panels.
-void run_product(const GemmProblem& p, const RowPacking* packing, const uint8_t* nan_rows) {
+// One product: pack the output rows [begin, end) with pack(isa, begin, end) (a no-op where the bit rows are given),
+// XOR/AND-popcount them with every weight panel, write the outputs, fill NaN rows, all in one parallel region. With
+// enough rows each chunk is a block of kRowBlock bit rows, packed and multiplied by every panel by the thread that
+// takes it (its bits stay in that core's cache); with few rows, they are packed first and the chunks are groups of
+// panels.
+template <typename Pack>
+void run_packed_product(const GemmProblem& p, const Pack& pack, const uint8_t* nan_rows) {
   if (p.rows == 0) return;
   const Isa* isa = active();
   const int64_t planes = std::max(p.planes, 1);
@@ -150,13 +156,13 @@ void run_product(const GemmProblem& p, const RowPacking* packing, const uint8_t*
   if (row_blocks >= 2 * threads) {
     parallel_chunks(threads, row_blocks, [&](int64_t block) {
       const int64_t begin = block * kRowBlock / planes, end = std::min(p.rows, (block + 1) * kRowBlock) / planes;
-      if (packing) packing->rows(isa, begin, end);
+      pack(isa, begin, end);
       isa->gemm_tiles(p, block * num_panels, (block + 1) * num_panels);
       fill_nan_rows(p, nan_rows, begin, end);
     });
     return;
   }
-  if (packing) packing->rows(isa, 0, p.rows / planes);
+  pack(isa, 0, p.rows / planes);
   const int64_t group = std::max<int64_t>(1, num_panels / (4 * threads));  // about 4 chunks per thread
   parallel_chunks(threads, (num_panels + group - 1) / group, [&](int64_t chunk) {
     const int64_t first = chunk * group, last = std::min(num_panels, first + group);
@@ -165,6 +171,13 @@ void run_product(const GemmProblem& p, const RowPacking* packing, const uint8_t*
     }
   });
   fill_nan_rows(p, nan_rows, 0, p.rows / planes);
+}
+
+// A product whose bit rows are packed from float rows by `packing`, or given (packing null).
+void run_product(const GemmProblem& p, const RowPacking* packing, const uint8_t* nan_rows) {
+  run_packed_product(p, [packing](const Isa* isa, int64_t begin, int64_t end) {
+    if (packing) packing->rows(isa, begin, end);
+  }, nan_rows);
 }
 
 // Packs all rows of x (the standalone packing operators), in chunks of kRowBlock rows.
@@ -275,6 +288,385 @@ void set_epilogue(GemmProblem& problem, const at::Tensor& alpha, const float* in
   problem.epilogue.alpha_per_channel = alpha.numel() == n && n > 1;
   problem.epilogue.input_scale = input_scale;
   problem.epilogue.bias = optional_float(bias, n, "the bias");
+}
+
+// -- binary convolutions (see xnor.h: im2col over bits, the padding correction) ------------------------------------
+
+// The geometry of a convolution of an NCHW input: kernel, stride, zero padding (top, bottom, left, right), dilation,
+// the output size, and the words of one tap (ceil(channels / 64)).
+struct ConvShape {
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t kh = 0, kw = 0, sh = 0, sw = 0, pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0, dh = 0, dw = 0;
+  int64_t out_h = 0, out_w = 0, channel_words = 0;
+
+  int64_t taps() const { return kh * kw; }
+  int64_t row_words() const { return taps() * channel_words; }
+  int64_t positions() const { return out_h * out_w; }
+  int64_t rows() const { return batch * positions(); }
+  bool padded() const { return pad_top > 0 || pad_bottom > 0 || pad_left > 0 || pad_right > 0; }
+  // The input row (column) that kernel row i (column j) reads at output row oh (column ow): padding outside
+  // [0, height) ([0, width)).
+  int64_t input_row(int64_t oh, int64_t i) const { return oh * sh - pad_top + i * dh; }
+  int64_t input_col(int64_t ow, int64_t j) const { return ow * sw - pad_left + j * dw; }
+};
+
+ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "surge_hf: the input of a binary convolution must be a 4-D (batch, channels, height, width) float32 "
+              "CPU tensor, got ", x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
+              "surge_hf: a binary convolution takes kernel_size, stride and dilation as 2 values (height, width) "
+              "and padding as 4 (top, bottom, left, right), got ", kernel_size, ", ", stride, ", ", dilation, " and ",
+              padding);
+  ConvShape s;
+  s.batch = x.size(0), s.channels = x.size(1), s.height = x.size(2), s.width = x.size(3);
+  s.kh = kernel_size[0], s.kw = kernel_size[1], s.sh = stride[0], s.sw = stride[1], s.dh = dilation[0],
+  s.dw = dilation[1];
+  s.pad_top = padding[0], s.pad_bottom = padding[1], s.pad_left = padding[2], s.pad_right = padding[3];
+  TORCH_CHECK(s.kh > 0 && s.kw > 0 && s.sh > 0 && s.sw > 0 && s.dh > 0 && s.dw > 0 && s.pad_top >= 0 &&
+                  s.pad_bottom >= 0 && s.pad_left >= 0 && s.pad_right >= 0,
+              "surge_hf: kernel_size, stride and dilation must be positive and padding non-negative, got ",
+              "kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
+  TORCH_CHECK(s.channels > 0, "surge_hf: the input of a binary convolution has no channels (shape ", x.sizes(), ")");
+  const int64_t span_h = s.dh * (s.kh - 1) + 1, span_w = s.dw * (s.kw - 1) + 1;
+  const int64_t padded_h = s.height + s.pad_top + s.pad_bottom, padded_w = s.width + s.pad_left + s.pad_right;
+  TORCH_CHECK(padded_h >= span_h && padded_w >= span_w, "surge_hf: the padded input (", padded_h, " x ", padded_w,
+              ") is smaller than the dilated kernel (", span_h, " x ", span_w, ")");
+  s.out_h = (padded_h - span_h) / s.sh + 1;
+  s.out_w = (padded_w - span_w) / s.sw + 1;
+  s.channel_words = words_per_row(s.channels);
+  return s;
+}
+
+// Output rows alike in which of their taps fall on the padding share a pattern: a class of output rows oh (by the
+// kernel rows inside the input) times a class of output columns ow (by the kernel columns inside it).
+struct PaddingPatterns {
+  std::vector<int32_t> row_class, col_class;                   // (out_h), (out_w)
+  std::vector<std::vector<uint8_t>> rows_inside, cols_inside;  // per class, 1 for each kernel row (column) inside
+  std::vector<int32_t> dots;  // (patterns, n): -q_min * sum over the pattern's padded taps of sum_c w[j][c][tap]
+
+  int32_t pattern(int64_t oh, int64_t ow) const {
+    return row_class[oh] * static_cast<int32_t>(cols_inside.size()) + col_class[ow];
+  }
+};
+
+// The class of each of `outputs` output rows (or columns): which of its `taps` kernel rows land inside [0, size).
+template <typename InputIndex>
+void classify(int64_t outputs, int64_t taps, int64_t size, const InputIndex& input_index,
+              std::vector<int32_t>& classes, std::vector<std::vector<uint8_t>>& inside) {
+  std::map<std::vector<uint8_t>, int32_t> ids;
+  classes.resize(outputs);
+  for (int64_t o = 0; o < outputs; ++o) {
+    std::vector<uint8_t> mask(taps);
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t index = input_index(o, t);
+      mask[t] = index >= 0 && index < size;
+    }
+    const auto found = ids.emplace(mask, static_cast<int32_t>(inside.size()));
+    if (found.second) inside.push_back(mask);
+    classes[o] = found.first->second;
+  }
+}
+
+// The padding patterns of a convolution and their corrections, from the weight panels: a padded tap holds the code
+// q_min (bits 0) where the reference multiplies 0, so each of its weights w adds q_min * w too many.
+PaddingPatterns padding_patterns(const ConvShape& s, const uint64_t* panels, int64_t n, int32_t q_min) {
+  PaddingPatterns patterns;
+  classify(s.out_h, s.kh, s.height, [&s](int64_t oh, int64_t i) { return s.input_row(oh, i); },
+           patterns.row_class, patterns.rows_inside);
+  classify(s.out_w, s.kw, s.width, [&s](int64_t ow, int64_t j) { return s.input_col(ow, j); },
+           patterns.col_class, patterns.cols_inside);
+  const int64_t taps = s.taps(), cw = s.channel_words;
+  std::vector<int32_t> tap_sums(n * taps);  // sum_c w[j][c][tap]
+  active()->tap_sums(panels, n, taps, cw, s.channels, tap_sums.data());
+  const int64_t row_classes = patterns.rows_inside.size(), col_classes = patterns.cols_inside.size();
+  patterns.dots.assign(row_classes * col_classes * n, 0);
+  std::vector<int64_t> padded;  // the taps of a pattern that fall on the padding
+  for (int64_t rc = 0; rc < row_classes; ++rc) {
+    for (int64_t cc = 0; cc < col_classes; ++cc) {
+      padded.clear();
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        if (!patterns.rows_inside[rc][tap / s.kw] || !patterns.cols_inside[cc][tap % s.kw]) padded.push_back(tap);
+      }
+      int32_t* dots = patterns.dots.data() + (rc * col_classes + cc) * n;
+      for (int64_t j = 0; !padded.empty() && j < n; ++j) {
+        int32_t sum = 0;
+        for (const int64_t tap : padded) sum += tap_sums[j * taps + tap];
+        dots[j] = -q_min * sum;
+      }
+    }
+  }
+  return patterns;
+}
+
+// Copies (or zeroes) `count` words; the short runs of a few taps without a call to memcpy (memset).
+inline void copy_words(const uint64_t* src, int64_t count, uint64_t* dst) {
+  if (count > 4) {
+    std::memcpy(dst, src, count * sizeof(uint64_t));
+    return;
+  }
+  for (int64_t w = 0; w < 4; ++w) {
+    if (w < count) dst[w] = src[w];
+  }
+}
+
+inline void zero_words(uint64_t* dst, int64_t count) {
+  if (count > 4) {
+    std::memset(dst, 0, count * sizeof(uint64_t));
+    return;
+  }
+  for (int64_t w = 0; w < 4; ++w) {
+    if (w < count) dst[w] = 0;
+  }
+}
+
+// The rows of a convolution's product gathered from the packed input positions (im2col over bits): row r (image
+// r / positions, output position r % positions) holds, tap by tap, the words of the input position the tap reads,
+// or 0 words where it reads the padding; also each row's plane popcounts (codes), NaN flag and padding pattern.
+struct ConvRows {
+  const ConvShape* shape = nullptr;
+  int planes = 1;                         // bit planes per code (1: signs)
+  const uint64_t* pixels = nullptr;       // (batch * height * width * planes, channel_words) packed input positions
+  const int32_t* pixel_counts = nullptr;  // (batch * height * width * planes) popcount of each plane (codes), or null
+  const uint8_t* pixel_nan = nullptr;     // (batch * height * width) 1 where the position holds a NaN
+  const PaddingPatterns* patterns = nullptr;  // null: no correction
+  uint64_t* bits = nullptr;               // (rows * planes, row_words)
+  int32_t* plane_counts = nullptr;        // (rows * planes), codes only
+  uint8_t* nan_rows = nullptr;            // (rows)
+  int32_t* row_pattern = nullptr;         // (rows), with patterns only
+
+  void rows(int64_t begin, int64_t end) const {
+    const ConvShape& s = *shape;
+    const int64_t cw = s.channel_words, row_words = s.row_words();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t image = r / s.positions(), oh = r % s.positions() / s.out_w, ow = r % s.out_w;
+      // the kernel columns [j0, j1) that read inside the input
+      const int64_t iw0 = s.input_col(ow, 0);
+      const int64_t j0 = iw0 >= 0 ? 0 : (-iw0 + s.dw - 1) / s.dw;
+      const int64_t j1 = iw0 >= s.width ? 0 : std::min(s.kw, (s.width - 1 - iw0) / s.dw + 1);
+      uint64_t* out = bits + r * planes * row_words;
+      int32_t counts[8] = {};
+      bool nan = false;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = s.input_row(oh, i);
+        const bool inside = ih >= 0 && ih < s.height && j0 < j1;
+        for (int b = 0; b < planes; ++b) {
+          uint64_t* taps = out + b * row_words + i * s.kw * cw;
+          if (!inside) {
+            zero_words(taps, s.kw * cw);
+            continue;
+          }
+          zero_words(taps, j0 * cw);
+          zero_words(taps + j1 * cw, (s.kw - j1) * cw);
+        }
+        if (!inside) continue;
+        const int64_t first = (image * s.height + ih) * s.width + iw0 + j0 * s.dw;  // the position tap j0 reads
+        uint64_t* taps = out + (i * s.kw + j0) * cw;
+        if (planes == 1 && s.dw == 1) {  // the taps' positions are adjacent: one run of words
+          copy_words(pixels + first * cw, (j1 - j0) * cw, taps);
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t pixel = first + (j - j0) * s.dw;
+            for (int b = 0; b < planes; ++b) {
+              copy_words(pixels + (pixel * planes + b) * cw, cw, taps + b * row_words + (j - j0) * cw);
+            }
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t pixel = first + (j - j0) * s.dw;
+          nan |= pixel_nan[pixel] != 0;
+          if (pixel_counts) {
+            for (int b = 0; b < planes; ++b) counts[b] += pixel_counts[pixel * planes + b];
+          }
+        }
+      }
+      if (plane_counts) std::copy_n(counts, planes, plane_counts + r * planes);
+      nan_rows[r] = nan;
+      if (row_pattern) row_pattern[r] = patterns->pattern(oh, ow);
+    }
+  }
+};
+
+// The sign bits or code planes of every input position (image, h, w) of a convolution's input, at bit row
+// (image * height + h) * width + w (code planes: planes rows per position), with their popcounts (codes) and NaN
+// flags: signs of a contiguous NCHW input packed from its planes, anything else from its NHWC rows.
+struct PackedPositions {
+  at::Tensor bits, counts, nan;
+};
+
+PackedPositions pack_positions(const at::Tensor& x, const ConvShape& s, const c10::optional<at::Tensor>& threshold,
+                               const CodeSpec* codes) {
+  PackedPositions packed;
+  if (!codes && x.is_contiguous()) {
+    const float* tau = threshold_data(threshold, s.channels);
+    const int64_t image_rows = s.batch * s.height;
+    packed.bits = at::empty({image_rows * s.width, s.channel_words}, x.options().dtype(at::kLong));
+    packed.nan = at::empty({image_rows * s.width}, x.options().dtype(at::kByte));
+    const Isa* isa = active();
+    const float* data = x.data_ptr<float>();
+    auto* bits = reinterpret_cast<uint64_t*>(packed.bits.data_ptr<int64_t>());
+    uint8_t* nan = packed.nan.data_ptr<uint8_t>();
+    // about the work of one XOR-popcount a float (measured: 6.7 G floats/s packed, 11.6 G XOR-popcounts/s)
+    parallel_chunks(threads_for(x.numel()), (image_rows + kRowBlock - 1) / kRowBlock, [&](int64_t block) {
+      isa->pack_planar_signs(data, tau, s.channels, s.height, s.width, bits, nan, block * kRowBlock,
+                             std::min(image_rows, (block + 1) * kRowBlock));
+    });
+    return packed;
+  }
+  const at::Tensor rows = x.permute({0, 2, 3, 1}).contiguous().reshape({-1, s.channels});
+  if (codes) {
+    CodeRows code = code_rows(rows, threshold, *codes);
+    pack_all_rows(code.packing, rows.size(0));
+    packed.bits = code.planes, packed.counts = code.plane_counts, packed.nan = code.nan_rows;
+  } else {
+    SignRows sign = sign_rows(rows, threshold);
+    pack_all_rows(sign.packing, rows.size(0));
+    packed.bits = sign.bits, packed.nan = sign.nan_rows;
+  }
+  return packed;
+}
+
+// Output rows per chunk of a channel-major (NCHW) convolution product.
+constexpr int64_t kConvChunkRows = 64;
+
+// Rows [begin, end) of a convolution's row-major outputs (scratch, (end - begin, n)) stored into the NCHW output
+// `out` (`positions` output positions per image): each channel's outputs of an image a contiguous run.
+void store_channel_major(const float* scratch, int64_t begin, int64_t end, int64_t n, int64_t positions, float* out) {
+  for (int64_t r = begin; r < end;) {
+    const int64_t image = r / positions, position = r % positions;
+    const int64_t run = std::min(positions - position, end - r);
+    const float* rows = scratch + (r - begin) * n;
+    float* channels = out + image * n * positions + position;
+    int64_t j = 0;
+#if defined(__SSE__) || defined(_M_X64)
+    for (; j + 4 <= n; j += 4) {  // 4 x 4 blocks, transposed in registers
+      float* o = channels + j * positions;
+      int64_t q = 0;
+      for (; q + 4 <= run; q += 4) {
+        __m128 r0 = _mm_loadu_ps(rows + q * n + j), r1 = _mm_loadu_ps(rows + (q + 1) * n + j);
+        __m128 r2 = _mm_loadu_ps(rows + (q + 2) * n + j), r3 = _mm_loadu_ps(rows + (q + 3) * n + j);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(o + q, r0);
+        _mm_storeu_ps(o + positions + q, r1);
+        _mm_storeu_ps(o + 2 * positions + q, r2);
+        _mm_storeu_ps(o + 3 * positions + q, r3);
+      }
+      for (; q < run; ++q) {
+        for (int64_t l = 0; l < 4; ++l) o[l * positions + q] = rows[q * n + j + l];
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      for (int64_t q = 0; q < run; ++q) channels[j * positions + q] = rows[q * n + j];
+    }
+    r += run;
+  }
+}
+
+// A convolution's product written NCHW: each chunk of kConvChunkRows output rows is packed, multiplied into a
+// per-thread row-major scratch, its NaN rows filled, and stored channel by channel (stores straight from each
+// 8-row tile would scatter over every channel's plane, several times slower); with fewer than two chunks per thread,
+// the whole product goes into one scratch, its panels split over the threads.
+template <typename Pack>
+void run_channel_major_product(const GemmProblem& p, const Pack& pack, const uint8_t* nan_rows, float* out,
+                               int64_t positions) {
+  const int64_t planes = std::max(p.planes, 1), m = p.rows / planes;
+  if (m == 0) return;
+  const int64_t num_panels = (p.n + kPanelWidth - 1) / kPanelWidth;
+  const int threads = threads_for(p.rows * p.kw * num_panels * kPanelWidth);
+  const int64_t chunks = (m + kConvChunkRows - 1) / kConvChunkRows;
+  if (chunks < 2 * threads) {
+    std::vector<float> scratch(m * p.n);
+    GemmProblem whole = p;
+    whole.out_float = scratch.data();
+    run_packed_product(whole, pack, nan_rows);
+    store_channel_major(scratch.data(), 0, m, p.n, positions, out);
+    return;
+  }
+  const Isa* isa = active();
+  parallel_chunks(threads, chunks, [&](int64_t chunk) {
+    const int64_t begin = chunk * kConvChunkRows, end = std::min(m, begin + kConvChunkRows);
+    pack(isa, begin, end);
+    thread_local std::vector<float> scratch;
+    scratch.resize((end - begin) * p.n);
+    GemmProblem part = p;
+    part.a = p.a + begin * planes * p.kw;
+    part.rows = (end - begin) * planes;
+    if (p.plane_counts) part.plane_counts = p.plane_counts + begin * planes;
+    if (p.row_pattern) part.row_pattern = p.row_pattern + begin;
+    part.out_float = scratch.data();
+    isa->gemm_tiles(part, 0, (part.rows + kRowBlock - 1) / kRowBlock * num_panels);
+    fill_nan_rows(part, nan_rows + begin, 0, end - begin);
+    store_channel_major(scratch.data(), begin, end, p.n, positions, out);
+  });
+}
+
+// A binary convolution: the input positions packed once (sign bits of x - tau, or the code planes of `codes`), then
+// gathered into the product's rows by the thread that multiplies them, the padding corrected, the outputs scaled
+// (alpha * input_scale, then the bias) and written NCHW, or NHWC (channels_last) for a channels_last input.
+at::Tensor conv_product(const at::Tensor& x, const ConvShape& s, const c10::optional<at::Tensor>& threshold,
+                        const CodeSpec* codes, const at::Tensor& panels, const at::Tensor* weight_counts, int64_t n,
+                        const at::Tensor& alpha, const float* input_scale, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(n > 0, "surge_hf: a binary convolution needs n > 0 output channels, got ", n);
+  const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
+  TORCH_CHECK(panels.scalar_type() == at::kLong && panels.is_contiguous() &&
+                  panels.sizes() == at::IntArrayRef({num_panels, s.row_words(), kPanelWidth}),
+              "surge_hf: the weight panels of a convolution with ", n, " output channels, ", s.channels,
+              " input channels and a ", s.kh, "x", s.kw, " kernel must be contiguous int64 of shape (", num_panels,
+              ", ", s.row_words(), ", ", kPanelWidth, "), got ", panels.scalar_type(), " of shape ", panels.sizes(),
+              ": build them with surge_hf.kernels.pack_conv_weight_panels");
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const PackedPositions positions = pack_positions(x, s, threshold, codes);
+  const int planes = codes ? codes->planes : 1;
+  ConvRows gather;
+  gather.shape = &s;
+  gather.planes = planes;
+  gather.pixels = reinterpret_cast<const uint64_t*>(positions.bits.data_ptr<int64_t>());
+  if (codes) gather.pixel_counts = positions.counts.data_ptr<int32_t>();
+  gather.pixel_nan = positions.nan.data_ptr<uint8_t>();
+
+  const int64_t m = s.rows();
+  const at::Tensor bits = at::empty({m * planes, s.row_words()}, x.options().dtype(at::kLong));
+  const at::Tensor nan_rows = at::empty({m}, x.options().dtype(at::kByte));
+  at::Tensor out = at::empty({s.batch, n, s.out_h, s.out_w},
+                             x.options().dtype(at::kFloat).memory_format(
+                                 channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  GemmProblem problem;
+  problem.a = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  problem.panels = reinterpret_cast<const uint64_t*>(panels.data_ptr<int64_t>());
+  problem.rows = m * planes;
+  problem.n = n;
+  problem.k = s.channels * s.taps();
+  problem.kw = s.row_words();
+  at::Tensor plane_counts;
+  if (codes) {
+    plane_counts = at::empty({m * planes}, x.options().dtype(at::kInt));
+    set_code_planes(problem, *codes, plane_counts, *weight_counts);
+    gather.plane_counts = plane_counts.data_ptr<int32_t>();
+  }
+  const int32_t q_min = codes ? codes->q_min : -1;  // the code of a padded tap: bits 0 (sign -1)
+  PaddingPatterns patterns;
+  std::vector<int32_t> row_pattern;
+  if (s.padded() && q_min != 0) {
+    patterns = padding_patterns(s, problem.panels, n, q_min);
+    row_pattern.resize(m);
+    gather.patterns = &patterns;
+    gather.row_pattern = row_pattern.data();
+    problem.row_pattern = row_pattern.data();
+    problem.pattern_dots = patterns.dots.data();
+  }
+  gather.bits = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  gather.nan_rows = nan_rows.data_ptr<uint8_t>();
+  set_epilogue(problem, alpha, input_scale, bias);
+  const auto pack = [&gather](const Isa*, int64_t begin, int64_t end) { gather.rows(begin, end); };
+  if (channels_last) {
+    problem.out_float = out.data_ptr<float>();
+    run_packed_product(problem, pack, gather.nan_rows);
+  } else {
+    run_channel_major_product(problem, pack, gather.nan_rows, out.data_ptr<float>(), s.positions());
+  }
+  return out;
 }
 
 }  // namespace
@@ -426,6 +818,27 @@ at::Tensor quantized_linear(const at::Tensor& x, const c10::optional<at::Tensor>
   return out;
 }
 
+// float(conv2d(sign(x - tau), sign(W))[:, j]) * (alpha[j] * input_scale) + bias[j], the padding counted as zeros.
+at::Tensor binary_conv2d(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& panels,
+                         int64_t n, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, const at::Tensor& alpha,
+                         const c10::optional<at::Tensor>& input_scale, const c10::optional<at::Tensor>& bias) {
+  const ConvShape shape = conv_shape(x, kernel_size, stride, padding, dilation);
+  return conv_product(x, shape, threshold, nullptr, panels, nullptr, n, alpha,
+                      optional_float(input_scale, 1, "the input scale"), bias);
+}
+
+// float(conv2d(q, sign(W))[:, j]) * (alpha[j] * step) + bias[j], q = clamp(round((x - tau) / step), q_min, q_max).
+at::Tensor quantized_conv2d(const at::Tensor& x, const c10::optional<at::Tensor>& threshold, const at::Tensor& step,
+                            int64_t q_min, int64_t q_max, const at::Tensor& panels, const at::Tensor& weight_counts,
+                            int64_t n, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias) {
+  const ConvShape shape = conv_shape(x, kernel_size, stride, padding, dilation);
+  const float* step_data = optional_float(step, 1, "the step size");
+  const CodeSpec spec = code_spec(*step_data, q_min, q_max);
+  return conv_product(x, shape, threshold, &spec, panels, &weight_counts, n, alpha, step_data, bias);
+}
+
 std::string isa() { return active()->name; }
 
 std::vector<std::string> supported_isas() {
@@ -465,6 +878,11 @@ TORCH_LIBRARY(surge_hf, m) {
         "Tensor flip) -> (Tensor, Tensor)");
   m.def("quantized_linear(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
         "Tensor weight_counts, int n, Tensor alpha, Tensor? bias) -> Tensor");
+  m.def("binary_conv2d(Tensor x, Tensor? threshold, Tensor panels, int n, int[2] kernel_size, int[2] stride, "
+        "int[4] padding, int[2] dilation, Tensor alpha, Tensor? input_scale, Tensor? bias) -> Tensor");
+  m.def("quantized_conv2d(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
+        "Tensor weight_counts, int n, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, "
+        "Tensor alpha, Tensor? bias) -> Tensor");
   m.def("xnor_isa() -> str", &surge_xnor::isa);
   m.def("xnor_supported_isas() -> str[]", &surge_xnor::supported_isas);
   m.def("xnor_set_isa(str name) -> str", &surge_xnor::set_isa);
@@ -481,4 +899,6 @@ TORCH_LIBRARY_IMPL(surge_hf, CPU, m) {
   m.impl("binary_linear_from_signs", &surge_xnor::binary_linear_from_signs);
   m.impl("binary_linear_signs", &surge_xnor::binary_linear_signs);
   m.impl("quantized_linear", &surge_xnor::quantized_linear);
+  m.impl("binary_conv2d", &surge_xnor::binary_conv2d);
+  m.impl("quantized_conv2d", &surge_xnor::quantized_conv2d);
 }

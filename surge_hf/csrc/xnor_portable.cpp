@@ -6,7 +6,8 @@
 namespace surge_xnor {
 
 const Isa* portable_isa() {
-  static const Isa isa{"portable", portable::pack_signs, portable::pack_codes, portable::gemm_tiles};
+  static const Isa isa{"portable", portable::pack_signs, portable::pack_codes, portable::gemm_tiles,
+                        portable::pack_planar_signs, portable::tap_sums};
   return &isa;
 }
 
