@@ -14,6 +14,11 @@ random BERT-base-shaped model. Memory: the resident-set growth of a fresh proces
 the file sizes (`model.safetensors`; the int8 dynamic model as a `torch.save` of its state dict). The packed forms:
 binarized layers packed, embeddings float32 (`packed`) or int8 with per-row scales (`packed_int8_embeddings`).
 
+Convolutions (`--parts conv`): a packed W1A1 `BinaryConv2d` (3x3, padding 1, no bias, the default recipe) on the
+kernel against its reference path (kernel off: unpack + `F.conv2d`) and float32 `F.conv2d` (`nn.Conv2d`), on the
+ResNet-18 stage shapes 64->64 at 56x56, 128->128 at 28x28, 256->256 at 14x14 and 512->512 at 7x7, batch 1 and 8,
+with 1 and 2 threads; NCHW inputs, and channels_last inputs for the kernel and float32 (where neither transposes).
+
 Timing: every configuration runs its candidates round-robin (`--rounds` rounds, each call repeated to fill about
 `--min_ms`), and reports medians, so a busy shared machine slows all candidates of one configuration alike; the
 ratios are the figures to read, not the absolute times.
@@ -22,6 +27,7 @@ ratios are the figures to read, not the absolute times.
     python benchmarks/inference.py --quick     # fewer shapes and rounds, for a smoke run
     python benchmarks/inference.py --profile   # where the packed MiniLM's time goes: results/inference_profile_cpu.json
     python benchmarks/inference.py --parts end_to_end --models minilm-l6 --output results/<name>.json   # one part
+    python benchmarks/inference.py --parts conv --output benchmarks/results/inference_conv_cpu.json   # convolutions
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ import transformers
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from surge_hf import SurgeBertForSequenceClassification, SurgeConfig, SurgeLinear, kernels
+from surge_hf import SurgeBertForSequenceClassification, SurgeConfig, SurgeConv2d, SurgeLinear, kernels
 from surge_hf.fusion import unfold_sign_outputs
-from surge_hf.layers import BinaryLinear
+from surge_hf.layers import BinaryConv2d, BinaryLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = ROOT.parent / "shared" / "models" / "all-MiniLM-L6-v2"
@@ -58,7 +64,9 @@ THREADS = (1, 2)
 BATCHES = ((1, 32), (32, 64))
 FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_float_outputs", "binary_reference")
 MODELS = ("minilm-l6", "bert-base-shape")
-PARTS = ("layers", "end_to_end", "memory")
+CONV_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))  # ResNet-18 stages: channels in = out, input height = width
+CONV_BATCHES = (1, 8)
+PARTS = ("layers", "end_to_end", "memory", "conv")
 
 
 def median_seconds(candidates: dict[str, Callable[[], object]], rounds: int, min_seconds: float) -> dict[str, float]:
@@ -122,6 +130,38 @@ def layer_level(rounds: int, min_seconds: float, shapes: dict, rows: tuple[int, 
                     results.append(row)
                     print(f"layer {family} {in_features}x{out_features} M={m} threads={threads}: "
                           + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()), flush=True)
+    return results
+
+
+def conv_level(rounds: int, min_seconds: float, shapes: tuple[tuple[int, int], ...],
+               batches: tuple[int, ...]) -> list[dict]:
+    """3x3 convolutions with padding 1 (see the module docstring): the packed layer on the kernel and on its reference
+    path, float32 `nn.Conv2d`, on NCHW inputs, and the kernel and float32 on channels_last inputs."""
+    results = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for channels, size in shapes:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            surge = SurgeConv2d.from_float(nn.Conv2d(channels, channels, 3, padding=1, bias=False), SurgeConfig())
+            binary = BinaryConv2d.from_surge(surge).eval()
+            for batch in batches:
+                x = torch.randn(batch, channels, size, size)
+                x_last = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    seconds = median_seconds({
+                        "float32": lambda: conv(x),
+                        "binary_kernel": lambda: binary(x),
+                        "binary_reference": without_kernel(lambda: binary(x)),
+                        "float32_channels_last": lambda: conv(x_last),
+                        "binary_kernel_channels_last": lambda: binary(x_last),
+                    }, rounds, min_seconds)
+                row = {"channels": channels, "size": size, "batch": batch, "threads": threads, **with_ratios(seconds)}
+                row["channels_last_speedup_of_binary_kernel_over_float32"] = (
+                    seconds["float32_channels_last"] / seconds["binary_kernel_channels_last"])
+                results.append(row)
+                print(f"conv {channels}x{channels} 3x3 at {size}x{size} batch={batch} threads={threads}: "
+                      + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()), flush=True)
     return results
 
 
@@ -282,15 +322,36 @@ def timing_table(title: str, rows: list[dict], label_columns: str, label: Callab
     return lines
 
 
+def conv_table(rows: list[dict]) -> list[str]:
+    """The markdown section of the convolutions (none without rows): ms per call and the kernel's speed-ups."""
+    if not rows:
+        return []
+    lines = ["", "## Convolutions, 3x3, padding 1, W1A1 (ms per call; speed-up of the binary kernel over each)", "",
+             "| channels | input | batch | threads | float32 | binary kernel | binary reference | vs float32 "
+             "| vs binary reference | channels_last: float32 | binary kernel | vs float32 |",
+             "| --- " * 12 + "|"]
+    for row in rows:
+        ms, ratio = row["ms"], row["speedup_of_binary_kernel_over"]
+        lines.append(
+            f"| {row['channels']} -> {row['channels']} | {row['size']} x {row['size']} | {row['batch']} | "
+            f"{row['threads']} | {ms['float32']:.3f} | {ms['binary_kernel']:.3f} | {ms['binary_reference']:.3f} | "
+            f"{ratio['float32']:.2f}x | {ratio['binary_reference']:.2f}x | {ms['float32_channels_last']:.3f} | "
+            f"{ms['binary_kernel_channels_last']:.3f} | "
+            f"{row['channels_last_speedup_of_binary_kernel_over_float32']:.2f}x |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [f"# CPU inference: `{report['command']}`", "",
              f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
-             "Medians of round-robin rounds on a shared machine: read the ratios.",
+             "Medians of round-robin rounds on a shared machine: read the ratios. Load average (1 min) at the start "
+             f"and the end: {report['load_average']['start']:.1f}, {report['load_average']['end']:.1f}.",
              *timing_table("Layer level (ms per call; speed-up of the binary kernel over each)", report["layers"],
                            "shape (in x out) | M",
                            lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | {r['rows']}", 3),
              *timing_table("End to end, sequence classification (ms per batch)", report["end_to_end"],
-                           "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1)]
+                           "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1),
+             *conv_table(report["conv"])]
     if report["memory"]:
         lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
                   "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
@@ -337,7 +398,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds per configuration")
     parser.add_argument("--min_ms", type=float, default=20.0, help="repeat each call to fill this many ms per round")
-    parser.add_argument("--quick", action="store_true", help="MiniLM shapes, M = 1 and 32, 3 rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="MiniLM shapes, M = 1 and 32, the 256- and 512-channel convolutions at batch 1, 3 rounds")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default results/inference_cpu.json, or results/inference_cpu_quick.json)")
     parser.add_argument("--profile", action="store_true", help="profile the packed MiniLM-L6 at 32 x 64 instead")
@@ -365,6 +427,7 @@ def main() -> None:
     shapes, rows, rounds = (({"minilm": LAYER_SHAPES["minilm"]}, (1, 32), 3) if args.quick
                             else (LAYER_SHAPES, ROWS, args.rounds))
     threads = torch.get_num_threads()
+    conv_shapes, conv_batches = (CONV_SHAPES[2:], (1,)) if args.quick else (CONV_SHAPES, CONV_BATCHES)
     report = {
         "command": " ".join(["python benchmarks/inference.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {platform.system()}, "
@@ -378,6 +441,8 @@ def main() -> None:
         "layers": layer_level(rounds, args.min_ms / 1e3, shapes, rows) if "layers" in parts else [],
         "end_to_end": [],
         "memory": {},
+        "conv": [],
+        "load_average": {"start": os.getloadavg()[0]},
     }
     if "end_to_end" in parts or "memory" in parts:
         with tempfile.TemporaryDirectory() as workdir:
@@ -386,13 +451,16 @@ def main() -> None:
                 report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
             if "memory" in parts:
                 report["memory"] = memory_and_files(folders)
+    if "conv" in parts:
+        report["conv"] = conv_level(rounds, args.min_ms / 1e3, conv_shapes, conv_batches)
+    report["load_average"]["end"] = os.getloadavg()[0]
     torch.set_num_threads(threads)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown(report))
     if report["layers"]:
         plot(report, output.with_suffix(".png"))
-    print(f"wrote {output} (+ .md, .png)")
+    print(f"wrote {output} (+ .md{', .png' if report['layers'] else ''})")
 
 
 if __name__ == "__main__":
