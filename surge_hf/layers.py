@@ -561,6 +561,11 @@ class BinaryLayerMixin(nn.Module):
             self._panels_key = key
         return self._panels
 
+    def held_panels(self) -> tuple[Tensor, ...]:
+        """The kernel panels this layer holds now (built by its first kernel call; empty before): memory that the
+        state dict does not count."""
+        return self.__dict__.get("_panels", ())
+
     def _pack_panels(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no CPU kernel.")
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..embeddings import dequantize_embeddings
-from ..layers import BinaryConv2d, BinaryLinear
+from ..layers import BINARY_LAYER_TYPES
 
 
 @dataclass
@@ -70,14 +70,9 @@ def float32_twin(model: nn.Module) -> nn.Module:
     quantized embedding by a float embedding: the same computation cost as the float32 model."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if isinstance(module, BinaryLinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        elif isinstance(module, BinaryConv2d):
-            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                              padding=module.padding, dilation=module.dilation, groups=module.groups,
-                              bias=module.bias is not None)
-        else:
+        if not isinstance(module, BINARY_LAYER_TYPES):
             continue
+        plain = module.float_layer()
         with torch.no_grad():
             plain.weight.copy_(module.dequantized_weight())
             if module.bias is not None:
@@ -91,7 +86,7 @@ def held_tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's state dict tensors and of its packed layers' kernel panels (built on first forward)."""
     state = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     panels = sum(tensor.numel() * tensor.element_size() for module in model.modules()
-                 for tensor in module.__dict__.get("_panels", ()))
+                 if isinstance(module, BINARY_LAYER_TYPES) for tensor in module.held_panels())
     return state + panels
 
 
@@ -112,7 +107,7 @@ def measure_deployment(model: nn.Module, inputs: Mapping[str, Tensor], *, file_b
                        rounds: int = 5) -> DeploymentReport:
     """Time `model` (packed, on the CPU) against its float32 twin on `inputs` (keyword inputs of `model(...)`) and
     count the bytes both hold; `file_bytes` is the packed file's size, when known."""
-    if not any(isinstance(module, (BinaryLinear, BinaryConv2d)) for module in model.modules()):
+    if not any(isinstance(module, BINARY_LAYER_TYPES) for module in model.modules()):
         raise ValueError("measure_deployment() needs a packed model; call model.finalize() (or load the packed "
                          "checkpoint) first.")
     if rounds < 1:
