@@ -154,6 +154,10 @@ TEXT = Task(
         # W_a (the cheaper step) and the weight axis (1,250 steps with two planes, then 1,250 at one plane)
         "surge_frozen_aug4_w2_to_w1_2500": (*_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4",
                                             "--weight_planes_schedule", "2,1", *STEPS_1250),
+        # the same with the 1-bit stage distilled from the two-plane stage (the nearer teacher)
+        "surge_frozen_aug4_w2_to_w1_2500_stage_teacher": (
+            *_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4", "--weight_planes_schedule",
+            "2,1", "--stage_teacher", "previous", *STEPS_1250),
         # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
         # hidden-state term scale-free; the token-token relations of the hidden states added to it
         "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
@@ -182,7 +186,8 @@ TEXT = Task(
         "ladder_seeds": _ladder_suite("surge_bit_alpha", "ste_bit_alpha", seeds=(0, 1, 2)),
         "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
                                  "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250",
-                                 "surge_frozen_aug4_w2_to_w1_2500", "surge_no_latent_decay_1250",
+                                 "surge_frozen_aug4_w2_to_w1_2500", "surge_frozen_aug4_w2_to_w1_2500_stage_teacher",
+                                 "surge_no_latent_decay_1250",
                                  "surge_normalized_hidden_1250", "surge_hidden_relations_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
                                      "surge_bit_alpha_previous_lam", "surge_bit_alpha_scale_aux_grad"),

@@ -140,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="A weight-axis stage first: 2,1 trains two binary weight planes per weight (a residual "
                              "2-bit weight, SurgeConfig.weight_planes) for --num_train_epochs (or --max_train_steps), "
                              "then the 1-bit model from its latent weights for as long again.")
+    parser.add_argument("--stage_teacher", choices=("teacher", "previous"), default="teacher",
+                        help="What distils each student stage after the first of a schedule: the teacher (default), "
+                             "or the stage before it (previous: e.g. the 1-bit model learns from the two-plane "
+                             "model, a nearer teacher).")
     # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
     # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
@@ -194,6 +198,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError("--augment needs a teacher: the new sentences have no label, the student learns the "
                              "teacher's outputs on them. Pass --teacher_model_name_or_path (auto, the default for a "
                              "binary student, trains one first), or drop --augment.")
+    if args.stage_teacher == "previous" and not (args.weight_planes_schedule or args.activation_bits_schedule):
+        raise ValueError("--stage_teacher previous distils each student stage from the stage before it: pass "
+                         "--weight_planes_schedule or --activation_bits_schedule, or drop --stage_teacher.")
     if args.weight_planes_schedule and args.activation_bits_schedule:
         raise ValueError("--weight_planes_schedule and --activation_bits_schedule each plan the run's stages: pass "
                          "one of them (the other axis then keeps its single value, e.g. --activation_bits).")
@@ -309,7 +316,9 @@ def earlier_stages(args: argparse.Namespace) -> list[PlannedStage]:
     """The run's earlier stages in order (the teacher stage, then every weight-planes or precision stage but the
     last), each started from the one before; then `args` is pointed at the last of them (the final stage's
     initialisation, teacher, activation bits and weight planes; its checkpoints store the digest of the last stage's
-    record, so that it resumes only on the same stages). Every stage's flags are validated here, before any work."""
+    record, so that it resumes only on the same stages). With `--stage_teacher previous`, every student stage after
+    the first, and the final one, is distilled from the stage before it instead of the teacher. Every stage's flags
+    are validated here, before any work."""
     init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
     # The user's teacher is recorded as a model; the teacher stage is recorded as the first stage.
     models = (args.model_name_or_path, None if teacher == AUTO_TEACHER else teacher)
@@ -322,6 +331,8 @@ def earlier_stages(args: argparse.Namespace) -> list[PlannedStage]:
         stages.append(earlier_stage(student_stage_args(args, folder, init, teacher, **recipe), models,
                                     stages[-1] if stages else None, title, title))
         init = str(stages[-1].stage.folder / TRAIN_STATE_DIR)
+        if args.stage_teacher == "previous":
+            teacher = init
     args.model_name_or_path, args.teacher_model_name_or_path = init, teacher
     args.earlier_stages_digest = record_digest(stages[-1].stage.record) if stages else None
     if args.activation_bits_schedule:

@@ -802,6 +802,27 @@ def test_weight_planes_schedule_trains_a_two_plane_stage_then_the_packed_one_bit
     assert not any(path.startswith("stage_") for path in upload.files_to_push(out))
 
 
+def test_stage_teacher_previous_distils_the_final_stage_from_the_two_plane_stage(tiny_bert, data_files, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "nearer"
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", str(tiny_bert),
+                                        "--weight_planes_schedule", "2,1", "--stage_teacher", "previous"))
+    printed = capsys.readouterr().out
+    two_plane = out / "stage_w2" / "train_state"
+    assert (f"Stage 2 of 2: the final model into {out}, initialised from {two_plane} and distilled from "
+            f"{two_plane}.") in printed
+    assert json.loads((out / "stage_w2" / "stage.json").read_text())["teacher"] == str(tiny_bert.resolve())
+    assert results["distillation"]["hidden_states_weight"] == 1.0 and results["completed_steps"] == 4
+    assert AutoModelForSequenceClassification.from_pretrained(out).is_packed
+
+
+def test_stage_teacher_previous_needs_a_schedule(tiny_bert, data_files, tmp_path):
+    with pytest.raises(ValueError, match=r"--stage_teacher previous distils each student stage from the stage before "
+                                         r"it: pass --weight_planes_schedule or --activation_bits_schedule"):
+        glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--stage_teacher", "previous"))
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--weight_planes_schedule", "1,2"), "is not a schedule of weight planes"),
     (("--weight_planes_schedule", "2"), "ends at 2 weight planes"),
