@@ -111,8 +111,10 @@ def main() -> None:
     implementations = args.adamw.split(",")
     if not implementations or not set(implementations) <= {"fused", "foreach"}:
         parser.error(f"--adamw {args.adamw!r}: pass fused, foreach or fused,foreach")
-    names = [name if implementation == implementations[0] else f"{name}+{implementation}"
-             for implementation in implementations for name in names]
+    # (label, recipe, AdamW implementation); the first implementation's runs keep the recipe's name
+    plan = [(name if implementation == implementations[0] else f"{name}+{implementation}", name, implementation)
+            for implementation in implementations for name in names]
+    names = [label for label, _, _ in plan]
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -123,8 +125,7 @@ def main() -> None:
         "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long, device=device),
         "labels": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
     }
-    runs = {name: build(args.shape, RECIPES[name.partition("+")[0]], device, name.partition("+")[2] or
-                        implementations[0]) for name in names}
+    runs = {label: build(args.shape, RECIPES[recipe], device, implementation) for label, recipe, implementation in plan}
     memory: dict[str, int] = {}
     for name, (model, optimizer) in runs.items():
         for _ in range(args.warmup):

@@ -181,8 +181,7 @@ def _moved_name(package: str, name: str) -> Any:
     AttributeError for any other name, a submodule not imported yet among them, so that the import system then
     imports the submodule."""
     namespace = vars(sys.modules[package])
-    submodules = {info.name for info in pkgutil.iter_modules(namespace["__path__"])}
-    if not name.startswith("__") and name not in submodules:
+    if not name.startswith("__") and name not in _submodule_names(namespace["__path__"]):
         for module_name in _MOVED_NAMES[package.removeprefix(f"{__name__}.")]:
             module = importlib.import_module(f".{module_name}", __name__)
             if hasattr(module, name):
@@ -196,8 +195,9 @@ def _moved_name(package: str, name: str) -> Any:
 sys.meta_path.insert(0, _PreviousReleaseModules())
 
 
-def _submodule_names() -> set[str]:
-    return {info.name for info in pkgutil.iter_modules(__path__)}
+def _submodule_names(path: list[str]) -> set[str]:
+    """The names of the modules and subpackages in a package's `__path__`."""
+    return {info.name for info in pkgutil.iter_modules(path)}
 
 
 def __getattr__(name: str) -> Any:
@@ -208,7 +208,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_LAZY_IMPORTS[name]}", __name__), name)
     elif name in _REMOVED:
         raise ImportError(_REMOVED[name])
-    elif name in _submodule_names() or name in _MOVED_MODULES or name in _REMOVED_MODULES:
+    elif name in _submodule_names(__path__) or name in _MOVED_MODULES or name in _REMOVED_MODULES:
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -283,10 +283,11 @@ class _ScaledSignProduct(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             unscaled = _sign_product(x, threshold, panels, ctx.out_features, alpha, None, None, ctx.geometry)
             grad_scale = (grad_output * unscaled).sum().reshape(1)
-        if ctx.needs_input_grad[6] and ctx.geometry is None:
-            grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
-        elif ctx.needs_input_grad[6]:
-            grad_bias = grad_output.sum([dim for dim in range(grad_output.dim()) if dim != grad_output.dim() - 3])
+        if ctx.needs_input_grad[6]:
+            if ctx.geometry is None:
+                grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
+            else:  # channels are the third dim from the end
+                grad_bias = grad_output.sum([dim for dim in range(grad_output.dim()) if dim != grad_output.dim() - 3])
         return None, None, None, None, None, grad_scale, grad_bias, None
 
 

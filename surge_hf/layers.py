@@ -554,7 +554,7 @@ class BinaryLayerMixin(nn.Module):
         Traced (`torch.compile`, `torch.export`), where a tensor's storage cannot be read, the ones the last eager
         call built are taken as they are, or, before any eager call, computed in the graph on every call."""
         if torch.compiler.is_compiling():
-            return getattr(self, "_panels", None) or self._pack_panels()
+            return self.held_panels() or self._pack_panels()
         key = tensor_state(self.weight_packed)
         if self.__dict__.get("_panels_key") != key:
             self._panels = self._pack_panels()
@@ -646,6 +646,7 @@ class BinaryConv2d(BinaryLayerMixin):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.geometry = ConvGeometry.of(self.kernel_size, stride, padding, dilation)  # what the kernel reads
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_binary(shape, bias, in_channels, recipe, unsigned_input)
 
@@ -676,11 +677,10 @@ class BinaryConv2d(BinaryLayerMixin):
         padded taps counted as the reference path's zeros (see `surge_hf.kernels`), the scales and the bias applied
         in the reference path's order."""
         panels, weight_counts = self.weight_panels()
-        geometry = ConvGeometry.of(self.kernel_size, self.stride, self.padding, self.dilation)
         if not self.activation_spec.is_sign:
             return quantized_conv2d(x, self.input_threshold, self.input_scale, self.activation_spec.levels, panels,
-                                    weight_counts, self.out_channels, geometry, self.weight_scale, self.bias)
-        return binary_conv2d(x, self.input_threshold, panels, self.out_channels, geometry, self.weight_scale,
+                                    weight_counts, self.out_channels, self.geometry, self.weight_scale, self.bias)
+        return binary_conv2d(x, self.input_threshold, panels, self.out_channels, self.geometry, self.weight_scale,
                              self.input_scale, self.bias)
 
     def _pack_panels(self) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""benchmarks/accuracy.py: the equal-time budget (step times probed once, steps derived from the reference)."""
+"""benchmarks/accuracy.py: the equal-time budget (step times probed once, steps derived from the reference), and
+every text recipe a command that scripts/glue.py accepts."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
 accuracy = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = accuracy  # its dataclasses look their module up
 spec.loader.exec_module(accuracy)
+glue_script = load_script("glue")
 
 
 def test_equal_time_gives_each_recipe_the_reference_recipes_seconds(tmp_path, monkeypatch):
@@ -46,13 +50,10 @@ def test_equal_time_needs_a_step_budget():
 def test_every_text_recipe_is_a_valid_glue_command(recipe, tmp_path):
     """Each recipe's flags, with its suite's, pass scripts/glue.py's own parsing and checks (a misspelt flag or a
     refused combination fails here, not an hour into a benchmark)."""
-    glue_spec = importlib.util.spec_from_file_location("glue_script_for_harness", ROOT / "scripts" / "glue.py")
-    glue = importlib.util.module_from_spec(glue_spec)
-    glue_spec.loader.exec_module(glue)
     suite = next((suite for suite in accuracy.TEXT.suites.values() if recipe in suite.recipes),
                  accuracy.TEXT.suites["cpu"])
     args = Namespace(task="text", runs_dir=tmp_path, mixed_precision=None, model=tmp_path / "model",
                      data_dir=tmp_path / "data")
     flags = accuracy.command(args, suite, recipe, 5e-4, 0)
-    parsed = glue.parse_args(flags[2:])
+    parsed = glue_script.parse_args(flags[2:])
     assert parsed.seed == 0 and parsed.output_dir == accuracy.run_dir(tmp_path, recipe, 5e-4, 0)
