@@ -19,6 +19,13 @@ kernel against its reference path (kernel off: unpack + `F.conv2d`) and float32 
 ResNet-18 stage shapes 64->64 at 56x56, 128->128 at 28x28, 256->256 at 14x14 and 512->512 at 7x7, batch 1 and 8,
 with 1 and 2 threads; NCHW inputs, and channels_last inputs for the kernel and float32 (where neither transposes).
 
+Binary attention (`--parts attention`): the scores `sign(Q) sign(K)^T * d^-1/2` of `SurgeConfig(binarize_attention=
+True)` on the kernel (`kernels.sign_scores`) against the reference float path (`torch.matmul` of the +-1 floats, then
+the scale), and the whole `surge_binary` attention function (scores, softmax, {0, alpha} probabilities, `P_b V`)
+with the kernel on and off, at BERT-base (12 heads) and ViT-small (3 heads) shapes, head_dim 64, batch 1 and 8,
+with 1 and 2 threads; Q, K, V as transformers passes them (transposed views of (batch, tokens, heads, head_dim)), no
+mask.
+
 Timing: every configuration runs its candidates round-robin (`--rounds` rounds, each call repeated to fill about
 `--min_ms`), and reports medians, so a busy shared machine slows all candidates of one configuration alike; the
 ratios are the figures to read, not the absolute times.
@@ -28,6 +35,8 @@ ratios are the figures to read, not the absolute times.
     python benchmarks/inference.py --profile   # where the packed MiniLM's time goes: results/inference_profile_cpu.json
     python benchmarks/inference.py --parts end_to_end --models minilm-l6 --output results/<name>.json   # one part
     python benchmarks/inference.py --parts conv --output benchmarks/results/inference_conv_cpu.json   # convolutions
+    python benchmarks/inference.py --parts attention --rounds 21 \
+        --output benchmarks/results/inference_attention_cpu.json   # binary attention
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,6 +62,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from surge_hf import SurgeBertForSequenceClassification, SurgeConfig, SurgeConv2d, SurgeLinear, kernels
+from surge_hf.binary_attention import BinaryAttentionProbabilities, _sign, binary_attention_forward
 from surge_hf.fusion import unfold_sign_outputs
 from surge_hf.layers import BinaryConv2d, BinaryLinear
 
@@ -66,7 +77,12 @@ FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_float_outputs", "bi
 MODELS = ("minilm-l6", "bert-base-shape")
 CONV_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))  # ResNet-18 stages: channels in = out, input height = width
 CONV_BATCHES = (1, 8)
-PARTS = ("layers", "end_to_end", "memory", "conv")
+# (model, heads, tokens): BERT-base; ViT-small at 224 x 224, patch 32 (7 x 7 patches + CLS) and 16 (14 x 14 + CLS)
+ATTENTION_SHAPES = (("bert-base", 12, 32), ("bert-base", 12, 64), ("bert-base", 12, 128), ("vit-small", 3, 50),
+                    ("vit-small", 3, 197))
+ATTENTION_BATCHES = (1, 8)
+HEAD_DIM = 64
+PARTS = ("layers", "end_to_end", "memory", "conv", "attention")
 
 
 def median_seconds(candidates: dict[str, Callable[[], object]], rounds: int, min_seconds: float) -> dict[str, float]:
@@ -165,6 +181,42 @@ def conv_level(rounds: int, min_seconds: float, shapes: tuple[tuple[int, int], .
     return results
 
 
+def attention_level(rounds: int, min_seconds: float, shapes: tuple[tuple[str, int, int], ...],
+                    batches: tuple[int, ...]) -> list[dict]:
+    """Binary attention (see the module docstring): the scores on the kernel and on the reference path, and the whole
+    attention function with the kernel on and off."""
+    results = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for model, heads, tokens in shapes:
+            module = nn.Module()
+            module.binary_attention = BinaryAttentionProbabilities(heads, SurgeConfig().attention_alpha_init)
+            module.eval()
+            scaling = HEAD_DIM**-0.5
+            for batch in batches:
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(batch, tokens, heads, HEAD_DIM).transpose(1, 2) for _ in range(3))
+
+                def attention(module=module, q=q, k=k, v=v):
+                    return binary_attention_forward(module, q, k, v, None, scaling=scaling)
+
+                with torch.inference_mode():
+                    seconds = median_seconds({
+                        "scores_reference": lambda q=q, k=k: torch.matmul(_sign(q), _sign(k).transpose(2, 3)) * scaling,
+                        "scores_kernel": lambda q=q, k=k: kernels.sign_scores(q, k, scaling),
+                        "attention_reference": without_kernel(attention),
+                        "attention_kernel": attention,
+                    }, rounds, min_seconds)
+                row = {"model": model, "heads": heads, "tokens": tokens, "head_dim": HEAD_DIM, "batch": batch,
+                       "threads": threads, "ms": {name: 1e3 * value for name, value in seconds.items()},
+                       "scores_speedup_of_kernel": seconds["scores_reference"] / seconds["scores_kernel"],
+                       "attention_speedup_of_kernel": seconds["attention_reference"] / seconds["attention_kernel"]}
+                results.append(row)
+                print(f"attention {model} heads={heads} tokens={tokens} batch={batch} threads={threads}: "
+                      + ", ".join(f"{k} {v:.4f} ms" for k, v in row["ms"].items()), flush=True)
+    return results
+
+
 def save_models(workdir: Path, names: tuple[str, ...], minilm: Path) -> dict[str, dict[str, Path]]:
     """Save the float32 and packed forms of each end-to-end model of `names`; returns their folders."""
     bases = {}
@@ -237,7 +289,7 @@ def profile(rounds: int, minilm: Path) -> dict:
                 model(input_ids=ids)
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total = sum(event.self_cpu_time_total for event in events)
-    return {"command": " ".join(["python benchmarks/inference.py", *sys.argv[1:]]), "model": "minilm-l6 packed",
+    return {"command": shlex.join(["python", "benchmarks/inference.py", *sys.argv[1:]]), "model": "minilm-l6 packed",
             "batch": [32, 64],
             "threads": 1, "forwards": rounds, "ms_per_forward": total / 1e3 / rounds,
             "self_cpu_share": {event.key: event.self_cpu_time_total / total for event in events[:8]}}
@@ -341,17 +393,37 @@ def conv_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def attention_table(rows: list[dict]) -> list[str]:
+    """The markdown section of binary attention (none without rows): ms per call and the kernel's speed-ups."""
+    if not rows:
+        return []
+    lines = ["", f"## Binary attention, head_dim {HEAD_DIM} (ms per call; speed-up of the kernel over the reference "
+             "path)", "",
+             "| model | heads | tokens | batch | threads | scores: reference | kernel | speed-up "
+             "| attention function: reference | kernel | speed-up |",
+             "| --- " * 11 + "|"]
+    for row in rows:
+        ms = row["ms"]
+        lines.append(
+            f"| {row['model']} | {row['heads']} | {row['tokens']} | {row['batch']} | {row['threads']} | "
+            f"{ms['scores_reference']:.4f} | {ms['scores_kernel']:.4f} | {row['scores_speedup_of_kernel']:.2f}x | "
+            f"{ms['attention_reference']:.4f} | {ms['attention_kernel']:.4f} | "
+            f"{row['attention_speedup_of_kernel']:.2f}x |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [f"# CPU inference: `{report['command']}`", "",
              f"{report['machine']}; torch {report['torch']}, kernel instruction set `{report['kernel_isa']}`. "
              "Medians of round-robin rounds on a shared machine: read the ratios. Load average (1 min) at the start "
-             f"and the end: {report['load_average']['start']:.1f}, {report['load_average']['end']:.1f}.",
+             f"and the end: {report['load_average']['start']:.1f}, {report['load_average']['end']:.1f}. "
+             + report.get("note", ""),
              *timing_table("Layer level (ms per call; speed-up of the binary kernel over each)", report["layers"],
                            "shape (in x out) | M",
                            lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | {r['rows']}", 3),
              *timing_table("End to end, sequence classification (ms per batch)", report["end_to_end"],
                            "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1),
-             *conv_table(report["conv"])]
+             *conv_table(report["conv"]), *attention_table(report["attention"])]
     if report["memory"]:
         lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
                   "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
@@ -399,7 +471,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds per configuration")
     parser.add_argument("--min_ms", type=float, default=20.0, help="repeat each call to fill this many ms per round")
     parser.add_argument("--quick", action="store_true",
-                        help="MiniLM shapes, M = 1 and 32, the 256- and 512-channel convolutions at batch 1, 3 rounds")
+                        help="MiniLM shapes, M = 1 and 32, the 256- and 512-channel convolutions at batch 1, "
+                             "three attention shapes at batch 1, 3 rounds")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default results/inference_cpu.json, or results/inference_cpu_quick.json)")
     parser.add_argument("--profile", action="store_true", help="profile the packed MiniLM-L6 at 32 x 64 instead")
@@ -407,6 +480,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"end-to-end models, a comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--minilm", type=Path, default=MINILM, help="the all-MiniLM-L6-v2 folder")
+    parser.add_argument("--note", default="", help="a note on the conditions, kept in the JSON and the markdown")
     parser.add_argument("--memory", nargs=2, metavar=("FORM", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     parts, models = tuple(args.parts.split(",")), tuple(args.models.split(","))
@@ -428,13 +502,16 @@ def main() -> None:
                             else (LAYER_SHAPES, ROWS, args.rounds))
     threads = torch.get_num_threads()
     conv_shapes, conv_batches = (CONV_SHAPES[2:], (1,)) if args.quick else (CONV_SHAPES, CONV_BATCHES)
+    attention_shapes, attention_batches = ((ATTENTION_SHAPES[::2], (1,)) if args.quick
+                                           else (ATTENTION_SHAPES, ATTENTION_BATCHES))
     report = {
-        "command": " ".join(["python benchmarks/inference.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/inference.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {platform.system()}, "
                    f"{torch.get_num_threads()} threads available",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "kernel_isa": kernels.isa(),
+        "note": args.note,
         "recipe": SurgeConfig().to_dict(),
         "rounds": rounds,
         "min_ms": args.min_ms,
@@ -442,6 +519,7 @@ def main() -> None:
         "end_to_end": [],
         "memory": {},
         "conv": [],
+        "attention": [],
         "load_average": {"start": os.getloadavg()[0]},
     }
     if "end_to_end" in parts or "memory" in parts:
@@ -453,6 +531,8 @@ def main() -> None:
                 report["memory"] = memory_and_files(folders)
     if "conv" in parts:
         report["conv"] = conv_level(rounds, args.min_ms / 1e3, conv_shapes, conv_batches)
+    if "attention" in parts:
+        report["attention"] = attention_level(rounds, args.min_ms / 1e3, attention_shapes, attention_batches)
     report["load_average"]["end"] = os.getloadavg()[0]
     torch.set_num_threads(threads)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,21 @@ shared `quantizers.ActivationQuantizer`):
 The values V stay real-valued (they are the output of the binary `v_proj`). The computation is the same in
 training and in eval mode and has no auxiliary branch, so `finalize` keeps it exactly.
 
+Inference on the CPU kernel: where no gradient is needed (see `uses_score_kernel`), the scores come from
+`kernels.sign_scores`, which packs the signs of each query and key row once into 64-bit words and computes each
+score as `float(d - 2 * popcount(q xor k)) * scaling`. The reference `torch.matmul(sign(Q), sign(K)^T)` sums +-1
+terms, integers of magnitude at most d, exact in float32, and `* scaling` rounds the Python float to float32 and
+multiplies once, as the kernel does, so the scores are bit for bit the reference path's (NaN rows and columns
+included), and so is everything computed from them. The kernel pays at every size measured, down to one token (one
+call instead of a dozen elementwise passes; 6-14x on the scores at BERT-base and ViT-small shapes on one thread,
+`benchmarks/README.md`), so no size threshold applies.
+
+`P_b V` stays `torch.matmul(P_b, V)`. The maths allows more: the entries of P_b are 0 or alpha, so
+`O = alpha * (B V)` with `B = round(clip(P / alpha, 0, 1))` a 0/1 matrix, each output row the sum of the selected
+value rows scaled once, with no multiplication (and B packable to bits). But V is real-valued: a float sum in
+another order, or alpha applied once after the sum rather than to every term, rounds differently from the float
+matmul, whose summation order is the BLAS library's own, so no other form is provably bitwise equal to it.
+
 `add_binary_attention(model, config)` attaches a `BinaryAttentionProbabilities` (the alphas) to every attention
 module (a module with `num_attention_heads`, `scaling` and `config`, e.g. `ViTAttention`, `BertSelfAttention`) and
 selects the `surge_binary` attention function (registered with transformers' `AttentionInterface`) in the model
@@ -37,6 +52,8 @@ from transformers import initialization as init
 from transformers.models.vit.modeling_vit import eager_attention_forward
 
 from .configuration_surge import SurgeConfig
+from .kernels import available as kernels_available
+from .kernels import sign_scores
 from .quantizers import ActivationQuantizer, ActivationSpec
 
 ATTENTION_IMPLEMENTATION = "surge_binary"
@@ -69,6 +86,22 @@ def _sign(x: Tensor) -> Tensor:
     return ActivationQuantizer.apply(x, None, None, SIGN)
 
 
+def uses_score_kernel(module: nn.Module, query: Tensor, key: Tensor, scaling: Any) -> bool:
+    """Whether the scores `sign(Q) sign(K)^T * scaling` of this call come from the CPU kernel (`kernels.sign_scores`,
+    equal to the reference product bit for bit) rather than the reference float product: at inference (the module in
+    eval mode, no gradient needed by Q or K: a packed model's projections have parameters, biases for one, so Q and K
+    need none under `torch.no_grad()` or `torch.inference_mode()`), on float32 CPU inputs of one batch and head
+    count, a Python number as the scale, not under CPU autocast (the reference path computes in the autocast dtype
+    there), when the kernel is built and enabled; at any size (module docstring). Traced by `torch.compile` or
+    `torch.export`, the kernel's operator becomes a node of the graph."""
+    return (
+        not module.training and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+        and query.device.type == "cpu" and query.dtype == torch.float32 and key.dtype == torch.float32
+        and query.shape[:2] == key.shape[:2] and isinstance(scaling, (int, float))
+        and not torch.is_autocast_enabled("cpu") and kernels_available()
+    )
+
+
 def binary_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                              **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -79,7 +112,10 @@ def binary_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(_sign(query), _sign(key).transpose(2, 3)) * scaling
+    if uses_score_kernel(module, query, key, scaling):
+        scores = sign_scores(query, key, scaling)
+    else:
+        scores = torch.matmul(_sign(query), _sign(key).transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
     probabilities = binary(torch.softmax(scores, dim=-1, dtype=torch.float32)).to(value.dtype)

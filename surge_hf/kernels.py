@@ -48,6 +48,13 @@ is the exact integer sum over the taps inside the input, `float(d) * (alpha_j * 
 `F.conv2d` of the codes (exact below 2^24) followed by the scale and the bias computes it. Outputs are NCHW, or
 channels_last for a channels_last input (as `F.conv2d` returns them); NaN where the receptive field holds a NaN.
 
+Attention scores (`sign_scores`): binary attention's `sign(Q) sign(K)^T * scale` per (batch, head) is a sign product
+with the head's key rows as the output channels: each query and key row is packed once (the bits of `sign`: 1 where
+`x >= 0`, so -0.0 gives +1, and a NaN flags its row), and each score is `float(d - 2 * popcount(q xor k)) * scale`
+(the padding bits past head_dim are 0 in both, so they never count), which is what `torch.matmul` of the +-1 floats
+(exact integers below 2^24) followed by `* scale` (a Python float, rounded to float32 first) computes, bit for bit.
+A query row that holds a NaN gives a row of NaN scores, a key row a column, as in the float product.
+
 Layouts: activation bits are int64 words of shape `(M, ceil(K / 64))`, bit `b` of word `w` holding column `64w + b`
 (on a little-endian CPU the bytes are those of `packing.pack_signs`); weight panels are int64 of shape
 `(ceil(N / 16), ceil(K / 64), 16)`: 16 weight rows interleaved word by word (`pack_weight_panels`); convolution
@@ -341,6 +348,14 @@ def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: 
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def sign_scores(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """`float(sign(Q) sign(K)^T) * scale` per (batch, head) for float32 `query` `(B, H, Tq, d)` and `key`
+    `(B, H, Tk, d)` (any strides; a head_dim that is not adjacent in memory is copied), with `sign(x) = +1` where
+    `x >= 0`, else -1: float32 `(B, H, Tq, Tk)`, NaN in the rows (columns) of queries (keys) that hold a NaN (module
+    docstring). Equal to `torch.matmul(sign(Q), sign(K).transpose(2, 3)) * scale` bit for bit. No gradient."""
+    return _ops().sign_scores(query.detach(), key.detach(), float(scale))
+
+
 class ConvGeometry(NamedTuple):
     """The geometry of a 2-D convolution: `kernel_size`, `stride` and `dilation` as (height, width), the zero
     `padding` as (top, bottom, left, right)."""
@@ -520,6 +535,10 @@ def _fake_quantized_conv2d(x: Tensor, threshold: Tensor | None, step: Tensor, q_
     return _fake_conv_output(x, n, kernel_size, stride, padding, dilation)
 
 
+def _fake_sign_scores(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    return query.new_empty((*query.shape[:3], key.shape[2]), dtype=torch.float32)
+
+
 _FAKES = {
     "pack_weight_panels": _fake_pack_weight_panels,
     "pack_activation_bits": _fake_pack_activation_bits,
@@ -533,6 +552,7 @@ _FAKES = {
     "quantized_linear": _fake_quantized_linear,
     "binary_conv2d": _fake_binary_conv2d,
     "quantized_conv2d": _fake_quantized_conv2d,
+    "sign_scores": _fake_sign_scores,
 }
 
 

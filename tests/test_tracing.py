@@ -1,8 +1,9 @@
 """Packed models under `torch.compile` and `torch.export`: the kernel's operators have fake kernels that give the
 real kernels' shapes and dtypes (`torch.library.opcheck`), a packed BERT with sign outputs compiles as one graph
 (`fullgraph=True`) and exports with the kernel's operators as nodes, and both give the eager outputs exactly, as does
-a packed ResNet with its binary convolutions as `binary_conv2d` nodes; before any eager call the weight panels are
-computed in the graph and the feed-forward layers keep float outputs."""
+a packed ResNet with its binary convolutions as `binary_conv2d` nodes and a packed BERT with binary attention with its
+scores as `sign_scores` nodes; before any eager call the weight panels are computed in the graph and the feed-forward
+layers keep float outputs."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def _kernel_arguments() -> dict[str, tuple]:
     conv_counts = kernels.weight_row_counts(pack_signs(conv_weight))
     conv_threshold = torch.randn(7, generator=generator)
     geometry = ([3, 3], [2, 1], [1, 1, 2, 0], [1, 2])  # kernel, stride, padding (top, bottom, left, right), dilation
+    query = torch.randn(2, 5, 3, 70, generator=generator).transpose(1, 2)  # (batch, heads, tokens, head_dim) view
     return {
         "pack_weight_panels": (packed, k),
         "pack_activation_bits": (x, threshold),
@@ -59,6 +61,7 @@ def _kernel_arguments() -> dict[str, tuple]:
         "binary_conv2d": (images, conv_threshold, conv_panels, n, *geometry, alpha, scale, bias),
         "quantized_conv2d": (images.contiguous(memory_format=torch.channels_last), conv_threshold, scale, -8, 7,
                              conv_panels, conv_counts, n, *geometry, alpha, None),
+        "sign_scores": (query, torch.randn(2, 3, 7, 70, generator=generator), 70**-0.5),
     }
 
 
@@ -216,3 +219,30 @@ def test_compiled_and_exported_packed_resnet_hold_the_conv_kernel_and_equal_eage
     other = {"pixel_values": torch.randn(2, 3, 19, 17)}
     with torch.no_grad():
         assert torch.equal(exported.module()(**other).logits, model(**other).logits)
+
+
+# -- binary attention --------------------------------------------------------------------------------------------------
+def _binary_attention_bert_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny packed BERT with binary attention (`SurgeConfig(binarize_attention=True)`), padded inputs."""
+    model = _tiny_bert(binarize_attention=True).finalize()
+    return model, _bert_and_inputs()[1]
+
+
+@pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")
+def test_compiled_and_exported_binary_attention_hold_the_score_kernel_and_equal_eager(isas):
+    model, inputs = _binary_attention_bert_and_inputs()
+    calls = FOLDED_CALLS + Counter({"sign_scores": 2})  # one per encoder layer
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with kernels.disabled():
+            assert torch.equal(model(**inputs).logits, expected)
+        torch._dynamo.reset()
+        recorder = _GraphRecorder()
+        assert torch.equal(torch.compile(model, fullgraph=True, backend=recorder)(**inputs).logits, expected)
+        assert len(recorder.graphs) == 1 and _operator_calls(recorder.graphs[0].graph) == calls
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # through the fake kernels
+        assert torch.equal(compiled(**inputs).logits, expected)
+        exported = torch.export.export(model, (), inputs)
+    assert _operator_calls(exported.graph) == calls
+    assert torch.equal(exported.module()(**inputs).logits, expected)

@@ -17,6 +17,9 @@
 // Sign outputs (the output of a layer that the next layer only binarizes): (M, ceil(N / 64)) words in the sign
 // activations' layout, bit j of row i = (low[j] <= dot[i][j] <= low[j] + width[j]) xor flip[j]; each 16-column
 // panel writes its own 16-bit quarter of a word, so threads never share a store.
+// Binary attention scores: per (batch, head), the sign bits of the query rows are the activation rows and those of
+// the key rows the weight panels (keys as output channels), so score (i, j) = float(d - 2 * popcount(Q_i xor K_j)) *
+// scale, the bits past head_dim 0 on both sides.
 #pragma once
 
 #include <cstdint>

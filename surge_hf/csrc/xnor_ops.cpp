@@ -60,6 +60,11 @@ constexpr int64_t kMinWorkPerThread = 1 << 16;
 
 int64_t words_per_row(int64_t k) { return (k + 63) / 64; }
 
+// The index of word t of row j in weight panels of kw words a row (see xnor.h).
+int64_t panel_word(int64_t kw, int64_t j, int64_t t) {
+  return ((j / kPanelWidth) * kw + t) * kPanelWidth + j % kPanelWidth;
+}
+
 // The threads a product of `work` XOR-popcounts gets: one per kMinWorkPerThread, at most torch's intra-op threads.
 int threads_for(int64_t work) {
   if (at::in_parallel_region()) return 1;
@@ -669,6 +674,49 @@ at::Tensor conv_product(const at::Tensor& x, const ConvShape& s, const c10::opti
   return out;
 }
 
+// -- binary attention scores (see xnor.h): per head, float(sign(Q) sign(K)^T) * scale ---------------------------
+
+// The sign bits of `rows` rows of k floats that start `stride` floats apart (the rows of one head of a transposed
+// (batch, tokens, heads, head_dim) view are heads * head_dim apart), into (rows, ceil(k / 64)) words and NaN flags:
+// one packing call where the rows are adjacent, one per row otherwise.
+void pack_strided_rows(const Isa* isa, const float* x, int64_t stride, int64_t rows, int64_t k, uint64_t* bits,
+                       uint8_t* nan_rows) {
+  const int64_t kw = words_per_row(k);
+  if (stride == k) {
+    isa->pack_signs(x, nullptr, k, kw, bits, nan_rows, 0, rows);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    isa->pack_signs(x + i * stride, nullptr, k, kw, bits + i * kw, nan_rows + i, 0, 1);
+  }
+}
+
+// Bit rows (n, kw) laid out as weight panels (ceil(n / 16), kw, 16), the lanes past row n zero.
+void rows_to_panels(const uint64_t* rows, int64_t n, int64_t kw, uint64_t* panels) {
+  std::fill_n(panels, (n + kPanelWidth - 1) / kPanelWidth * kw * kPanelWidth, uint64_t{0});
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t t = 0; t < kw; ++t) panels[panel_word(kw, j, t)] = rows[j * kw + t];
+  }
+}
+
+// Columns flagged in nan_columns (keys holding a NaN) of a (rows, n) float output become NaN, as in the reference
+// product.
+void fill_nan_columns(float* out, int64_t rows, int64_t n, const uint8_t* nan_columns) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (!nan_columns[j]) continue;
+    for (int64_t i = 0; i < rows; ++i) out[i * n + j] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// The float32 rows of a (batch, heads, tokens, head_dim) tensor, each row's head_dim floats adjacent (a copy where
+// they are not).
+at::Tensor head_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "surge_hf: the ", what,
+              " must be a 4-D (batch, heads, tokens, head_dim) float32 CPU tensor, got ", x.scalar_type(),
+              " of shape ", x.sizes());
+  return x.stride(3) == 1 ? x : x.contiguous();
+}
+
 }  // namespace
 
 at::Tensor pack_weight_panels(const at::Tensor& packed, int64_t k) {
@@ -691,7 +739,7 @@ at::Tensor pack_weight_panels(const at::Tensor& packed, int64_t k) {
         word |= static_cast<uint64_t>(src[j * row_bytes + t * 8 + b]) << (8 * b);
       }
       if (t == kw - 1) word &= last_word_mask;  // bits past column k never count
-      dst[((j / kPanelWidth) * kw + t) * kPanelWidth + j % kPanelWidth] = word;
+      dst[panel_word(kw, j, t)] = word;
     }
   }
   return panels;
@@ -839,6 +887,49 @@ at::Tensor quantized_conv2d(const at::Tensor& x, const c10::optional<at::Tensor>
   return conv_product(x, shape, threshold, &spec, panels, &weight_counts, n, alpha, step_data, bias);
 }
 
+// float(sign(Q) sign(K)^T) * scale per (batch, head), NaN in the rows of queries and the columns of keys that hold a
+// NaN. Each head's query rows are packed once, its key rows packed into weight panels, and the product runs as a
+// binary linear layer's with the keys as output channels and `scale` as a per-tensor alpha, so each score is
+// float(d - 2 * popcount(q xor k)) * float(scale) (see Epilogue); the heads are split over the threads.
+at::Tensor sign_scores(const at::Tensor& query, const at::Tensor& key, double scale) {
+  const at::Tensor q = head_rows(query, "query"), k = head_rows(key, "key");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3) && q.size(3) > 0,
+              "surge_hf: query and key must share batch, heads and a positive head_dim, got shapes ", q.sizes(),
+              " and ", k.sizes());
+  const int64_t heads = q.size(1), queries = q.size(2), keys = k.size(2), d = q.size(3);
+  at::Tensor out = at::empty({q.size(0), heads, queries, keys}, q.options());
+  if (out.numel() == 0) return out;
+  const int64_t kw = words_per_row(d), num_panels = (keys + kPanelWidth - 1) / kPanelWidth;
+  const int64_t tiles = (queries + kRowBlock - 1) / kRowBlock * num_panels;
+  const float alpha = static_cast<float>(scale);
+  const float *q_data = q.data_ptr<float>(), *k_data = k.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const Isa* isa = active();
+  const int64_t pairs = q.size(0) * heads;
+  parallel_chunks(threads_for(pairs * queries * kw * num_panels * kPanelWidth), pairs, [&](int64_t pair) {
+    const int64_t b = pair / heads, h = pair % heads;
+    thread_local std::vector<uint64_t> query_bits, key_bits, panels;
+    thread_local std::vector<uint8_t> query_nan, key_nan;
+    query_bits.resize(queries * kw), key_bits.resize(keys * kw), panels.resize(num_panels * kw * kPanelWidth);
+    query_nan.resize(queries), key_nan.resize(keys);
+    pack_strided_rows(isa, q_data + b * q.stride(0) + h * q.stride(1), q.stride(2), queries, d, query_bits.data(),
+                      query_nan.data());
+    pack_strided_rows(isa, k_data + b * k.stride(0) + h * k.stride(1), k.stride(2), keys, d, key_bits.data(),
+                      key_nan.data());
+    rows_to_panels(key_bits.data(), keys, kw, panels.data());
+    GemmProblem problem;
+    problem.a = query_bits.data();
+    problem.panels = panels.data();
+    problem.rows = queries, problem.n = keys, problem.k = d, problem.kw = kw;
+    problem.out_float = out_data + pair * queries * keys;
+    problem.epilogue.alpha = &alpha;
+    isa->gemm_tiles(problem, 0, tiles);
+    fill_nan_rows(problem, query_nan.data(), 0, queries);
+    fill_nan_columns(problem.out_float, queries, keys, key_nan.data());
+  });
+  return out;
+}
+
 std::string isa() { return active()->name; }
 
 std::vector<std::string> supported_isas() {
@@ -883,6 +974,7 @@ TORCH_LIBRARY(surge_hf, m) {
   m.def("quantized_conv2d(Tensor x, Tensor? threshold, Tensor step, int q_min, int q_max, Tensor panels, "
         "Tensor weight_counts, int n, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, "
         "Tensor alpha, Tensor? bias) -> Tensor");
+  m.def("sign_scores(Tensor query, Tensor key, float scale) -> Tensor");
   m.def("xnor_isa() -> str", &surge_xnor::isa);
   m.def("xnor_supported_isas() -> str[]", &surge_xnor::supported_isas);
   m.def("xnor_set_isa(str name) -> str", &surge_xnor::set_isa);
@@ -901,4 +993,5 @@ TORCH_LIBRARY_IMPL(surge_hf, CPU, m) {
   m.impl("quantized_linear", &surge_xnor::quantized_linear);
   m.impl("binary_conv2d", &surge_xnor::binary_conv2d);
   m.impl("quantized_conv2d", &surge_xnor::quantized_conv2d);
+  m.impl("sign_scores", &surge_xnor::sign_scores);
 }
