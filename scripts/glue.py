@@ -19,9 +19,10 @@ continues an interrupted one and refuses a stage of another command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ from surge_hf.training.compatibility import (
     check_teacher_shapes,
     check_trainable_checkpoint,
 )
+from surge_hf.training.config_flags import add_config_flags, config_from_flags
 from surge_hf.training.export import TRAIN_STATE_DIR, export_run, push_run
-from surge_hf.training.loop import build_accelerator, train
+from surge_hf.training.loop import TrainingConfig, build_accelerator, train
 from surge_hf.training.objective import DistillationConfig
-from surge_hf.training.output_dir import check_output_dir, is_main_process, locked_output_dir
+from surge_hf.training.output_dir import is_main_process, locked_output_dir
 from surge_hf.training.stages import (
     PlannedStage,
     Stage,
@@ -65,6 +67,8 @@ TEACHER_DIR = "teacher"
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # The demo: the full recipe (teacher stage, then a distilled W1A1 student) at a size that runs in minutes on a CPU.
 DEMO_DEFAULTS = {"max_length": 32, "num_train_epochs": 2, "teacher_num_train_epochs": 2, "logging_steps": 10}
+# TextAugmentationConfig's flags: `--augment N` (its copies; 0, the default, is none) and `--augment_<field>`.
+AUGMENTATION_FLAGS = {"prefix": "augment_", "rename": {"copies": "augment"}}
 TEACHER_NOTE = (" It is a stage of its own, not bounded by --max_train_steps or --num_train_epochs: bound it with "
                 "--teacher_max_train_steps N (or --teacher_num_train_epochs N), or skip it with "
                 "--teacher_model_name_or_path none (no teacher) or PATH (a model already fine-tuned on the task).")
@@ -80,7 +84,8 @@ def label_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags, with their defaults (the measured best recipe; `--demo` adds its own when parsed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--task_name", choices=list(GLUE_TASKS), help="A GLUE task, loaded from the Hub.")
@@ -95,16 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--pad_to_max_length", action="store_true")
     data.add_argument("--max_train_samples", type=int, help="Use only the first N training examples.")
     data.add_argument("--max_eval_samples", type=int, help="Use only the first N examples of each eval split.")
-    data.add_argument("--augment", type=int, default=0, metavar="N",
-                      help="Add N new sentences per training example, labelled by the teacher alone (word "
-                           "replacement by the model's own embedding neighbours, word dropout, recombination of "
-                           "same-label snippets; surge_hf.data.text_augmentation). Needs a teacher.")
-    data.add_argument("--augment_replace_probability", type=float, default=0.3)
-    data.add_argument("--augment_drop_probability", type=float, default=0.1)
-    data.add_argument("--augment_recombine_probability", type=float, default=0.25)
-    data.add_argument("--embedding_mixup_alpha", type=float, default=0.0,
-                      help="Embedding mixup (MixKD): train on token embeddings of two sentences mixed with "
-                           "lam ~ Beta(alpha, alpha), shown to student and teacher alike; 0 turns it off.")
+    add_config_flags(data, TextAugmentationConfig, defaults={"copies": 0}, skip=("num_neighbours", "seed"),
+                         **AUGMENTATION_FLAGS)
+    add_config_flags(data, DistillationConfig, only=("embedding_mixup_alpha",), **cli.DISTILLATION_FLAGS)
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="A BERT checkpoint (Hub id or folder) to binarize and tune.")
     model.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
@@ -119,8 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "the full recipe (teacher stage, then the W1A1 student, 2 epochs each, max length 32), "
                             "then reload the result through AutoModelForSequenceClassification.")
     distil = parser.add_argument_group("distillation inputs and cost (text)")
-    distil.add_argument("--distill_mask_padding", action="store_true",
-                        help="Distil hidden states on real tokens only (padded positions are not compared).")
+    add_config_flags(distil, DistillationConfig, only=("mask_padding",), **cli.DISTILLATION_FLAGS)
     distil.add_argument("--teacher_cache_dir", type=Path,
                         help="Run the teacher once over the training set and reuse its outputs (float16) from "
                              "this folder across epochs and runs (surge_hf.training.teacher_cache); needs "
@@ -148,14 +145,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
                         learnable_weight_scale=True)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one command (every check that needs no model or data)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.push_only:
         return args
     if args.demo:  # the demo's defaults, under any flag the user gave
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
-    args.stages = []  # one model-card line per earlier stage (teacher, lower precision), filled as they finish
-    args.earlier_stages_digest = None  # the final stage's: the digest of the last earlier stage's record
     if args.teacher_model_name_or_path == AUTO_TEACHER and args.binarize == "none":
         args.teacher_model_name_or_path = None
     elif args.teacher_model_name_or_path == "none":
@@ -220,22 +221,48 @@ def augmentation_config(args: argparse.Namespace) -> TextAugmentationConfig | No
     """The `--augment*` flags as a config (None without `--augment`); new sentences are seeded by `--seed`."""
     if not args.augment:
         return None
-    return TextAugmentationConfig(
-        copies=args.augment, replace_probability=args.augment_replace_probability,
-        drop_probability=args.augment_drop_probability, recombine_probability=args.augment_recombine_probability,
-        seed=args.seed)
+    return config_from_flags(TextAugmentationConfig, args, seed=args.seed, **AUGMENTATION_FLAGS)
 
 
-def teacher_stage_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The full-precision stage: the same data and model, `--binarize none`, the teacher's learning rate, epochs and
-    steps, written to `output_dir/teacher`, without a teacher of its own, calibration or push."""
-    return argparse.Namespace(**{
-        **vars(args), "binarize": "none", "teacher_model_name_or_path": None,
-        "output_dir": Path(args.output_dir) / TEACHER_DIR, "learning_rate": args.teacher_learning_rate,
-        "num_train_epochs": args.teacher_num_train_epochs, "max_train_steps": args.teacher_max_train_steps,
-        "calibrate_activations": False, "push_to_hub": False, "resume_from_checkpoint": None, "augment": 0,
-        "teacher_cache_dir": None,
-    })
+@dataclass(frozen=True)
+class TextRun:
+    """One run of the command (an earlier stage or the final model): its typed setup (`cli.RunSetup`: models,
+    recipe, training, distillation, Hub, settings) and the text inputs that differ between stages."""
+
+    setup: cli.RunSetup
+    augmentation: TextAugmentationConfig | None
+    teacher_cache_dir: Path | None
+
+    def resuming(self, checkpoint: str | None, overwrite: bool) -> TextRun:
+        """The same run, resumed from `checkpoint` (None: from the start), writing over its folder or not."""
+        setup = self.setup.with_training(resume_from_checkpoint=checkpoint, overwrite_output_dir=overwrite)
+        return dataclasses.replace(self, setup=setup)
+
+
+def text_run(args: argparse.Namespace, *, model: str, teacher: str | None, recipe: surge_hf.SurgeConfig | None,
+             training: TrainingConfig, augmentation: TextAugmentationConfig | None, teacher_cache_dir: Path | None,
+             earlier_stages: str | None, push: bool) -> TextRun:
+    """A run of this command: `cli.build_run` with the data settings of its inputs (`data_settings`), the digest of
+    the record of the stage before it (`earlier_stages`), the models the user gave as its inputs (an earlier
+    stage's folder is the command's own) and a push to the Hub only if `push`."""
+    hub = cli.hub_config_from_args(args)
+    setup = cli.build_run(args, "glue", model=model, teacher=teacher, recipe=recipe, training=training,
+                          hub=hub if push else dataclasses.replace(hub, push_to_hub=False),
+                          **data_settings(args, augmentation, teacher_cache_dir), earlier_stages=earlier_stages)
+    user_teacher = None if args.teacher_model_name_or_path == AUTO_TEACHER else args.teacher_model_name_or_path
+    inputs = {"--model_name_or_path": args.model_name_or_path, "--teacher_model_name_or_path": user_teacher}
+    return TextRun(dataclasses.replace(setup, inputs=inputs), augmentation, teacher_cache_dir)
+
+
+def teacher_stage_run(args: argparse.Namespace) -> TextRun:
+    """The full-precision stage: the same data and model, no recipe, the teacher's learning rate, epochs and steps,
+    written to `output_dir/teacher`, without a teacher of its own, augmentation, cache, calibration or push."""
+    training = cli.training_config_from_args(
+        args, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
+        num_train_epochs=args.teacher_num_train_epochs, max_train_steps=args.teacher_max_train_steps,
+        calibrate_activations=False, resume_from_checkpoint=None)
+    return text_run(args, model=args.model_name_or_path, teacher=None, recipe=None, training=training,
+                    augmentation=None, teacher_cache_dir=None, earlier_stages=None, push=False)
 
 
 def precision_stage_dir(bits: int) -> str:
@@ -246,18 +273,6 @@ def precision_stage_dir(bits: int) -> str:
 def planes_stage_dir(planes: int) -> str:
     """The folder of `--output_dir` that the stage with `planes` binary weight planes writes."""
     return f"stage_w{planes}"
-
-
-def student_stage_args(args: argparse.Namespace, folder: str, init: str, teacher: str | None,
-                       **recipe: int) -> argparse.Namespace:
-    """One earlier student stage (progressive precision or weight planes): the run's flags with the stage's
-    `recipe` values (`activation_bits=` or `weight_planes=`), started from `init` and distilled from `teacher`, in
-    `output_dir/folder`, without schedules, resume or push of its own."""
-    return argparse.Namespace(**{
-        **vars(args), **recipe, "model_name_or_path": init, "teacher_model_name_or_path": teacher,
-        "push_to_hub": False, "output_dir": Path(args.output_dir) / folder,
-        "activation_bits_schedule": None, "weight_planes_schedule": None, "resume_from_checkpoint": None,
-    })
 
 
 def student_stages(args: argparse.Namespace) -> list[tuple[str, str, dict[str, int]]]:
@@ -277,99 +292,137 @@ def stage_summary(folder: Path, what: str) -> str:
             f"{metrics}")
 
 
-def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags a run's checkpoints and stage records hold (they change what it computes), with the content
-    digest of the data files (or the GLUE task's name)."""
+def data_settings(args: argparse.Namespace, augmentation: TextAugmentationConfig | None,
+                  teacher_cache_dir: Path | None) -> dict[str, Any]:
+    """The data settings a run's checkpoints and stage records hold (they change what it computes): the data flags,
+    with the content digest of the data files (or the GLUE task's name), the run's augmentation and whether its
+    teacher's outputs come from a cache."""
     data = ({"task_name": args.task_name} if args.task_name else
             {"train_file": content_digest(args.train_file), "validation_file": content_digest(args.validation_file)})
-    augmentation = augmentation_config(args)
     # Label names are recorded only when given, so that runs and stages without them keep their earlier records.
     names = {"label_names": list(args.label_names)} if args.label_names else {}
     return {"max_length": args.max_length, "pad_to_max_length": args.pad_to_max_length,
             "max_train_samples": args.max_train_samples, "data": data, **names,
             "augmentation": None if augmentation is None else asdict(augmentation),
-            "teacher_cache": args.teacher_cache_dir is not None}
+            "teacher_cache": teacher_cache_dir is not None}
 
 
-def earlier_stage(stage_args: argparse.Namespace, models: tuple[str, str | None], previous: PlannedStage | None,
-                  title: str, card_label: str, note: str = "") -> PlannedStage:
-    """An earlier stage from its flags, recorded (`surge_hf.training.stages.stage_record`) with the run's `models` (base
-    model, and the teacher given by the user, if any), its settings and the record of the stage before it."""
-    settings = cli.run_settings(stage_args, "glue", cli.recipe_from_args(stage_args), **data_settings(stage_args))
-    record = stage_record(models[0], settings, None if previous is None else previous.stage.record, models[1])
-    amount = (f"{stage_args.max_train_steps} steps" if stage_args.max_train_steps
-              else f"{stage_args.num_train_epochs} epoch(s)")
-    return PlannedStage(Stage(Path(stage_args.output_dir), title, record),
-                        functools.partial(train_earlier_stage, stage_args),
-                        f"{amount} at learning rate {stage_args.learning_rate:g}", card_label, note)
+def planned_stage(run: TextRun, previous: PlannedStage | None, title: str, card_label: str,
+                  note: str = "") -> PlannedStage:
+    """An earlier stage, recorded (`surge_hf.training.stages.stage_record`) with the models the user gave (base
+    model, and the teacher if any), its settings and the record of the stage before it. The record leaves out the
+    `earlier_stages` setting: a stage's place in the chain is its `previous` record."""
+    setup = run.setup
+    settings = setup.training.run_settings({k: v for k, v in setup.settings.items() if k != "earlier_stages"})
+    record = stage_record(setup.inputs["--model_name_or_path"], settings,
+                          None if previous is None else previous.stage.record,
+                          setup.inputs["--teacher_model_name_or_path"])
+    training = setup.training
+    amount = (f"{training.max_train_steps} steps" if training.max_train_steps
+              else f"{training.num_train_epochs} epoch(s)")
+    return PlannedStage(Stage(Path(training.output_dir), title, record), None,
+                        f"{amount} at learning rate {training.learning_rate:g}", card_label, note)
 
 
-def train_earlier_stage(stage_args: argparse.Namespace, action: StageAction) -> None:
-    """Train an earlier stage into its own folder (just emptied for `START`), or continue it from its latest
-    checkpoint (`RESUME`)."""
-    stage_args.resume_from_checkpoint = "latest" if action is StageAction.RESUME else None
-    stage_args.overwrite_output_dir = action is StageAction.START
-    run(stage_args, final=False)
+@dataclass(frozen=True)
+class RunPlan:
+    """The whole command, typed and built once from the flags before any work: each earlier stage (teacher, weight
+    planes, precision) with the run that trains it, then the final run."""
+
+    stages: list[tuple[PlannedStage, TextRun]]
+    final: TextRun
+
+    @property
+    def own_folders(self) -> tuple[str, ...]:
+        """The folders of `--output_dir` that the earlier stages write."""
+        return tuple(planned.stage.folder.name for planned, _ in self.stages)
 
 
-def earlier_stages(args: argparse.Namespace) -> list[PlannedStage]:
-    """The run's earlier stages in order (the teacher stage, then every weight-planes or precision stage but the
-    last), each started from the one before; then `args` is pointed at the last of them (the final stage's
-    initialisation, teacher, activation bits and weight planes; its checkpoints store the digest of the last stage's
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """The command's stages in order (the teacher stage, then every weight-planes or precision stage but the last),
+    each started from the one before, then the final run (started from the last stage and carrying the digest of its
     record, so that it resumes only on the same stages). With `--stage_teacher previous`, every student stage after
-    the first, and the final one, is distilled from the stage before it instead of the teacher. Every stage's flags
-    are validated here, before any work."""
+    the first, and the final one, is distilled from the stage before it instead of the teacher. Every run's configs
+    are built, and so validated, here."""
     init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
-    # The user's teacher is recorded as a model; the teacher stage is recorded as the first stage.
-    models = (args.model_name_or_path, None if teacher == AUTO_TEACHER else teacher)
-    stages: list[PlannedStage] = []
+    augmentation = augmentation_config(args)
+    stages: list[tuple[PlannedStage, TextRun]] = []
     if teacher == AUTO_TEACHER:
-        stages.append(earlier_stage(teacher_stage_args(args), models, None, "full-precision teacher",
-                                    "full-precision teacher, fine-tuned on the task", TEACHER_NOTE))
-        init = teacher = str(stages[-1].stage.folder)
-    for folder, title, recipe in student_stages(args):
-        stages.append(earlier_stage(student_stage_args(args, folder, init, teacher, **recipe), models,
-                                    stages[-1] if stages else None, title, title))
-        init = str(stages[-1].stage.folder / TRAIN_STATE_DIR)
+        run = teacher_stage_run(args)
+        stages.append((planned_stage(run, None, "full-precision teacher",
+                                     "full-precision teacher, fine-tuned on the task", TEACHER_NOTE), run))
+        init = teacher = run.setup.training.output_dir
+    for folder, title, recipe_fields in student_stages(args):
+        training = cli.training_config_from_args(args, output_dir=str(Path(args.output_dir) / folder),
+                                                 resume_from_checkpoint=None)
+        run = text_run(args, model=init, teacher=teacher, recipe=cli.recipe_from_args(args, **recipe_fields),
+                       training=training, augmentation=augmentation, teacher_cache_dir=args.teacher_cache_dir,
+                       earlier_stages=None, push=False)
+        stages.append((planned_stage(run, stages[-1][0] if stages else None, title, title), run))
+        init = str(Path(training.output_dir) / TRAIN_STATE_DIR)
         if args.stage_teacher == "previous":
             teacher = init
-    args.model_name_or_path, args.teacher_model_name_or_path = init, teacher
-    args.earlier_stages_digest = record_digest(stages[-1].stage.record) if stages else None
+    final = text_run(args, model=init, teacher=teacher, recipe=cli.recipe_from_args(args, **final_recipe_fields(args)),
+                     training=cli.training_config_from_args(args), augmentation=augmentation,
+                     teacher_cache_dir=args.teacher_cache_dir,
+                     earlier_stages=record_digest(stages[-1][0].stage.record) if stages else None, push=True)
+    return RunPlan(stages, final)
+
+
+def final_recipe_fields(args: argparse.Namespace) -> dict[str, int]:
+    """The final model's place on a schedule's axis: the last entry of `--activation_bits_schedule` or
+    `--weight_planes_schedule` (nothing without one)."""
     if args.activation_bits_schedule:
-        args.activation_bits = args.activation_bits_schedule[-1]
+        return {"activation_bits": args.activation_bits_schedule[-1]}
     if args.weight_planes_schedule:
-        args.weight_planes = args.weight_planes_schedule[-1]
-    cli.recipe_from_args(args)
-    return stages
+        return {"weight_planes": args.weight_planes_schedule[-1]}
+    return {}
 
 
-def plan_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
+def plan_earlier_stages(args: argparse.Namespace, plan: RunPlan) -> RunPlan:
     """Decide, before any work, what to do with each earlier stage (`surge_hf.training.stages.plan_stages`: reuse,
     resume, start; a folder of another command is an error). An interrupted earlier stage continues from its latest
     checkpoint with or without `--resume_from_checkpoint`; `--resume_from_checkpoint latest` while the final stage has
-    no checkpoint yet (the run stopped in an earlier stage) starts the final stage from the beginning after it."""
-    plan_stages(stages, overwrite=args.overwrite_output_dir)
-    unfinished = [planned.stage for planned in stages if planned.action is not StageAction.REUSE]
-    if unfinished and args.resume_from_checkpoint == "latest" and latest_checkpoint(args.output_dir) is None:
+    no checkpoint yet (the run stopped in an earlier stage) starts the final stage from the beginning after it: the
+    plan returned then has a final run that does not resume."""
+    plan_stages([planned for planned, _ in plan.stages], overwrite=args.overwrite_output_dir)
+    unfinished = [planned.stage for planned, _ in plan.stages if planned.action is not StageAction.REUSE]
+    final = plan.final.setup.training
+    if unfinished and final.resume_from_checkpoint == "latest" and latest_checkpoint(final.output_dir) is None:
         print(f"--resume_from_checkpoint latest: the run stopped before the final stage; the {unfinished[0].title} "
               f"stage in {unfinished[0].folder} runs first, then the final stage starts from the beginning.")
-        args.resume_from_checkpoint = None
+        return RunPlan(plan.stages, plan.final.resuming(None, final.overwrite_output_dir))
+    return plan
 
 
-def run_earlier_stages(args: argparse.Namespace, stages: list[PlannedStage]) -> None:
-    """Reuse, continue or train each earlier stage as planned (`surge_hf.training.stages.run_stages`), adding its line
-    to the model card's stages."""
+def run_earlier_stages(args: argparse.Namespace, plan: RunPlan) -> list[str]:
+    """Reuse, continue or train each earlier stage as planned (`surge_hf.training.stages.run_stages`); returns the
+    model card's line for each."""
+    lines: list[str] = []
+    stages = [dataclasses.replace(planned, train=functools.partial(train_earlier_stage, args, run))
+              for planned, run in plan.stages]
     total = len(stages) + 1
     run_stages(stages, total=total, main_process=is_main_process(),
-               finished=lambda planned: args.stages.append(stage_summary(planned.stage.folder, planned.label)))
+               finished=lambda planned: lines.append(stage_summary(planned.stage.folder, planned.label)))
     if stages:
-        print(f"Stage {total} of {total}: the final model into {args.output_dir}, initialised from "
-              f"{args.model_name_or_path}" + (f" and distilled from {args.teacher_model_name_or_path}."
-                                              if args.teacher_model_name_or_path else "."))
+        final = plan.final.setup
+        print(f"Stage {total} of {total}: the final model into {final.training.output_dir}, initialised from "
+              f"{final.model_name_or_path}" + (f" and distilled from {final.teacher}." if final.teacher else "."))
+    return lines
 
 
-def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info, attn_implementation: str | None):
-    """The model to train: a SURGE BERT built from the checkpoint's weights, or the plain model for `none`."""
+def train_earlier_stage(args: argparse.Namespace, run: TextRun, action: StageAction) -> None:
+    """Train an earlier stage into its own folder (just emptied for `START`), or continue it from its latest
+    checkpoint (`RESUME`); its folder and checkpoint are checked first."""
+    run = run.resuming("latest" if action is StageAction.RESUME else None, overwrite=action is StageAction.START)
+    cli.start_run(run.setup)
+    fit(args, run, final=False)
+
+
+def load_student(args: argparse.Namespace, model_name_or_path: str, recipe: surge_hf.SurgeConfig | None, info,
+                 attn_implementation: str | None):
+    """The model to train, from `model_name_or_path`: a SURGE BERT built from the checkpoint's weights, or the plain
+    model without a recipe."""
     # problem_type is set here, not by the first training forward, so that a run resumed at its end saves the same.
     kwargs = dict(num_labels=info.num_labels, dtype=torch.float32, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
                   problem_type="regression" if info.is_regression else "single_label_classification")
@@ -384,11 +437,11 @@ def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, 
         if args.student_hidden_act:
             kwargs["hidden_act"] = args.student_hidden_act
     try:
-        return model_class.from_pretrained(args.model_name_or_path, **kwargs)
+        return model_class.from_pretrained(model_name_or_path, **kwargs)
     except RuntimeError as error:
         if "ignore_mismatched_sizes" not in str(error):
             raise
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path} has a classification head of another "
+        raise ValueError(f"--model_name_or_path {model_name_or_path} has a classification head of another "
                          f"size than the data's {info.num_labels} label(s): pass --ignore_mismatched_sizes to "
                          "re-initialise the head, or use a checkpoint fine-tuned on these labels.") from error
 
@@ -401,53 +454,44 @@ def base_model(args: argparse.Namespace) -> str:
     return args.model_name_or_path
 
 
-def check_models(args: argparse.Namespace, distillation: DistillationConfig | None) -> None:
-    """Config-only checks of the student and the teacher against the flags (no weights are loaded)."""
-    student = AutoConfig.from_pretrained(args.model_name_or_path)
-    check_trainable_checkpoint(student, args.model_name_or_path)
-    check_max_length(student, args.max_length, f"--model_name_or_path {args.model_name_or_path}")
-    if distillation is not None:
-        source = f"--teacher_model_name_or_path {args.teacher_model_name_or_path}"
-        teacher = AutoConfig.from_pretrained(args.teacher_model_name_or_path)
+def check_models(args: argparse.Namespace, setup: cli.RunSetup) -> None:
+    """Config-only checks of the run's student and teacher against the flags (no weights are loaded)."""
+    student = AutoConfig.from_pretrained(setup.model_name_or_path)
+    check_trainable_checkpoint(student, setup.model_name_or_path)
+    check_max_length(student, args.max_length, f"--model_name_or_path {setup.model_name_or_path}")
+    if setup.distillation is not None:
+        source = f"--teacher_model_name_or_path {setup.teacher}"
+        teacher = AutoConfig.from_pretrained(setup.teacher)
         check_max_length(teacher, args.max_length, source)
-        check_teacher_shapes(student, teacher, distillation, source)
+        check_teacher_shapes(student, teacher, setup.distillation, source)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.push_only:
         return cli.push_existing_run(args)
-    own_folders = stage_dirs(args)
+    plan = plan_run(args)
     # The final output folder is checked before any stage runs (the stages' own folders in it do not count).
-    check_output_dir(args.output_dir, inputs=cli.input_models(args), overwrite=args.overwrite_output_dir,
-                     resume=args.resume_from_checkpoint is not None, own_folders=own_folders)
+    cli.check_run_folder(plan.final.setup, own_folders=plan.own_folders)
     with locked_output_dir(args.output_dir):
-        stages = earlier_stages(args)
-        plan_earlier_stages(args, stages)
-        run_earlier_stages(args, stages)
-        return run(args, own_folders=own_folders)
+        plan = plan_earlier_stages(args, plan)
+        cli.check_run_checkpoint(plan.final.setup)
+        stage_lines = run_earlier_stages(args, plan)
+        return fit(args, plan.final, stage_lines=stage_lines)
 
 
-def stage_dirs(args: argparse.Namespace) -> tuple[str, ...]:
-    """The folders of `--output_dir` that the run's earlier stages (teacher, precision stages) write."""
-    teacher = (TEACHER_DIR,) if args.teacher_model_name_or_path == AUTO_TEACHER else ()
-    return (*teacher, *(folder for folder, _, _ in student_stages(args)))
-
-
-def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ...] = ()) -> dict:
-    """One training run (a full-precision model for `--binarize none`), from validated flags. An earlier stage
-    (`final=False`) leaves the process group up for the next one; `own_folders` are the earlier stages' folders in
-    `--output_dir`."""
-    augmentation = augmentation_config(args)
-    run_setup = cli.start_run(args, "glue", cli.recipe_from_args(args), own_folders=own_folders,
-                              **data_settings(args), earlier_stages=args.earlier_stages_digest)
-    recipe, distillation, config = run_setup.recipe, run_setup.distillation, run_setup.training
-    check_models(args, distillation)
+def fit(args: argparse.Namespace, run: TextRun, final: bool = True, stage_lines: list[str] | None = None) -> dict:
+    """Train one run of the command (`run`: an earlier stage, or the final model with the card lines of the earlier
+    stages), already checked, with the run-wide flags `args` (data, tokenizer, lengths). An earlier stage
+    (`final=False`) leaves the process group up for the next one."""
+    setup, augmentation = run.setup, run.augmentation
+    recipe, distillation, config = setup.recipe, setup.distillation, setup.training
+    check_models(args, setup)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
     if args.label_names:
         info = info.with_label_names(args.label_names)
-    if args.teacher_model_name_or_path:
-        check_label_compatibility(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info)
+    if setup.teacher:
+        check_label_compatibility(AutoConfig.from_pretrained(setup.teacher), info)
     if args.max_train_samples:
         raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
     if args.max_eval_samples:
@@ -455,11 +499,11 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
             raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
 
     accelerator = build_accelerator(config)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path,
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or setup.model_name_or_path,
                                               use_fast=not args.use_slow_tokenizer)
     needs_attentions = distillation is not None and distillation.needs_attentions
     attn_implementation = "eager" if needs_attentions else None
-    model = load_student(args, recipe, info, attn_implementation)
+    model = load_student(args, setup.model_name_or_path, recipe, info, attn_implementation)
     if augmentation is not None:
         raw["train"] = augment_dataset(raw["train"], info.sentence_keys, LABEL_COLUMN,
                                        model.get_input_embeddings().weight, tokenizer.get_vocab(), augmentation)
@@ -469,23 +513,23 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
     teacher = None
     if distillation is not None:
         teacher = AutoModelForSequenceClassification.from_pretrained(
-            args.teacher_model_name_or_path, dtype=torch.float32,
+            setup.teacher, dtype=torch.float32,
             **({"attn_implementation": attn_implementation} if attn_implementation else {}))
 
-    if teacher is not None and args.teacher_cache_dir is not None:
+    if teacher is not None and run.teacher_cache_dir is not None:
         with accelerator.main_process_first():
-            entry = build_teacher_cache(teacher, processed["train"], collator, args.teacher_cache_dir,
+            entry = build_teacher_cache(teacher, processed["train"], collator, run.teacher_cache_dir,
                                         hidden_states=distillation.needs_hidden_states)
         accelerator.print(f"Teacher outputs from the cache {entry.path}.")
         teacher = CachedTeacher(entry)
         processed["train"] = processed["train"].add_column(TEACHER_INDEX, list(range(len(processed["train"]))))
     train_loader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,
-                              batch_size=args.per_device_train_batch_size)
+                              batch_size=config.per_device_train_batch_size)
     eval_loaders = {split: DataLoader(processed[split], collate_fn=collator,
-                                      batch_size=args.per_device_eval_batch_size) for split in info.eval_splits}
+                                      batch_size=config.per_device_eval_batch_size) for split in info.eval_splits}
     metric_fn = functools.partial(compute_metrics, info.metric_config)
     result = train(accelerator, model, train_loader, eval_loaders, config, metric_fn, teacher=teacher,
-                   distillation=distillation, is_regression=info.is_regression, run_settings=run_setup.settings)
+                   distillation=distillation, is_regression=info.is_regression, run_settings=setup.settings)
 
     task = get_glue_task(args.task_name) if args.task_name else None
     dataset = {
@@ -494,17 +538,17 @@ def run(args: argparse.Namespace, final: bool = True, own_folders: tuple[str, ..
         "dataset_config": args.task_name,
         "language": "en",
     }
-    results = export_run(accelerator, model, result, training=config, hub=run_setup.hub, preprocessor=tokenizer,
+    results = export_run(accelerator, model, result, training=config, hub=setup.hub, preprocessor=tokenizer,
                          recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
-                         base_model=args.base_model, teacher=args.teacher_model_name_or_path,
+                         base_model=args.base_model, teacher=setup.teacher,
                          hyperparameters={"max length": args.max_length,
-                                          **({"earlier stages": "; ".join(args.stages)} if args.stages else {})})
-    if run_setup.hub.push_to_hub:
-        push_run(accelerator, args.output_dir, run_setup.hub)
+                                          **({"earlier stages": "; ".join(stage_lines)} if stage_lines else {})})
+    if setup.hub.push_to_hub:
+        push_run(accelerator, config.output_dir, setup.hub)
     if args.demo and accelerator.is_main_process:
-        reloaded = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
-        accelerator.print(f"Reloaded {type(reloaded).__name__} from {args.output_dir}: {results['eval']}")
+        reloaded = AutoModelForSequenceClassification.from_pretrained(config.output_dir)
+        accelerator.print(f"Reloaded {type(reloaded).__name__} from {config.output_dir}: {results['eval']}")
     if final:
         accelerator.end_training()
     else:

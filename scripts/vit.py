@@ -73,7 +73,8 @@ PATCH_EMBEDDING = "patch_embeddings.projection"
 VIT_MODEL_TYPES = ("vit", "surge_vit")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags, with their defaults (a `--recipe` preset's are set when parsed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
@@ -113,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "binarizer, the input pixels are binarized as well).")
     cli.add_shared_arguments(parser, learning_rate=1e-3, batch_size=128, epochs=10, intermediate_distillation=False)
     add_binary_vit_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one command, under the defaults of its `--recipe` preset (flags given still win)."""
+    parser = build_parser()
     preset = _preset_parser().parse_known_args(argv)[0].recipe
     if preset is not None:
         parser.set_defaults(**RECIPE_PRESETS[preset])
@@ -406,10 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = cli.recipe_from_args(args)
     if recipe is not None and args.binary_patch_embedding:
         recipe = recipe_with_patch_embedding(recipe)
-    if args.train_teacher != "none":  # trained below, before the student; its folder is known now
-        args.teacher_model_name_or_path = str(Path(args.output_dir) / TEACHER_DIR)
-    run = cli.start_run(args, "vit", recipe, own_folders=(TEACHER_DIR,), config=args.vit_fields,
-                        **data_settings(args))
+    # A teacher trained by this command (below, before the student) has a known folder.
+    teacher = (str(Path(args.output_dir) / TEACHER_DIR) if args.train_teacher != "none"
+               else args.teacher_model_name_or_path)
+    run = cli.build_run(args, "vit", model=args.model_name_or_path, teacher=teacher, recipe=recipe,
+                        config=args.vit_fields, **data_settings(args))
+    cli.start_run(run, own_folders=(TEACHER_DIR,))
     with locked_output_dir(args.output_dir):
         return train_and_export(args, recipe, run)
 
@@ -421,9 +430,9 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
     pretrained = checkpoint_config(args)
     data = load_data(args, pretrained)
     info = data.info
-    if args.teacher_model_name_or_path and args.train_teacher == "none":
-        check_image_teacher(AutoConfig.from_pretrained(args.teacher_model_name_or_path), info,
-                            f"--teacher_model_name_or_path {args.teacher_model_name_or_path}")
+    if run.teacher and args.train_teacher == "none":
+        check_image_teacher(AutoConfig.from_pretrained(run.teacher), info,
+                            f"--teacher_model_name_or_path {run.teacher}")
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
@@ -444,12 +453,10 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                                         teacher_plan.stage)
         run_stages([dataclasses.replace(teacher_plan, train=train_stage)], total=2,
                    main_process=accelerator.is_main_process, log=accelerator.print)
-        args.teacher_model_name_or_path = str(teacher_plan.stage.folder)
-        accelerator.print(f"Stage 2 of 2: the student into {args.output_dir}, distilled from "
-                          f"{args.teacher_model_name_or_path}.")
+        accelerator.print(f"Stage 2 of 2: the student into {args.output_dir}, distilled from {run.teacher}.")
     teacher = None
     if distillation is not None:
-        teacher = load_image_teacher(args.teacher_model_name_or_path, info, mean, std)
+        teacher = load_image_teacher(run.teacher, info, mean, std)
     train_loader, eval_loader = loaders().values()
     result = train(accelerator, model, train_loader, {data.eval_split: eval_loader}, config,
                    functools.partial(compute_metrics, "classification"),
@@ -462,7 +469,7 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},
                          base_model=args.model_name_or_path,
-                         teacher=args.teacher_model_name_or_path, command=args.command,
+                         teacher=run.teacher, command=args.command,
                          hyperparameters={"recipe preset": args.recipe} if args.recipe else None)
     if run.hub.push_to_hub:
         push_run(accelerator, args.output_dir, run.hub)

@@ -103,18 +103,18 @@ class SurgeConfig:
     exclude_modules: str | list[str] | None = None
     binarize_weights: bool = True
     binarize_activations: bool = True
-    weight_scale: str = "channel"
-    activation_binarizer: str = "elastic"
+    weight_scale: str = field(default="channel", metadata={"choices": WEIGHT_SCALES})
+    activation_binarizer: str = field(default="elastic", metadata={"choices": ACTIVATION_BINARIZERS})
     activation_bits: int = 1
     weight_planes: int = 1
     unsigned_activation_modules: str | list[str] | None = None
     learnable_weight_scale: bool = False
-    surrogate: str = "clipped_ste"
+    surrogate: str = field(default="clipped_ste", metadata={"choices": SURROGATES})
     swish_beta: float = 5.0
-    compensator: str = "surge"
+    compensator: str = field(default="surge", metadata={"choices": COMPENSATORS})
     eta: float = 0.1
-    aux_weight: str = "separate"
-    lambda_placement: str = "fork"
+    aux_weight: str = field(default="separate", metadata={"choices": AUX_WEIGHTS})
+    lambda_placement: str = field(default="fork", metadata={"choices": LAMBDA_PLACEMENTS})
     scale_aux_grad: bool = False
     aux_loss_weight: float = 0.0
     eps: float = 1e-8

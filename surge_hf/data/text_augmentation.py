@@ -45,7 +45,17 @@ STOP_WORDS = frozenset(
 
 @dataclass(frozen=True)
 class TextAugmentationConfig:
-    """How many new sentences per training example, and how they are made (see the module docstring)."""
+    """How many new sentences per training example, and how they are made (see the module docstring).
+
+    Args:
+        copies: new sentences per training example, labelled by the teacher alone (word replacement by the
+            model's own embedding neighbours, word dropout, recombination of same-label snippets).
+        replace_probability: probability that a content word is replaced by an embedding neighbour.
+        drop_probability: probability that a word is dropped.
+        recombine_probability: probability that a new sentence joins halves of two same-label examples.
+        num_neighbours: the nearest words a replacement is drawn from.
+        seed: the seed of every random choice.
+    """
 
     copies: int = 4
     replace_probability: float = 0.3

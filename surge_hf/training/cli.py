@@ -1,13 +1,19 @@
 """Command-line flags shared by `scripts/glue.py` and `scripts/vit.py`, and their mapping to typed configs.
 
-The flags carry the names of the config fields they fill (`--learning_rate` -> `TrainingConfig.learning_rate`,
-`--hub_model_id` -> `HubConfig.hub_model_id`, ...), so a config's error names the flag to fix. The library below
-never sees `argparse`. Every check here runs before any model or data is loaded (`start_run`).
+Each setting is declared once, as a field of its config: the recipe flags are `SurgeConfig`'s fields, the training
+flags `TrainingConfig`'s, the distillation flags `DistillationConfig`'s (`--distill_<field>`) and the Hub flags
+`HubConfig`'s, with their help taken from each class's field docs (`surge_hf.training.config_flags`). So a config's
+error names the flag to fix, and the library below never sees `argparse`.
+
+A run (an earlier stage or the final model) is a `RunSetup`: the model it starts from, its teacher and its typed
+configs, built once from the flags (`build_run`) and checked, before any model or data is loaded, by `start_run`.
+A script that trains in stages builds one `RunSetup` per stage; none of them changes the flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,32 +21,24 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..configuration_surge import (
-    ACTIVATION_BINARIZERS,
-    ACTIVATION_BITS,
-    AUX_WEIGHTS,
-    COMPENSATORS,
-    LAMBDA_PLACEMENTS,
-    SURROGATES,
-    WEIGHT_PLANES,
-    WEIGHT_SCALES,
-    SurgeConfig,
-)
+from ..configuration_surge import ACTIVATION_BITS, COMPENSATORS, WEIGHT_PLANES, SurgeConfig
 from ..hub.upload import HubConfig, check_push_access
+from .config_flags import add_config_flags, config_from_flags, flag_values
 from .export import push_run
-from .loop import TrainingConfig, prepare_run
-from .objective import HIDDEN_STATES_LOSSES, DistillationConfig
+from .loop import TrainingConfig, check_resume
+from .objective import DistillationConfig
+from .output_dir import check_output_dir
 
 BINARIZE_CHOICES = (*COMPENSATORS, "none")
-_RECIPE_FLAGS = {
-    "eta": float, "surrogate": SURROGATES, "activation_binarizer": ACTIVATION_BINARIZERS,
-    "weight_scale": WEIGHT_SCALES, "aux_weight": AUX_WEIGHTS, "lambda_placement": LAMBDA_PLACEMENTS,
-    "aux_loss_weight": float, "swish_beta": float, "target_modules": str, "exclude_modules": str,
-    "activation_bits": int, "unsigned_activation_modules": str, "shortcut_gate_init": float,
-    "attention_alpha_init": float,
-}
-_RECIPE_SWITCHES = ("binarize_weights", "binarize_activations", "scale_aux_grad", "learnable_weight_scale", "shortcuts",
-                    "binarize_attention")
+# SurgeConfig fields set otherwise than by a flag of their own: `--binarize` (compensator), the stage schedules
+# (weight_planes), and the format fields.
+_RECIPE_SKIP = ("compensator", "weight_planes", "eps", "version")
+# DistillationConfig's flags: `--distill_<field>`, but `--embedding_mixup_alpha` (a way of making inputs).
+DISTILLATION_FLAGS: dict[str, Any] = {"prefix": "distill_",
+                                      "rename": {"embedding_mixup_alpha": "embedding_mixup_alpha"}}
+# The distillation terms every student takes; transformer students also take the intermediate ones.
+_DISTILLATION_TERMS = ("temperature", "label_weight", "logits_weight")
+_INTERMEDIATE_TERMS = ("hidden_states_weight", "hidden_states_loss", "hidden_relations_weight", "attentions_weight")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +48,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                        help="surge (DPGC + AGS), fixed (DPGC with lam = eta), ste (no auxiliary branch), "
                             "none (full precision, e.g. to train a teacher).")
     group.add_argument("--recipe_file", type=Path, help="JSON file with a SurgeConfig dict; flags override it.")
-    for name, kind in _RECIPE_FLAGS.items():
-        if isinstance(kind, tuple):
-            group.add_argument(f"--{name}", choices=kind)
-        else:
-            group.add_argument(f"--{name}", type=kind)
-    for name in _RECIPE_SWITCHES:
-        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+    add_config_flags(group, SurgeConfig, skip=_RECIPE_SKIP, unset=True)
 
 
 def _decreasing_schedule(text: str, allowed: tuple[int, ...], what: str, example: str) -> list[int]:
@@ -92,8 +84,9 @@ def planes_schedule(text: str) -> list[int]:
     return planes
 
 
-def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
-    """The validated recipe, or None for `--binarize none`."""
+def recipe_from_args(args: argparse.Namespace, **stage_fields: Any) -> SurgeConfig | None:
+    """The validated recipe (the recipe file, then the flags given, then a stage's own `stage_fields` such as
+    `weight_planes=2`), or None for `--binarize none`."""
     if args.binarize == "none":
         return None
     recipe = {}
@@ -101,120 +94,53 @@ def recipe_from_args(args: argparse.Namespace) -> SurgeConfig | None:
         if not args.recipe_file.is_file():
             raise FileNotFoundError(f"--recipe_file {args.recipe_file} does not exist.")
         recipe = json.loads(args.recipe_file.read_text())
-    for name in (*_RECIPE_FLAGS, *_RECIPE_SWITCHES):
-        value = getattr(args, name)
-        if value is not None:
-            recipe[name] = value
-    if getattr(args, "weight_planes", None) is not None:  # set per stage by `--weight_planes_schedule`, not a flag
-        recipe["weight_planes"] = args.weight_planes
-    recipe["compensator"] = args.binarize
-    return SurgeConfig.from_dict(recipe)
+    given = flag_values(args, SurgeConfig, skip=_RECIPE_SKIP)
+    recipe.update({name: value for name, value in given.items() if value is not None})
+    return SurgeConfig.from_dict({**recipe, **stage_fields, "compensator": args.binarize})
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int,
-                           epochs: int, output_dir_required: bool = True, calibrate: bool = False) -> None:
-    """Optimisation, logging, checkpoint and Accelerate flags (defaults given per script)."""
+                           epochs: int, calibrate: bool = False) -> None:
+    """Optimisation, logging, checkpoint and Accelerate flags: `TrainingConfig`'s fields (defaults given per
+    script), and `--with_tracking`."""
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", type=Path, required=output_dir_required)
-    group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="Write into a non-empty --output_dir (its files of the same names are replaced).")
-    group.add_argument("--learning_rate", type=float, default=learning_rate)
-    group.add_argument("--weight_decay", type=float, default=0.01)
-    group.add_argument("--num_train_epochs", type=int, default=epochs)
-    group.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
-    group.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
-    group.add_argument("--per_device_eval_batch_size", type=int, default=2 * batch_size)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--lr_scheduler_type", default="linear",
-                       choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    group.add_argument("--num_warmup_steps", type=int, default=0)
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                       help="Overrides the `accelerate launch` setting.")
-    group.add_argument("--cpu", action="store_true", help="Train on the CPU even when a GPU is present.")
-    group.add_argument("--logging_steps", type=int, default=50)
-    group.add_argument("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=2)
-    group.add_argument("--resume_from_checkpoint", help="A checkpoints/step_<N> folder, or 'latest'.")
-    group.add_argument("--report_to", default=None,
-                       help="An Accelerate tracker: tensorboard, wandb, ..., all or none (default: none, or all "
-                            "with --with_tracking).")
-    group.add_argument("--with_tracking", action="store_true", help="Log to the --report_to trackers (default all).")
-    group.add_argument("--calibrate_activations", action=argparse.BooleanOptionalAction, default=calibrate,
-                       help="Initialise activation thresholds/scales from the first training batch.")
-    group.add_argument("--latent_weight_learning_rate", type=float,
-                       help="Learning rate (and no weight decay, unless --binary_weight_decay) for the latent "
-                            "weights of binarized layers.")
-    group.add_argument("--quantizer_learning_rate", type=float,
-                       help="Learning rate (and no weight decay, unless --binary_weight_decay) for activation "
-                            "thresholds/scales and learned weight scales.")
-    group.add_argument("--binary_weight_decay", type=float,
-                       help="Weight decay of the binarized layers' latent weights (default: --weight_decay, or 0 "
-                            "with --latent_weight_learning_rate); 0 keeps decay from pulling latent weights towards "
-                            "their sign flips.")
+    add_config_flags(group, TrainingConfig, defaults={
+        "output_dir": None, "learning_rate": learning_rate, "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": 2 * batch_size, "num_train_epochs": epochs, "calibrate_activations": calibrate,
+        "report_to": None})
+    group.add_argument("--with_tracking", action="store_true",
+                       help="Log to the --report_to trackers (default all; without it, --report_to defaults to none).")
 
 
-def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+def training_config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:
+    """The run's `TrainingConfig` from its flags, with a stage's `overrides` (output folder, learning rate, ...)."""
     report_to = args.report_to or ("all" if args.with_tracking else "none")
-    return TrainingConfig(
-        output_dir=str(args.output_dir), overwrite_output_dir=args.overwrite_output_dir,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler_type=args.lr_scheduler_type,
-        num_warmup_steps=args.num_warmup_steps, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-        mixed_precision=args.mixed_precision, logging_steps=args.logging_steps,
-        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        resume_from_checkpoint=args.resume_from_checkpoint, report_to=report_to, cpu=args.cpu,
-        calibrate_activations=args.calibrate_activations,
-        latent_weight_learning_rate=args.latent_weight_learning_rate,
-        quantizer_learning_rate=args.quantizer_learning_rate, binary_weight_decay=args.binary_weight_decay,
-    )
+    return config_from_flags(TrainingConfig, args, **{"output_dir": str(args.output_dir), "report_to": report_to,
+                                                      **overrides})
 
 
 def add_distillation_arguments(parser: argparse.ArgumentParser, *, intermediate: bool) -> None:
-    """Teacher flags; `intermediate` adds hidden-state and attention-map weights (transformer students)."""
+    """Teacher flags; `intermediate` adds the hidden-state and attention-map terms (transformer students)."""
     group = parser.add_argument_group("distillation from a full-precision teacher")
     group.add_argument("--teacher_model_name_or_path",
                        help="A full-precision model fine-tuned on the same labels (scripts/glue.py: `auto`, the "
                             "default, fine-tunes one first; `none` trains without a teacher).")
-    group.add_argument("--distill_temperature", type=float, default=1.0)
-    group.add_argument("--distill_label_weight", type=float, default=0.0)
-    group.add_argument("--distill_logits_weight", type=float, default=1.0)
-    if intermediate:
-        group.add_argument("--distill_hidden_states_weight", type=float, default=0.0)
-        group.add_argument("--distill_hidden_states_loss", choices=HIDDEN_STATES_LOSSES, default="mse",
-                           help="mse: hidden states as they are; normalized: their directions, 2 - 2 cos per token "
-                                "(scale-free).")
-        group.add_argument("--distill_hidden_relations_weight", type=float, default=0.0,
-                           help="Weight of the MSE between the student's and the teacher's token-token cosine "
-                                "similarities in every layer's hidden states.")
-        group.add_argument("--distill_attentions_weight", type=float, default=0.0)
+    terms = (*_DISTILLATION_TERMS, *(_INTERMEDIATE_TERMS if intermediate else ()))
+    add_config_flags(group, DistillationConfig, only=terms, **DISTILLATION_FLAGS)
 
 
-def distillation_from_args(args: argparse.Namespace) -> DistillationConfig | None:
-    if args.teacher_model_name_or_path is None:
+def distillation_from_args(args: argparse.Namespace, teacher: str | None) -> DistillationConfig | None:
+    """The distillation weights of a run distilled from `teacher` (None without one); terms a script has no flag
+    for keep their defaults."""
+    if teacher is None:
         return None
-    return DistillationConfig(
-        temperature=args.distill_temperature, label_weight=args.distill_label_weight,
-        logits_weight=args.distill_logits_weight,
-        hidden_states_weight=getattr(args, "distill_hidden_states_weight", 0.0),
-        hidden_states_loss=getattr(args, "distill_hidden_states_loss", "mse"),
-        hidden_relations_weight=getattr(args, "distill_hidden_relations_weight", 0.0),
-        attentions_weight=getattr(args, "distill_attentions_weight", 0.0),
-        embedding_mixup_alpha=getattr(args, "embedding_mixup_alpha", 0.0),
-        mask_padding=getattr(args, "distill_mask_padding", False),
-    )
+    return config_from_flags(DistillationConfig, args, **DISTILLATION_FLAGS)
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """`HubConfig`'s flags, and `--push_only`."""
     group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_model_id", help="namespace/name of the model repository to push to.")
-    group.add_argument("--hub_token", help="Defaults to the token saved by `hf auth login`.")
-    group.add_argument("--hub_private", action="store_true")
+    add_config_flags(group, HubConfig)
     group.add_argument("--push_only", action="store_true",
                        help="Only push the finished run in --output_dir to --hub_model_id (no training), e.g. after "
                             "a failed push.")
@@ -222,8 +148,7 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
 
 def hub_config_from_args(args: argparse.Namespace) -> HubConfig:
     """The Hub settings, checked for a push that could not happen (offline, no token) before any training."""
-    hub = HubConfig(push_to_hub=args.push_to_hub or args.push_only, hub_model_id=args.hub_model_id,
-                    hub_token=args.hub_token, hub_private=args.hub_private)
+    hub = config_from_flags(HubConfig, args, push_to_hub=args.push_to_hub or args.push_only)
     check_push_access(hub)
     return hub
 
@@ -246,61 +171,74 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
     """The flags both scripts take: recipe, training, distillation and Hub (defaults given per script)."""
     add_recipe_arguments(parser)
     add_training_arguments(parser, learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
-                           output_dir_required=False, calibrate=calibrate)
+                           calibrate=calibrate)
     add_distillation_arguments(parser, intermediate=intermediate_distillation)
     add_hub_arguments(parser)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSetup:
-    """The typed configs of one run, built from the flags, and the settings its checkpoints are written with."""
+    """One training run (an earlier stage or the final model), typed: the model it starts from, the teacher it is
+    distilled from, its configs, and `settings`, what its checkpoints are written with besides the
+    `TrainingConfig` fields (the script name, the recipe, the distillation weights and the script's data settings:
+    maximum length, image size, augmentation, the data's `content_digest`, ...)."""
 
+    model_name_or_path: str | None
+    teacher: str | None
     recipe: SurgeConfig | None
     distillation: DistillationConfig | None
     training: TrainingConfig
     hub: HubConfig
     settings: dict[str, Any]
+    inputs: dict[str, str | None]
+
+    def with_training(self, **changes: Any) -> RunSetup:
+        """The same run with `TrainingConfig` fields changed (e.g. where a stage resumes from)."""
+        return dataclasses.replace(self, training=dataclasses.replace(self.training, **changes))
+
+
+def build_run(args: argparse.Namespace, script: str, *, model: str | None, teacher: str | None,
+              recipe: SurgeConfig | None, training: TrainingConfig | None = None, hub: HubConfig | None = None,
+              **data: Any) -> RunSetup:
+    """The `RunSetup` of a run that starts from `model`, is distilled from `teacher` (no distillation without one),
+    binarized by `recipe` and trained by `training` (default: the flags'), with the script's `data` settings; every
+    config validates its fields here. `hub` defaults to the flags' Hub settings; the inputs are the models the flags
+    name."""
+    distillation = distillation_from_args(args, teacher)
+    settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+                "distillation": None if distillation is None else asdict(distillation), **data}
+    return RunSetup(model, teacher, recipe, distillation, training or training_config_from_args(args),
+                    hub or hub_config_from_args(args), settings, input_models(args))
 
 
 def input_models(args: argparse.Namespace) -> dict[str, str | None]:
-    """Flag -> model (folder or Hub id) the run reads: the output folder may not overwrite them."""
+    """Flag -> model (folder or Hub id) that the flags name."""
     return {"--model_name_or_path": args.model_name_or_path,
             "--teacher_model_name_or_path": args.teacher_model_name_or_path}
 
 
-def start_run(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, *,
-              own_folders: tuple[str, ...] = (), **data: Any) -> RunSetup:
-    """Map the shared flags to typed configs and check, before any model or data loads, that the run may start
-    (`surge_hf.training.loop.prepare_run`: output folder, checkpoint to resume).
-
-    `recipe` is the run's recipe (the script may have adapted `recipe_from_args(args)`); `data` holds the script's
-    settings that change the result (maximum length, image size, augmentation, the data's `content_digest`, ...),
-    stored with the checkpoints with the script name, the recipe and the distillation weights. `own_folders` are
-    the folders of `--output_dir` that the run's earlier stages wrote (they do not make it "non-empty").
-    """
-    training = training_config_from_args(args)
-    settings = script_settings(args, script, recipe, **data)
-    prepare_run(training, settings, inputs=input_models(args), own_folders=own_folders)
-    return RunSetup(recipe, distillation_from_args(args), training, hub_config_from_args(args), settings)
+def check_run_folder(run: RunSetup, *, own_folders: tuple[str, ...] = ()) -> None:
+    """The output-folder rules for `run` (`surge_hf.training.output_dir`), before any work. `own_folders` are the
+    folders of its output folder that the run's earlier stages write (they do not make it "non-empty")."""
+    check_output_dir(run.training.output_dir, inputs=run.inputs, overwrite=run.training.overwrite_output_dir,
+                     resume=run.training.resume_from_checkpoint is not None, own_folders=own_folders)
 
 
-def script_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> dict[str, Any]:
-    """The settings a run's checkpoints are stored with besides its `TrainingConfig` fields: the script name, the
-    recipe, the distillation weights and the script's `data` settings (see `start_run`)."""
-    distillation = distillation_from_args(args)
-    return {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
-            "distillation": None if distillation is None else asdict(distillation), **data}
+def check_run_checkpoint(run: RunSetup) -> None:
+    """When `run` resumes, check that its checkpoint is sound and was written with the same settings."""
+    check_resume(run.training, run.settings)
 
 
-def run_settings(args: argparse.Namespace, script: str, recipe: SurgeConfig | None, **data: Any) -> dict[str, Any]:
-    """Everything that decides what a run computes, as its checkpoints store it (`TrainingConfig.run_settings` of
-    the flags with `script_settings`): what a stage of a staged run is recorded with (`surge_hf.training.stages`)."""
-    return training_config_from_args(args).run_settings(script_settings(args, script, recipe, **data))
+def start_run(run: RunSetup, *, own_folders: tuple[str, ...] = ()) -> None:
+    """Check, before any model or data loads, that `run` may start: its output folder (`check_run_folder`) and the
+    checkpoint it resumes from (`check_run_checkpoint`)."""
+    check_run_folder(run, own_folders=own_folders)
+    check_run_checkpoint(run)
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
     """Checks that need no model or data: each config built from the flags validates its fields."""
     recipe_from_args(args)
-    distillation_from_args(args)
+    config_from_flags(DistillationConfig, args, **DISTILLATION_FLAGS)
     training_config_from_args(args)
     hub_config_from_args(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Normalisation layers: their weights (gains) and biases are never decayed.
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 # Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 NO_DECAY_PARAMETERS = ("bias", "input_threshold", "input_scale", "weight_scale")
 # TrainingConfig fields that do not change what a run computes: they may differ when a run is resumed.
 _BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
@@ -51,9 +54,40 @@ _BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkp
 
 @dataclass
 class TrainingConfig:
-    """Optimisation and bookkeeping settings of one run (the scripts fill it from their flags)."""
+    """Optimisation and bookkeeping settings of one run (the scripts' flags are these fields, `training.cli`).
 
-    output_dir: str
+    Args:
+        output_dir: the folder the run writes (checkpoints, final model, results).
+        overwrite_output_dir: write into a non-empty output_dir (its files of the same names are replaced).
+        per_device_train_batch_size: training examples per process and step.
+        per_device_eval_batch_size: evaluation examples per process and batch.
+        learning_rate: the peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay (never on biases, normalisation layers and quantizer
+            parameters).
+        num_train_epochs: passes over the training data (unless max_train_steps is set).
+        max_train_steps: optimizer steps in all; overrides num_train_epochs.
+        gradient_accumulation_steps: batches accumulated per optimizer step.
+        lr_scheduler_type: the learning-rate schedule after warmup.
+        num_warmup_steps: steps of linear warmup from 0.
+        max_grad_norm: clip the gradient norm to this value; 0 or None disables clipping.
+        seed: the seed of initialisation, data order and augmentation.
+        mixed_precision: no, fp16 or bf16; overrides the `accelerate launch` setting.
+        logging_steps: log the loss and SURGE diagnostics every N steps.
+        checkpointing_steps: save a resumable checkpoint every N steps (and at the last step).
+        checkpoints_total_limit: keep only the latest N checkpoints.
+        resume_from_checkpoint: a checkpoints/step_<N> folder, or 'latest'.
+        report_to: an Accelerate tracker (tensorboard, wandb, ...), all or none.
+        cpu: train on the CPU even when a GPU is present.
+        calibrate_activations: initialise activation thresholds/scales from the first training batch.
+        latent_weight_learning_rate: learning rate (and no weight decay, unless binary_weight_decay) for the latent
+            weights of binarized layers.
+        quantizer_learning_rate: learning rate (and no weight decay, unless binary_weight_decay) for activation
+            thresholds/scales and learned weight scales.
+        binary_weight_decay: weight decay of the binarized layers' latent weights (default: weight_decay, or 0 with
+            latent_weight_learning_rate); 0 keeps decay from pulling latent weights towards their sign flips.
+    """
+
+    output_dir: str = field(metadata={"flag_type": Path})
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 16
@@ -62,11 +96,11 @@ class TrainingConfig:
     num_train_epochs: int = 3
     max_train_steps: int | None = None
     gradient_accumulation_steps: int = 1
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: str = field(default="linear", metadata={"choices": LR_SCHEDULERS})
     num_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     seed: int = 42
-    mixed_precision: str | None = None
+    mixed_precision: str | None = field(default=None, metadata={"choices": MIXED_PRECISIONS})
     logging_steps: int = 50
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = 2
@@ -81,6 +115,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
                     "per_device_train_batch_size", "per_device_eval_batch_size")
+        if self.max_grad_norm == 0:
+            self.max_grad_norm = None  # 0 disables clipping, as in transformers' TrainingArguments
         optional = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm",
                     "latent_weight_learning_rate", "quantizer_learning_rate")
         for name in (*positive, *(name for name in optional if getattr(self, name) is not None)):
@@ -228,6 +264,12 @@ def prepare_run(
     """
     check_output_dir(config.output_dir, inputs=inputs, overwrite=config.overwrite_output_dir,
                       resume=config.resume_from_checkpoint is not None, own_folders=own_folders)
+    return check_resume(config, run_settings)
+
+
+def check_resume(config: TrainingConfig, run_settings: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The loop state of the checkpoint `config` resumes from, checked to be sound and written with the same
+    settings (`config.run_settings(run_settings)`); None for a fresh run."""
     path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     return None if path is None else check_checkpoint(path, config.run_settings(run_settings))
 

@@ -37,7 +37,7 @@ block opened with gradients enabled. The SURGE models collect around their own f
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -73,13 +73,28 @@ __all__ = [
 
 @dataclass
 class DistillationConfig:
-    """Weights of the distillation terms (see the module docstring)."""
+    """Weights of the distillation terms (see the module docstring).
+
+    Args:
+        temperature: T of the logits term.
+        label_weight: weight of the task loss on the hard labels.
+        logits_weight: weight of the logits term (the teacher's soft outputs).
+        hidden_states_weight: weight of the hidden-state term (embedding output and every layer).
+        hidden_states_loss: mse compares hidden states as they are; normalized compares their directions, 2 - 2 cos
+            per token (scale-free).
+        hidden_relations_weight: weight of the MSE between the student's and the teacher's token-token cosine
+            similarities in every layer's hidden states.
+        attentions_weight: weight of the attention-probability term.
+        embedding_mixup_alpha: embedding mixup (MixKD): train on token embeddings of two sentences mixed with
+            lam ~ Beta(alpha, alpha), shown to student and teacher alike; 0 turns it off.
+        mask_padding: distil hidden states on real tokens only (padded positions are not compared).
+    """
 
     temperature: float = 1.0
     label_weight: float = 0.0
     logits_weight: float = 1.0
     hidden_states_weight: float = 0.0
-    hidden_states_loss: str = "mse"
+    hidden_states_loss: str = field(default="mse", metadata={"choices": HIDDEN_STATES_LOSSES})
     hidden_relations_weight: float = 0.0
     attentions_weight: float = 0.0
     embedding_mixup_alpha: float = 0.0

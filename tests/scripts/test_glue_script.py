@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import errno
 import json
@@ -35,7 +36,7 @@ from surge_hf.hub import upload
 from surge_hf.saving import DiskFullError
 from surge_hf.training import checkpointing, cli
 from surge_hf.training.output_dir import OutputDirInUseError
-from surge_hf.training.stages import StageError
+from surge_hf.training.stages import StageAction, StageError, record_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "movie", "plot", "the", "a", "very"]
@@ -896,3 +897,37 @@ def test_bad_label_names_are_refused_by_the_parser(tiny_bert, data_files, tmp_pa
     with pytest.raises(SystemExit):
         glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "x", "--label_names", names))
     assert f"argument --label_names: {message}" in capsys.readouterr().err
+
+
+def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, data_files, tmp_path,
+                                                                      hub_login):
+    """The command is planned once, before any work: one typed run per stage (teacher, two-plane student, final),
+    each started from the stage before, distilled as `--stage_teacher` says, with its own configs; the parsed flags
+    are never cloned or changed."""
+    out = tmp_path / "plan"
+    args = glue_script.parse_args(run_args(tiny_bert, data_files, out, "--weight_planes_schedule", "2,1",
+                                           "--stage_teacher", "previous", "--augment", "1", "--push_to_hub",
+                                           "--hub_model_id", "org/tiny", "--resume_from_checkpoint", "latest"))
+    flags = copy.deepcopy(vars(args))
+    plan = glue_script.plan_earlier_stages(args, glue_script.plan_run(args))
+    assert vars(args) == flags and not out.exists()
+    (teacher_stage, teacher), (planes_stage, planes) = plan.stages
+    final = plan.final
+    assert plan.own_folders == ("teacher", "stage_w2")
+    assert [planned.action for planned, _ in plan.stages] == [StageAction.START, StageAction.START]
+    assert (teacher.setup.model_name_or_path, teacher.setup.teacher, teacher.setup.recipe) == (str(tiny_bert), None,
+                                                                                                None)
+    assert teacher.setup.training.learning_rate == 5e-5 and teacher.setup.training.max_train_steps == 2
+    assert not teacher.setup.training.calibrate_activations and teacher.augmentation is None
+    assert planes.setup.model_name_or_path == planes.setup.teacher == str(out / "teacher")
+    assert planes.setup.recipe.weight_planes == 2 and planes.augmentation.copies == 1
+    two_plane = str(out / "stage_w2" / "train_state")
+    assert final.setup.model_name_or_path == final.setup.teacher == two_plane
+    assert final.setup.recipe.weight_planes == 1 and final.setup.training.learning_rate == 1e-3
+    # only the final run pushes; it does not resume, since the command stopped (here: never ran) before it
+    assert [run.setup.hub.push_to_hub for run in (teacher, planes, final)] == [False, False, True]
+    assert final.setup.training.resume_from_checkpoint is None and args.resume_from_checkpoint == "latest"
+    assert final.setup.settings["earlier_stages"] == record_digest(planes_stage.stage.record)
+    assert planes_stage.stage.record["previous"] == teacher_stage.stage.record
+    # every stage is checked against the models the user gave
+    assert {run.setup.inputs["--model_name_or_path"] for run in (teacher, planes, final)} == {str(tiny_bert)}
