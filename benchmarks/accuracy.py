@@ -158,6 +158,11 @@ TEXT = Task(
         "surge_frozen_aug4_w2_to_w1_2500_stage_teacher": (
             *_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4", "--weight_planes_schedule",
             "2,1", "--stage_teacher", "previous", *STEPS_1250),
+        # the same with the 1-bit stage stepped down from two planes over its first 625 steps (plane_anneal_steps):
+        # it starts with the two-plane stage's function instead of dropping the second plane at once
+        "surge_frozen_aug4_w2_to_w1_2500_anneal": (
+            *_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4", "--weight_planes_schedule",
+            "2,1", "--plane_anneal_steps", "625", *STEPS_1250),
         # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
         # hidden-state term scale-free; the token-token relations of the hidden states added to it
         "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
@@ -187,6 +192,7 @@ TEXT = Task(
         "augment": _ladder_suite("surge_1250", "ste_1250", "surge_aug4_1250", "surge_aug4_mixup_1250", "ste_aug4_1250",
                                  "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250",
                                  "surge_frozen_aug4_w2_to_w1_2500", "surge_frozen_aug4_w2_to_w1_2500_stage_teacher",
+                                 "surge_frozen_aug4_w2_to_w1_2500_anneal",
                                  "surge_no_latent_decay_1250",
                                  "surge_normalized_hidden_1250", "surge_hidden_relations_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
@@ -214,13 +220,6 @@ VISION = Task(
         "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_binary_attention": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD, "--binarize_attention"),
         "full_precision_resnet_teacher": ("--binarize", "none", *VISION_RESNET_KD),
-        # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
-        # hidden-state term scale-free; the token-token relations of the hidden states added to it
-        "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
-        "surge_normalized_hidden_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
-                                         "--distill_hidden_states_loss", "normalized"),
-        "surge_hidden_relations_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250,
-                                        "--distill_hidden_relations_weight", "1"),
     },
     suites={
         "full": Suite(("full_precision", "ste", "surge", "surge_eta0.1", "surge_eta1.0", "ste_kd", "surge_kd"),

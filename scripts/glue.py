@@ -260,7 +260,7 @@ def teacher_stage_run(args: argparse.Namespace) -> TextRun:
     training = cli.training_config_from_args(
         args, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
         num_train_epochs=args.teacher_num_train_epochs, max_train_steps=args.teacher_max_train_steps,
-        calibrate_activations=False, resume_from_checkpoint=None)
+        calibrate_activations=False, resume_from_checkpoint=None, plane_anneal_steps=None)
     return text_run(args, model=args.model_name_or_path, teacher=None, recipe=None, training=training,
                     augmentation=None, teacher_cache_dir=None, earlier_stages=None, push=False)
 
@@ -342,8 +342,9 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     """The command's stages in order (the teacher stage, then every weight-planes or precision stage but the last),
     each started from the one before, then the final run (started from the last stage and carrying the digest of its
     record, so that it resumes only on the same stages). With `--stage_teacher previous`, every student stage after
-    the first, and the final one, is distilled from the stage before it instead of the teacher. Every run's configs
-    are built, and so validated, here."""
+    the first, and the final one, is distilled from the stage before it instead of the teacher. `--plane_anneal_steps`
+    belongs to the final run (it steps the final model down from two weight planes). Every run's configs are built,
+    and so validated, here."""
     init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
     augmentation = augmentation_config(args)
     stages: list[tuple[PlannedStage, TextRun]] = []
@@ -354,7 +355,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         init = teacher = run.setup.training.output_dir
     for folder, title, recipe_fields in student_stages(args):
         training = cli.training_config_from_args(args, output_dir=str(Path(args.output_dir) / folder),
-                                                 resume_from_checkpoint=None)
+                                                 resume_from_checkpoint=None, plane_anneal_steps=None)
         run = text_run(args, model=init, teacher=teacher, recipe=cli.recipe_from_args(args, **recipe_fields),
                        training=training, augmentation=augmentation, teacher_cache_dir=args.teacher_cache_dir,
                        earlier_stages=None, push=False)
@@ -546,7 +547,7 @@ def fit(args: argparse.Namespace, run: TextRun, final: bool = True, stage_lines:
                                           **({"earlier stages": "; ".join(stage_lines)} if stage_lines else {})})
     if setup.hub.push_to_hub:
         push_run(accelerator, config.output_dir, setup.hub)
-    if args.demo and accelerator.is_main_process:
+    if args.demo and final and accelerator.is_main_process:  # the demo ends by loading its result back
         reloaded = AutoModelForSequenceClassification.from_pretrained(config.output_dir)
         accelerator.print(f"Reloaded {type(reloaded).__name__} from {config.output_dir}: {results['eval']}")
     if final:

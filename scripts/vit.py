@@ -186,7 +186,8 @@ def teacher_training_config(args: argparse.Namespace, config: TrainingConfig) ->
     return dataclasses.replace(
         config, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
         max_train_steps=None, num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs,
-        checkpointing_steps=None, resume_from_checkpoint=None, calibrate_activations=False)
+        checkpointing_steps=None, resume_from_checkpoint=None, calibrate_activations=False,
+        plane_anneal_steps=None)
 
 
 def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> PlannedStage:

@@ -139,8 +139,16 @@ def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLayerMixin]]:
 def packed_layer(layer: SurgeLayerMixin, name: str = "") -> BinaryLayerMixin:
     """The packed inference layer of a SURGE layer (outputs equal the SURGE layer's eval-mode outputs).
 
-    Raises `ValueError`, naming the layer as `name`, for weights that cannot be packed to 1 bit (two weight planes).
+    Raises `ValueError`, naming the layer as `name`, for weights that cannot be packed to 1 bit (two weight planes, or
+    a second plane still weighted in).
     """
+    if layer.second_plane_weight:
+        raise ValueError(
+            f"{name or type(layer).__name__} still weights its second weight plane by "
+            f"{layer.second_plane_weight:g} (a run stepping down from two planes, TrainingConfig.plane_anneal_steps, "
+            "that did not reach its end): its function is not the 1-bit weight's. Set second_plane_weight = 0 "
+            "(train on past the anneal) before packing."
+        )
     if not layer.surge_config.packable:
         raise ValueError(
             f"{name or type(layer).__name__} has weight_planes={layer.surge_config.weight_planes}: a two-plane "

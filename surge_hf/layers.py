@@ -154,6 +154,10 @@ class SurgeLayerMixin(nn.Module):
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    # With one weight plane: the weight g of the latent weight's residual second plane in training, codes
+    # s_1 + g (alpha_2 / alpha_1) s_2 (`quantizers.residual_weight_codes`); 0, the 1-bit weight, unless a training
+    # run steps down from two planes (`TrainingConfig.plane_anneal_steps`). Not saved: a model is 1-bit at g = 0.
+    second_plane_weight: float = 0.0
 
     def _init_surge(self, config: SurgeConfig, unsigned_input: bool = False) -> None:
         self.surge_config = config
@@ -230,11 +234,14 @@ class SurgeLayerMixin(nn.Module):
 
     def weight_signs(self) -> Tensor:
         """sign(W) with the clipped straight-through estimator (the latent weight at full precision; with two
-        weight planes, the codes s_1 + (alpha_2 / alpha_1) s_2 of `quantizers.residual_weight_codes`)."""
+        weight planes, the codes s_1 + (alpha_2 / alpha_1) s_2 of `quantizers.residual_weight_codes`, and with one
+        plane and a `second_plane_weight` g > 0, s_1 + g (alpha_2 / alpha_1) s_2)."""
         if not self.surge_config.binarize_weights:
             return self.weight
         if self.surge_config.weight_planes == 2:
             return ResidualWeightCodes.apply(self.weight, self.surge_config.weight_scale)
+        if self.second_plane_weight:
+            return ResidualWeightCodes.apply(self.weight, self.surge_config.weight_scale, self.second_plane_weight)
         return WeightSign.apply(self.weight)
 
     def weight_alpha(self) -> Tensor | None:

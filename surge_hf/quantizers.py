@@ -167,37 +167,39 @@ def clipped_straight_through(grad_output: Tensor, weight: Tensor) -> Tensor:
     return grad_output * (weight.abs() <= 1).to(grad_output.dtype)
 
 
-def residual_weight_codes(weight: Tensor, mode: str) -> Tensor:
-    """Two binary weight planes, relative to the first plane's scale: `s_1 + (alpha_2 / alpha_1) * s_2`.
+def residual_weight_codes(weight: Tensor, mode: str, second_plane_weight: float = 1.0) -> Tensor:
+    """Two binary weight planes, relative to the first plane's scale: `s_1 + g * (alpha_2 / alpha_1) * s_2`.
 
     `s_1 = sign(W)`, `alpha_1 = weight_scale(W, mode)`, `R = W - alpha_1 s_1`, `s_2 = sign(R)`,
-    `alpha_2 = weight_scale(R, mode)`, so `alpha_1 * codes = alpha_1 s_1 + alpha_2 s_2` is the residual two-plane
-    approximation of W (ABC-Net, ReBNN). A row whose alpha_1 is 0 (an all-zero row) gets ratio 0.
+    `alpha_2 = weight_scale(R, mode)`, so with `g = second_plane_weight = 1`, `alpha_1 * codes = alpha_1 s_1 +
+    alpha_2 s_2` is the residual two-plane approximation of W (ABC-Net, ReBNN); `0 < g < 1` weights the second plane
+    down (a step from two planes to one, `SurgeLayerMixin.second_plane_weight`). A row whose alpha_1 is 0 (an
+    all-zero row) gets ratio 0.
     """
     weight = weight.detach()
     alpha = weight_scale(weight, mode)
     signs = sign(weight)
     residual = weight - alpha * signs
     ratio = torch.where(alpha > 0, weight_scale(residual, mode) / alpha, torch.zeros_like(alpha))
-    return signs + ratio * sign(residual)
+    return signs + (second_plane_weight * ratio) * sign(residual)
 
 
 class ResidualWeightCodes(torch.autograd.Function):
     """`residual_weight_codes(W)` with the clipped straight-through estimator of `WeightSign`.
 
-    Forward: `s_1 + (alpha_2 / alpha_1) s_2`. Backward: `dL/dW = dL/dcodes * 1[|W| <= 1]` (the plane ratio is
-    treated as a constant).
+    Forward: `s_1 + g (alpha_2 / alpha_1) s_2`. Backward: `dL/dW = dL/dcodes * 1[|W| <= 1]` (the weighted plane
+    ratio is treated as a constant).
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mode: str) -> Tensor:
+    def forward(ctx, weight: Tensor, mode: str, second_plane_weight: float = 1.0) -> Tensor:
         ctx.save_for_backward(weight)
-        return residual_weight_codes(weight, mode)
+        return residual_weight_codes(weight, mode, second_plane_weight)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (weight,) = ctx.saved_tensors
-        return clipped_straight_through(grad_output, weight), None
+        return clipped_straight_through(grad_output, weight), None, None
 
 
 class ActivationQuantizer(torch.autograd.Function):

@@ -4,6 +4,7 @@ finalize, identical outputs throughout."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -432,3 +433,30 @@ def test_two_plane_layers_compute_their_residual_weight_and_refuse_to_pack() -> 
     with pytest.raises(ValueError, match=re.escape(message)):
         finalize(model)
     assert isinstance(layer, SurgeLinear)  # nothing was replaced
+
+
+def test_a_second_plane_weight_steps_a_one_plane_layer_down_from_two_planes() -> None:
+    """A 1-bit layer with second_plane_weight g computes W_b = alpha (s_1 + g (alpha_2 / alpha_1) s_2): at g = 1 the
+    two-plane layer's output exactly, at g = 0 the 1-bit layer's; packing refuses g != 0."""
+    base = tiny_bert()
+    one = binarize(copy.deepcopy(base), SurgeConfig(binarize_activations=False, compensator="ste")).eval()
+    two = binarize(copy.deepcopy(base), SurgeConfig(weight_planes=2, binarize_activations=False,
+                                                    compensator="ste")).eval()
+    layer, two_plane_layer = one.bert.encoder.layer[0].output.dense, two.bert.encoder.layer[0].output.dense
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    one_bit = layer(x)
+    layer.second_plane_weight = 1.0
+    assert torch.equal(layer(x), two_plane_layer(x))
+    layer.second_plane_weight = 0.5
+    weight = layer.weight.detach()
+    alpha = weight_scale(weight, "channel")
+    residual = weight - alpha * sign(weight)
+    halfway = alpha * sign(weight) + 0.5 * weight_scale(residual, "channel") * sign(residual)
+    torch.testing.assert_close(layer(x), x @ halfway.T + layer.bias, rtol=1e-5, atol=1e-6)
+    message = ("bert.encoder.layer.0.output.dense still weights its second weight plane by 0.5 (a run stepping "
+               "down from two planes, TrainingConfig.plane_anneal_steps, that did not reach its end)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        finalize(one)
+    layer.second_plane_weight = 0.0
+    assert torch.equal(layer(x), one_bit)
+    assert "second_plane_weight" not in str(list(one.state_dict()))  # not saved: g is training state

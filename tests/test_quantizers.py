@@ -304,3 +304,15 @@ def test_two_planes_approximate_a_gaussian_weight_better_than_one() -> None:
     two_planes = (weight - alpha * residual_weight_codes(weight, "channel")).norm() / weight.norm()
     # Gaussian rows: 1 - 2/pi of the energy is left by one plane (0.60 relative error), about a third of it by two
     assert 0.59 < one_plane < 0.61 and two_planes < 0.7 * one_plane
+
+
+def test_residual_weight_codes_weight_the_second_plane() -> None:
+    # the rows of the test above: s_1 = sign(W), ratio 0.5 (rows 0 and 2), 0 (row 1)
+    weight = torch.tensor([[0.75, -0.25, 0.25, -0.75], [0.0, 0.0, 0.0, 0.0], [3.0, -1.0, 1.0, -3.0]])
+    # g = 0.25: s_1 + 0.125 s_2, with s_2 = [+, +, -, -] in rows 0 and 2
+    expected = torch.tensor([[1.125, -0.875, 0.875, -1.125], [1.0, 1.0, 1.0, 1.0], [1.125, -0.875, 0.875, -1.125]])
+    assert torch.equal(residual_weight_codes(weight, "channel", 0.25), expected)
+    assert torch.equal(residual_weight_codes(weight, "channel", 0.0), torch.where(weight >= 0, 1.0, -1.0))
+    latent = weight.clone().requires_grad_(True)
+    ResidualWeightCodes.apply(latent, "channel", 0.25).backward(torch.ones(3, 4))
+    assert torch.equal(latent.grad, (weight.abs() <= 1).float())

@@ -85,6 +85,10 @@ class TrainingConfig:
             thresholds/scales and learned weight scales.
         binary_weight_decay: weight decay of the binarized layers' latent weights (default: weight_decay, or 0 with
             latent_weight_learning_rate); 0 keeps decay from pulling latent weights towards their sign flips.
+        plane_anneal_steps: step down from two weight planes to one over the first N steps: each 1-bit layer
+            trains with its latent weight's residual second plane weighted by g = 1 - step / N (codes s_1 + g
+            (alpha_2 / alpha_1) s_2), so a model started from a two-plane stage starts with that stage's function
+            and is 1-bit from step N on (at most the run's steps).
     """
 
     output_dir: str = field(metadata={"flag_type": Path})
@@ -111,6 +115,7 @@ class TrainingConfig:
     latent_weight_learning_rate: float | None = None
     quantizer_learning_rate: float | None = None
     binary_weight_decay: float | None = None
+    plane_anneal_steps: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
@@ -118,11 +123,15 @@ class TrainingConfig:
         if self.max_grad_norm == 0:
             self.max_grad_norm = None  # 0 disables clipping, as in transformers' TrainingArguments
         optional = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm",
-                    "latent_weight_learning_rate", "quantizer_learning_rate")
+                    "latent_weight_learning_rate", "quantizer_learning_rate", "plane_anneal_steps")
         for name in (*positive, *(name for name in optional if getattr(self, name) is not None)):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {value!r}.")
+        if self.plane_anneal_steps and self.max_train_steps and self.plane_anneal_steps > self.max_train_steps:
+            raise ValueError(f"TrainingConfig.plane_anneal_steps={self.plane_anneal_steps} is more than "
+                             f"max_train_steps={self.max_train_steps}: the model would end with its second weight "
+                             f"plane still weighted in, not 1-bit. Pass at most {self.max_train_steps}.")
         for name in ("num_warmup_steps", "weight_decay", "binary_weight_decay"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -156,6 +165,32 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
     )
+
+
+def plane_annealed_layers(model: nn.Module, anneal_steps: int | None, max_steps: int) -> list[nn.Module]:
+    """The layers whose second weight plane `TrainingConfig.plane_anneal_steps` steps down (every SURGE layer with
+    one binary weight plane; none without the setting), checked before any step: the anneal must end within the
+    run's `max_steps`, and the model must have such a layer."""
+    if anneal_steps is None:
+        return []
+    if anneal_steps > max_steps:
+        raise ValueError(f"TrainingConfig.plane_anneal_steps={anneal_steps} is more than the run's {max_steps} steps: "
+                         "the model would end with its second weight plane still weighted in, not 1-bit. Pass at "
+                         f"most {max_steps}.")
+    layers = [layer for _, layer in surge_layers(model)
+              if layer.surge_config.binarize_weights and layer.surge_config.weight_planes == 1]
+    if not layers:
+        raise ValueError("TrainingConfig.plane_anneal_steps steps 1-bit weights down from two planes, but this model "
+                         "has no SURGE layer with binary weights and weight_planes=1; drop plane_anneal_steps.")
+    return layers
+
+
+def set_second_plane_weight(layers: list[nn.Module], anneal_steps: int | None, completed_steps: int) -> None:
+    """Weight the second weight plane of `layers` by g = max(0, 1 - completed_steps / anneal_steps): the value for
+    the step after `completed_steps` (and for an evaluation then), a function of the step alone, so a resumed run
+    continues the anneal exactly."""
+    for layer in layers:
+        layer.second_plane_weight = max(0.0, 1.0 - completed_steps / anneal_steps)
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -339,6 +374,7 @@ def train(
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     accelerator.print(f"Training into {config.output_dir}: {max_steps} optimizer steps ({num_epochs} epoch(s) of "
                       f"{steps_per_epoch} steps) at learning rate {config.learning_rate:g}.")
+    annealed = plane_annealed_layers(model, config.plane_anneal_steps, max_steps)
     groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
                               config.quantizer_learning_rate, config.binary_weight_decay)
     optimizer = adamw(groups, config.learning_rate)
@@ -375,6 +411,7 @@ def train(
         # mean over processes is what the uninterrupted run logs.
         running_loss.fill_(state.get("running_loss", 0.0) if accelerator.is_main_process else 0.0)
         running_batches = state.get("running_batches", 0)
+    set_second_plane_weight(annealed, config.plane_anneal_steps, completed_steps)
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
@@ -399,6 +436,7 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
+            set_second_plane_weight(annealed, config.plane_anneal_steps, completed_steps)
             progress.update(1)
             if completed_steps % config.logging_steps == 0 or completed_steps == max_steps:
                 mean_loss = accelerator.gather(running_loss).mean().item() / running_batches

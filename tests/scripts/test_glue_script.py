@@ -907,7 +907,8 @@ def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, d
     out = tmp_path / "plan"
     args = glue_script.parse_args(run_args(tiny_bert, data_files, out, "--weight_planes_schedule", "2,1",
                                            "--stage_teacher", "previous", "--augment", "1", "--push_to_hub",
-                                           "--hub_model_id", "org/tiny", "--resume_from_checkpoint", "latest"))
+                                           "--hub_model_id", "org/tiny", "--resume_from_checkpoint", "latest",
+                                           "--plane_anneal_steps", "2"))
     flags = copy.deepcopy(vars(args))
     plan = glue_script.plan_earlier_stages(args, glue_script.plan_run(args))
     assert vars(args) == flags and not out.exists()
@@ -924,6 +925,8 @@ def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, d
     two_plane = str(out / "stage_w2" / "train_state")
     assert final.setup.model_name_or_path == final.setup.teacher == two_plane
     assert final.setup.recipe.weight_planes == 1 and final.setup.training.learning_rate == 1e-3
+    # the step down from two planes belongs to the final run
+    assert [run.setup.training.plane_anneal_steps for run in (teacher, planes, final)] == [None, None, 2]
     # only the final run pushes; it does not resume, since the command stopped (here: never ran) before it
     assert [run.setup.hub.push_to_hub for run in (teacher, planes, final)] == [False, False, True]
     assert final.setup.training.resume_from_checkpoint is None and args.resume_from_checkpoint == "latest"
@@ -931,3 +934,20 @@ def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, d
     assert planes_stage.stage.record["previous"] == teacher_stage.stage.record
     # every stage is checked against the models the user gave
     assert {run.setup.inputs["--model_name_or_path"] for run in (teacher, planes, final)} == {str(tiny_bert)}
+
+
+def test_plane_anneal_steps_the_final_model_down_from_the_two_plane_stage(tiny_bert, data_files, tmp_path):
+    """`--plane_anneal_steps 2` after a two-plane stage: the final run starts with the stage's function (its second
+    plane weighted 1) and ends 1-bit, packed; it is a setting of the final run's checkpoints, not of the stage."""
+    out = tmp_path / "anneal"
+    results = glue_script.main(run_args(tiny_bert, data_files, out, "--teacher_model_name_or_path", "none",
+                                        "--weight_planes_schedule", "2,1", "--plane_anneal_steps", "2"))
+    assert results["completed_steps"] == 4
+    assert json.loads((out / "stage_w2" / "stage.json").read_text())["settings"]["plane_anneal_steps"] is None
+    packed = AutoModelForSequenceClassification.from_pretrained(out)
+    assert packed.is_packed and "W1A1" in repr(packed.bert.encoder.layer[0].attention.self.query)
+    with pytest.raises(ValueError, match=re.escape("TrainingConfig.plane_anneal_steps=5 is more than "
+                                                   "max_train_steps=4")):  # refused before any work
+        glue_script.main(run_args(tiny_bert, data_files, tmp_path / "long", "--teacher_model_name_or_path", "none",
+                                  "--plane_anneal_steps", "5"))
+    assert not (tmp_path / "long").exists()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 import surge_hf
+from surge_hf.binarize import surge_layers
 from surge_hf.training import output_dir
 from surge_hf.training.checkpointing import (
     STATE_FILE,
@@ -20,7 +23,13 @@ from surge_hf.training.checkpointing import (
     latest_checkpoint,
     save_checkpoint,
 )
-from surge_hf.training.loop import TrainingConfig, decay_parameter_names, parameter_groups
+from surge_hf.training.loop import (
+    TrainingConfig,
+    build_accelerator,
+    decay_parameter_names,
+    parameter_groups,
+    train,
+)
 from surge_hf.training.output_dir import check_output_dir
 
 
@@ -212,3 +221,61 @@ def test_corrupt_checkpoint_names_the_file(accelerator, tmp_path):
     (path / STATE_FILE).write_text(json.dumps({"history": []}))
     with pytest.raises(CheckpointError, match=r"has no completed_steps"):
         check_checkpoint(Path(path), {})
+
+
+# Stepping down from two weight planes (TrainingConfig.plane_anneal_steps)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def anneal_run(folder: Path, model: torch.nn.Module, **changes) -> tuple[list[float], TrainingConfig]:
+    """Train a tiny binary ViT for 6 steps with plane_anneal_steps=4; returns the second-plane weight that each
+    training forward of one layer saw."""
+    generator = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 8, 8, generator=generator), "labels": i % 3} for i in range(16)]
+    config = TrainingConfig(**{"output_dir": str(folder), "max_train_steps": 6, "plane_anneal_steps": 4,
+                               "learning_rate": 1e-3, "per_device_train_batch_size": 4, **changes})
+    seen: list[float] = []
+    for _, layer in list(surge_layers(model))[:1]:
+        layer.register_forward_pre_hook(lambda module, _: seen.append(module.second_plane_weight) if module.training
+                                        else None)
+    train(build_accelerator(config), model, DataLoader(data, batch_size=4, shuffle=True),
+          {"validation": DataLoader(data[:4], batch_size=4)}, config,
+          lambda predictions, labels: {"accuracy": float((predictions == labels).mean())})
+    return seen, config
+
+
+def binary_vit() -> torch.nn.Module:
+    return surge_hf.binarize(tiny_vit(), surge_hf.SurgeConfig(compensator="ste", binarize_activations=False))
+
+
+def test_plane_anneal_weights_the_second_plane_down_to_zero_and_resumes_exactly(tmp_path):
+    model = binary_vit()
+    seen, _ = anneal_run(tmp_path / "full", model, checkpointing_steps=2, checkpoints_total_limit=None)
+    assert seen == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert all(layer.second_plane_weight == 0.0 for _, layer in surge_layers(model))
+    surge_hf.finalize(model)  # 1-bit at the end: it packs
+    resumed_model = binary_vit()
+    resumed, _ = anneal_run(tmp_path / "full", resumed_model, checkpointing_steps=2, checkpoints_total_limit=None,
+                            resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "step_2"))
+    assert resumed == [0.5, 0.25, 0.0, 0.0]
+    surge_hf.finalize(resumed_model)
+    reference = binary_vit()
+    anneal_run(tmp_path / "again", reference)
+    assert all(torch.equal(a, b) for a, b in zip(surge_hf.finalize(reference).state_dict().values(),
+                                                 resumed_model.state_dict().values(), strict=True))
+
+
+def test_plane_anneal_is_refused_past_the_run_and_without_one_plane_layers(tmp_path):
+    # a run of epochs (4 steps) learns its length from the data, before its first step
+    with pytest.raises(ValueError, match=re.escape("TrainingConfig.plane_anneal_steps=7 is more than the run's 4 "
+                                                   "steps: the model would end with its second weight plane still "
+                                                   "weighted in, not 1-bit. Pass at most 4.")):
+        anneal_run(tmp_path / "a", binary_vit(), plane_anneal_steps=7, max_train_steps=None, num_train_epochs=1)
+    with pytest.raises(ValueError, match=re.escape("TrainingConfig.plane_anneal_steps=7 is more than "
+                                                   "max_train_steps=6")):
+        TrainingConfig(output_dir="o", plane_anneal_steps=7, max_train_steps=6)
+    with pytest.raises(ValueError, match=re.escape("this model has no SURGE layer with binary weights and "
+                                                   "weight_planes=1; drop plane_anneal_steps.")):
+        anneal_run(tmp_path / "b", tiny_vit())
+    with pytest.raises(ValueError, match=re.escape("TrainingConfig.plane_anneal_steps must be > 0, got 0")):
+        TrainingConfig(output_dir="o", plane_anneal_steps=0)
