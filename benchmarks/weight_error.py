@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import surge_hf
-from surge_hf.quantizers import binary_weight, sign, weight_scale
+from surge_hf.quantizers import binary_weight, binary_weight_scale, sign
 
 DEFAULT_MODEL = SHARED.parent / "runs" / "augment" / "full_precision_3ep" / "lr5e-05" / "seed42"
 # Module-name suffix inside a BERT layer -> the short type name used in the tables, in the layer's order.
@@ -71,7 +71,7 @@ W1A1 = "W1A1 (surge_hf, calibrated)"
 # -- the weight forms -----------------------------------------------------------------------------------------------
 def per_row_binary(weight: Tensor) -> Tensor:
     """alpha_o sign(W_o) with alpha_o = mean_i |W_oi|: surge_hf's binary weight with a per-channel scale."""
-    return binary_weight(sign(weight), weight_scale(weight, "channel"))
+    return binary_weight(sign(weight), binary_weight_scale(weight, "channel"))
 
 
 def least_squares_scale(weight: Tensor, gram: Tensor) -> Tensor:
@@ -112,7 +112,7 @@ def ternary(weight: Tensor, threshold_factor: float = 0.7) -> Tensor:
     """TWN's ternary weight, per row: alpha sign(w) 1[|w| > delta] with delta = 0.7 mean|w| and alpha the mean of
     |w| over the kept entries (the least-squares scale for that mask; 0 for a row that keeps nothing)."""
     magnitude = weight.abs()
-    kept = (magnitude > threshold_factor * weight_scale(weight, "channel")).to(weight.dtype)
+    kept = (magnitude > threshold_factor * binary_weight_scale(weight, "channel")).to(weight.dtype)
     alpha = (magnitude * kept).sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp(min=1)
     return alpha * sign(weight) * kept
 
@@ -124,7 +124,7 @@ def outlier_columns_binary(weight: Tensor, gram: Tensor, fraction: float = 0.01)
     count = math.ceil(fraction * weight.shape[1])
     kept = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
     kept[torch.diagonal(gram).topk(count).indices] = True
-    return torch.where(kept, weight, binary_weight(sign(weight), weight_scale(weight[:, ~kept], "channel")))
+    return torch.where(kept, weight, binary_weight(sign(weight), binary_weight_scale(weight[:, ~kept], "channel")))
 
 
 # Every form as W_q = form(W, G); only the output-space forms read G.

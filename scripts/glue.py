@@ -540,7 +540,7 @@ def fit(args: argparse.Namespace, run: TextRun, final: bool = True, stage_lines:
         "language": "en",
     }
     results = export_run(accelerator, model, result, training=config, hub=setup.hub, preprocessor=tokenizer,
-                         recipe=recipe, distillation=distillation, card_kind="text", dataset=dataset,
+                         surge_config=recipe, distillation=distillation, card_kind="text", dataset=dataset,
                          example_inputs=dict(tokenizer(["a binary network"], return_tensors="pt")),
                          base_model=args.base_model, teacher=setup.teacher,
                          hyperparameters={"max length": args.max_length,

@@ -465,7 +465,8 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                    run_settings=run.settings)
 
     results = export_run(accelerator, model, result, training=config, hub=run.hub,
-                         preprocessor=build_image_processor(info, mean, std), recipe=recipe, distillation=distillation,
+                         preprocessor=build_image_processor(info, mean, std), surge_config=recipe,
+                         distillation=distillation,
                          card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},
                          example_inputs={"pixel_values": torch.zeros(1, info.num_channels, *info.image_size)},

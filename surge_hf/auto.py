@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from .binarize import binarize_modules
-from .configuration_surge import SurgeConfig
+from .configuration_surge import SurgeConfig, renamed_surge_config_keyword
 from .configuration_surge_bert import SurgeBertConfig
 from .configuration_surge_vit import SurgeViTConfig
 from .modeling_surge_bert import (
@@ -67,42 +67,44 @@ def _refuse_save_pretrained(class_name: str, *args: Any, **kwargs: Any) -> None:
         f"This {class_name} was binarized with surge_hf.binarize, and surge_hf has no SURGE model class for it (it has "
         "them for BERT and ViT): save_pretrained would write a checkpoint that loads back as the float model, without "
         "its binary layers. Save its weights with safetensors.torch.save_model(model, path) and rebuild it with "
-        "binarize(float_model, recipe) then safetensors.torch.load_model(model, path)."
+        "binarize(float_model, surge_config) then safetensors.torch.load_model(model, path)."
     )
 
 
-def adopt_surge_classes(model: nn.Module, recipe: SurgeConfig) -> None:
+@renamed_surge_config_keyword("recipe")
+def adopt_surge_classes(model: nn.Module, surge_config: SurgeConfig) -> None:
     """Give a transformers BERT / ViT model that `binarize` just binarized its SURGE classes, in place: the model
     (and every wrapped transformers model inside it) becomes an instance of the SURGE subclass of its class, and its
-    config of the SURGE config class holding `recipe`. The layers and weights are untouched; `save_pretrained` then
-    writes a SURGE checkpoint (train form, or packed with `packed=True`) that loads back as the same binary model.
-    Any other transformers model gets a `save_pretrained` that refuses, naming what to do instead; other modules are
-    left as they are."""
+    config of the SURGE config class holding `surge_config`. The layers and weights are untouched; `save_pretrained`
+    then writes a SURGE checkpoint (train form, or packed with `packed=True`) that loads back as the same binary
+    model. Any other transformers model gets a `save_pretrained` that refuses, naming what to do instead; other
+    modules are left as they are."""
     if type(model) not in SURGE_CLASS_OF:
         if isinstance(model, PreTrainedModel) and not isinstance(model, SurgePreTrainedMixin):
             model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
         return
     surge_class = SURGE_CLASS_OF[type(model)]
     model.config.__class__ = surge_class.config_class
-    model.config.surge_config = recipe
+    model.config.surge_config = surge_config
     model.config.surge_packed = False
     for module in model.modules():
         if type(module) in SURGE_CLASS_OF:
             module.__class__ = SURGE_CLASS_OF[type(module)]
 
 
-def binarize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+@renamed_surge_config_keyword("config")
+def binarize(model: nn.Module, surge_config: SurgeConfig | None = None) -> nn.Module:
     """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place, and give a
     transformers BERT or ViT model its SURGE class.
 
     The layers are swapped by `surge_hf.binarize.binarize_modules` (see there: parameters are reused under their
     names, SURGE-only tensors initialised from them, nothing changes when the recipe is invalid or matches nothing).
     A transformers BERT or ViT model then becomes an instance of its SURGE class (e.g.
-    `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `config`), so that `save_pretrained`
+    `SurgeBertForSequenceClassification`, with a `SurgeBertConfig` holding `surge_config`), so that `save_pretrained`
     writes a SURGE checkpoint, packed with `packed=True`, that loads back as this binary model (see
     `adopt_surge_classes`).
     """
-    config = config or SurgeConfig()
-    binarize_modules(model, config)
-    adopt_surge_classes(model, config)
+    surge_config = surge_config or SurgeConfig()
+    binarize_modules(model, surge_config)
+    adopt_surge_classes(model, surge_config)
     return model

@@ -1,10 +1,11 @@
 """Turn any PyTorch model into a SURGE binary network and back: the model-agnostic half of `surge_hf.binarize`.
 
-- `binarize_modules(model, config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in place
-  (inside a `ShortcutLinear` when `config.shortcuts`; with binary attention when `config.binarize_attention`).
+- `binarize_modules(model, surge_config)`: swap matching `nn.Linear`/`nn.Conv2d` for `SurgeLinear`/`SurgeConv2d` in
+  place (inside a `ShortcutLinear` when `surge_config.shortcuts`; with binary attention when
+  `surge_config.binarize_attention`).
 - `finalize(model)`: swap them for packed `BinaryLinear`/`BinaryConv2d` (drops every training-only tensor); feed-forward
   blocks write packed sign bits between their layers (`fusion`).
-- `unfinalize(model, config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
+- `unfinalize(model, surge_config)`: rebuild trainable SURGE layers from packed ones (latent weight = alpha * sign).
 - `surge_layers(model)` and `diagnostics(model)`: the layers and their per-layer training signals.
 
 The public `surge_hf.binarize` (in `surge_hf.auto`) is `binarize_modules` plus giving a transformers BERT / ViT its
@@ -22,12 +23,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .binary_attention import add_binary_attention
-from .configuration_surge import DEFAULT_TARGET_MODULES, MODEL_TYPE_ALIASES, SurgeConfig
+from .configuration_surge import (
+    DEFAULT_TARGET_MODULES,
+    MODEL_TYPE_ALIASES,
+    SurgeConfig,
+    renamed_surge_config_keyword,
+)
 from .fusion import fold_sign_outputs, unfold_sign_outputs
 from .layers import (
     BINARY_LAYER_TYPES,
     LAYER_KINDS,
     SURGE_LAYER_TYPES,
+    SURGE_ONLY_TENSORS,
     BinaryLayerMixin,
     SurgeLayerMixin,
     layer_kind,
@@ -65,11 +72,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
+@renamed_surge_config_keyword("config")
+def resolve_targets(model: nn.Module, surge_config: SurgeConfig) -> list[str]:
     """Names of the `nn.Linear`/`nn.Conv2d` modules that `binarize` would replace (validated, in model order)."""
     float_types = tuple(kind.float_type for kind in LAYER_KINDS)
     candidates = [name for name, module in model.named_modules() if type(module) in float_types]
-    target = config.target_modules
+    target = surge_config.target_modules
     if target is None:
         model_type = _model_type(model)
         if model_type not in DEFAULT_TARGET_MODULES:
@@ -81,11 +89,9 @@ def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
         target = DEFAULT_TARGET_MODULES[model_type]
     else:
         _check_every_entry_matches("target_modules", target, candidates)
-    _check_every_entry_matches("exclude_modules", config.exclude_modules, candidates)
-    selected = [
-        name for name in candidates
-        if _matches(name, target) and not (config.exclude_modules and _matches(name, config.exclude_modules))
-    ]
+    _check_every_entry_matches("exclude_modules", surge_config.exclude_modules, candidates)
+    excluded = surge_config.exclude_modules
+    selected = [name for name in candidates if _matches(name, target) and not (excluded and _matches(name, excluded))]
     if not selected:
         raise ValueError(
             f"SurgeConfig.target_modules={target!r} (minus exclude_modules) selects no Linear/Conv2d module; "
@@ -94,7 +100,8 @@ def resolve_targets(model: nn.Module, config: SurgeConfig) -> list[str]:
     return selected
 
 
-def binarize_modules(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+@renamed_surge_config_keyword("config")
+def binarize_modules(model: nn.Module, surge_config: SurgeConfig | None = None) -> nn.Module:
     """Replace the targeted `nn.Linear`/`nn.Conv2d` modules of `model` by SURGE layers, in place (the model's own
     class is left as it is; `surge_hf.binarize` also gives transformers models their SURGE class).
 
@@ -107,24 +114,25 @@ def binarize_modules(model: nn.Module, config: SurgeConfig | None = None) -> nn.
     A model on the meta device gets SURGE layers whose SURGE-only tensors are filled in by `load_state_dict` after
     `model.to_empty(...)` (see `SurgeLayerMixin`).
     """
-    config = config or SurgeConfig()
-    config.validate()
+    surge_config = surge_config or SurgeConfig()
+    surge_config.validate()
     if any(isinstance(m, SURGE_LAYER_TYPES + BINARY_LAYER_TYPES) for m in model.modules()):
         raise ValueError("This model is already binarized; binarize() applies once. Start from the float model.")
-    targets = resolve_targets(model, config)
-    _check_every_entry_matches("unsigned_activation_modules", config.unsigned_activation_modules, targets)
+    targets = resolve_targets(model, surge_config)
+    unsigned_modules = surge_config.unsigned_activation_modules
+    _check_every_entry_matches("unsigned_activation_modules", unsigned_modules, targets)
     replacements = {}
     for name in targets:
         module = model.get_submodule(name)
-        unsigned = config.unsigned_activation_modules is not None and _matches(name, config.unsigned_activation_modules)
-        replacements[name] = layer_kind(module).surge_type.from_float(module, config, unsigned)
+        unsigned = unsigned_modules is not None and _matches(name, unsigned_modules)
+        replacements[name] = layer_kind(module).surge_type.from_float(module, surge_config, unsigned)
         replacements[name]._surge_state_pending = module.weight.is_meta
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
-    if config.shortcuts:
-        add_shortcuts(model, config)
-    if config.binarize_attention:
-        add_binary_attention(model, config)
+    if surge_config.shortcuts:
+        add_shortcuts(model, surge_config)
+    if surge_config.binarize_attention:
+        add_binary_attention(model, surge_config)
     _keep_local_state_out_of_ddp(model)
     return model
 
@@ -178,10 +186,11 @@ def finalize(model: nn.Module, sign_outputs: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module:
+@renamed_surge_config_keyword("config")
+def unfinalize(model: nn.Module, surge_config: SurgeConfig | None = None) -> nn.Module:
     """Rebuild trainable SURGE layers from packed ones, in place (latent weight W = alpha * sign, W_a = W).
 
-    The result computes exactly what the packed model computes and can be trained further with `config` (by
+    The result computes exactly what the packed model computes and can be trained further with `surge_config` (by
     default, the recipe the packed layers were made with).
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BINARY_LAYER_TYPES)]
@@ -195,8 +204,8 @@ def unfinalize(model: nn.Module, config: SurgeConfig | None = None) -> nn.Module
         if packed.bias is not None:
             plain.bias.copy_(packed.bias)
         unsigned = not packed.activation_spec.signed
-        layer = layer_kind(packed).surge_type.from_float(plain, config or packed.surge_config, unsigned)
-        for tensor_name in ("input_threshold", "input_scale", "weight_scale"):
+        layer = layer_kind(packed).surge_type.from_float(plain, surge_config or packed.surge_config, unsigned)
+        for tensor_name in (tensor.name for tensor in SURGE_ONLY_TENSORS if tensor.binarizer):
             source, target = getattr(packed, tensor_name), getattr(layer, tensor_name)
             if source is not None and target is not None:
                 target.copy_(source)
@@ -212,7 +221,7 @@ def _keep_local_state_out_of_ddp(model: nn.Module) -> None:
     all-reduced), so with `lambda_placement="previous"` each rank applies the lam it computed at its previous step,
     as with `"fork"` it applies this step's. DDP's buffer broadcast would give every rank rank 0's. The names are
     relative to `model`: wrap `model` itself in DDP (as `Accelerator.prepare` does)."""
-    local = [f"{name}.previous_lambda" for name, layer in surge_layers(model) if hasattr(layer, "previous_lambda")]
+    local = [f"{name}.previous_lambda" for name, layer in surge_layers(model) if layer.previous_lambda is not None]
     kept = [name for name in getattr(model, "_ddp_params_and_buffers_to_ignore", ())
             if not name.endswith(".previous_lambda")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, kept + local)

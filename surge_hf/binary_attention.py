@@ -35,7 +35,7 @@ value rows scaled once, with no multiplication (and B packable to bits). But V i
 another order, or alpha applied once after the sum rather than to every term, rounds differently from the float
 matmul, whose summation order is the BLAS library's own, so no other form is provably bitwise equal to it.
 
-`add_binary_attention(model, config)` attaches a `BinaryAttentionProbabilities` (the alphas) to every attention
+`add_binary_attention(model, surge_config)` attaches a `BinaryAttentionProbabilities` (the alphas) to every attention
 module (a module with `num_attention_heads`, `scaling` and `config`, e.g. `ViTAttention`, `BertSelfAttention`) and
 selects the `surge_binary` attention function (registered with transformers' `AttentionInterface`) in the model
 config. That function falls back to eager attention for modules without alphas.
@@ -51,7 +51,7 @@ from transformers import AttentionInterface
 from transformers import initialization as init
 from transformers.models.vit.modeling_vit import eager_attention_forward
 
-from .configuration_surge import SurgeConfig
+from .configuration_surge import SurgeConfig, renamed_surge_config_keyword
 from .kernels import available as kernels_available
 from .kernels import sign_scores
 from .quantizers import ActivationQuantizer, ActivationSpec
@@ -132,7 +132,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if all(hasattr(module, attr) for attr in ("num_attention_heads", "scaling", "config"))]
 
 
-def add_binary_attention(model: nn.Module, config: SurgeConfig) -> nn.Module:
+@renamed_surge_config_keyword("config")
+def add_binary_attention(model: nn.Module, surge_config: SurgeConfig) -> nn.Module:
     """Binarize the attention of every attention module of `model`, in place (see the module docstring)."""
     modules = attention_modules(model)
     if not modules:
@@ -141,6 +142,6 @@ def add_binary_attention(model: nn.Module, config: SurgeConfig) -> nn.Module:
     for _, module in modules:
         if not hasattr(module, "binary_attention"):
             module.binary_attention = BinaryAttentionProbabilities(module.num_attention_heads,
-                                                                   config.attention_alpha_init)
+                                                                   surge_config.attention_alpha_init)
         module.config._attn_implementation = ATTENTION_IMPLEMENTATION
     return model

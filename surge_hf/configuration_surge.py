@@ -8,10 +8,14 @@ Scaler (AGS) behave, including the choices the method leaves open (see the field
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+import sys
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 SURGE_CONFIG_VERSION = 1
 
@@ -38,6 +42,44 @@ DEFAULT_TARGET_MODULES: dict[str, str] = {
 # SURGE model types resolve to the defaults of the architecture they wrap.
 MODEL_TYPE_ALIASES = {"surge_bert": "bert", "surge_vit": "vit"}
 
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def renamed_surge_config_keyword(old: str) -> Callable[[_Function], _Function]:
+    """Decorate a function whose `SurgeConfig` parameter was renamed `surge_config`: until the next release it also
+    takes the previous release's keyword `old`, with a `FutureWarning` naming the new one (positional calls are
+    unchanged). Passing both is a `TypeError`."""
+
+    def decorate(function: _Function) -> _Function:
+        @functools.wraps(function)
+        def accepting_old_keyword(*args: Any, **kwargs: Any) -> Any:
+            if old in kwargs:
+                name = function.__qualname__.removesuffix(".__init__")
+                if "surge_config" in kwargs:
+                    raise TypeError(f"{name}() got both surge_config= and {old}= (its previous name); pass "
+                                    "surge_config= only.")
+                warnings.warn(f"{name}({old}=...) was renamed {name}(surge_config=...); {old}= works until the next "
+                              "release. See CHANGELOG.md.", FutureWarning, stacklevel=2)
+                kwargs["surge_config"] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return accepting_old_keyword  # type: ignore[return-value]
+
+    return decorate
+
+
+def renamed_module_attributes(module: str, renames: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` serving each previous name in `renames` (old -> new) as the object of its new name,
+    with a `FutureWarning` naming it, until the next release."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in renames:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} was renamed {module}.{renames[name]}; the old name works until the next "
+                      "release. See CHANGELOG.md.", FutureWarning, stacklevel=2)
+        return getattr(sys.modules[module], renames[name])
+
+    return __getattr__
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -74,7 +116,7 @@ class SurgeConfig:
         learnable_weight_scale: make alpha a trained parameter per output channel (or per tensor), initialised
             from the weight (`weight_scale`) and set from data by `calibrate`; else alpha is recomputed from the
             latent weight at every step.
-        surrogate: the surrogate derivative of `sign` used for activations (see `quantizers.SURROGATES`).
+        surrogate: the surrogate derivative of `sign` used for activations (see `quantizers.SURROGATE_FUNCTIONS`).
         swish_beta: the sharpness beta of the `swish_sign` surrogate.
         compensator: `"surge"` adds the auxiliary branch with lam from the Adaptive Gradient Scaler; `"fixed"` adds
             it with a constant lam = eta (ablation: no AGS); `"ste"` has no auxiliary branch (plain STE).

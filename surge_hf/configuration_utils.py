@@ -30,15 +30,15 @@ RECIPE_KEYWORD = "surge"
 """The `from_pretrained` keyword for the recipe (stored as `surge_config`)."""
 
 
-def as_surge_config(recipe: SurgeConfig | dict[str, Any] | None) -> SurgeConfig:
+def as_surge_config(surge_config: SurgeConfig | dict[str, Any] | None) -> SurgeConfig:
     """The validated `SurgeConfig` form of a recipe (None is the default recipe)."""
-    if recipe is None:
+    if surge_config is None:
         return SurgeConfig()
-    if isinstance(recipe, SurgeConfig):
-        return recipe
-    if isinstance(recipe, dict):
-        return SurgeConfig.from_dict(recipe)
-    raise TypeError(f"surge_config must be a SurgeConfig, a dict or None, got {type(recipe).__name__}.")
+    if isinstance(surge_config, SurgeConfig):
+        return surge_config
+    if isinstance(surge_config, dict):
+        return SurgeConfig.from_dict(surge_config)
+    raise TypeError(f"surge_config must be a SurgeConfig, a dict or None, got {type(surge_config).__name__}.")
 
 
 def _upgrade_previous_release(config_dict: dict[str, Any]) -> dict[str, Any]:

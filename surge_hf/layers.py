@@ -22,15 +22,16 @@ turns each into a `BinaryLinear`/`BinaryConv2d` holding packed sign bits and sca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aux_loss import auxiliary_loss_requested, record_auxiliary_loss
-from .configuration_surge import SurgeConfig
+from .configuration_surge import SurgeConfig, renamed_surge_config_keyword
 from .kernels import (
     ConvGeometry,
     PackedSigns,
@@ -53,9 +54,9 @@ from .quantizers import (
     WeightSign,
     activation_codes,
     binary_weight,
+    binary_weight_scale,
     output_scale,
     sign,
-    weight_scale,
 )
 from .scaler import AdaptiveGradientScaler, DualPathFork, accumulation_dtype
 
@@ -98,10 +99,10 @@ class Conv2dProducts:
         )
 
 
-def activation_spec(config: SurgeConfig, unsigned_input: bool = False) -> ActivationSpec:
+def activation_spec(surge_config: SurgeConfig, unsigned_input: bool = False) -> ActivationSpec:
     """The activation quantizer of a layer: the recipe's bits and surrogate; unsigned for non-negative inputs."""
-    return ActivationSpec(bits=config.activation_bits, signed=not unsigned_input, surrogate=config.surrogate,
-                          beta=config.swish_beta)
+    return ActivationSpec(bits=surge_config.activation_bits, signed=not unsigned_input,
+                          surrogate=surge_config.surrogate, beta=surge_config.swish_beta)
 
 
 def bit_widths(layer: nn.Module) -> str:
@@ -109,6 +110,56 @@ def bit_widths(layer: nn.Module) -> str:
     recipe = layer.surge_config
     activation_bits = recipe.activation_bits if recipe.binarize_activations else 32
     return f"W{recipe.weight_planes if recipe.binarize_weights else 32}A{activation_bits}"
+
+
+@dataclass(frozen=True)
+class SurgeOnlyTensor:
+    """A tensor that a SURGE layer adds to the float layer it replaces (so a plain checkpoint lacks it), and its
+    initial value: every place that creates, initialises, lists or describes these tensors reads `SURGE_ONLY_TENSORS`.
+
+    Args:
+        name: its name in the layer (and the last part of its state-dict key).
+        initial: its initial value in words (the loading report says it).
+        kind: for a recipe, whether the layer holds it as a "parameter" or a "buffer", or None (then the layer's
+            attribute is None).
+        initial_value: its initial value in a layer whose latent weight is `weight`, on `weight`'s device and in its
+            dtype (except `previous_lambda`, float32); it may share `weight`'s memory (copy it to keep it).
+        binarizer: a threshold or scale of a binarizer: the packed layer keeps it, and it is not weight-decayed
+            (the others belong to the auxiliary branch, which training alone uses).
+    """
+
+    name: str
+    initial: str
+    kind: Callable[[SurgeConfig], Literal["parameter", "buffer"] | None]
+    initial_value: Callable[[SurgeLayerMixin, Tensor], Tensor]
+    binarizer: bool
+
+
+SURGE_ONLY_TENSORS = (
+    SurgeOnlyTensor(
+        "input_threshold", "input_threshold = 0",
+        lambda c: "parameter" if c.binarize_activations and c.activation_binarizer in ("rsign", "elastic") else None,
+        lambda layer, weight: weight.new_zeros(layer.threshold_shape()), binarizer=True),
+    SurgeOnlyTensor(
+        "input_scale", "input_scale = 1",
+        lambda c: "parameter" if c.binarize_activations and c.activation_binarizer == "elastic" else None,
+        lambda layer, weight: weight.new_ones(1), binarizer=True),
+    SurgeOnlyTensor(
+        "weight_scale", "weight_scale = mean |weight|",
+        lambda c: "parameter" if c.binarize_weights and c.learnable_weight_scale else None,
+        lambda layer, weight: binary_weight_scale(weight, layer.surge_config.weight_scale).reshape(-1),
+        binarizer=True),
+    SurgeOnlyTensor(
+        "aux_weight", "aux_weight = weight",
+        lambda c: {"separate": "parameter", "frozen": "buffer"}.get(c.aux_weight) if c.has_aux_branch else None,
+        lambda layer, weight: weight.detach(), binarizer=False),
+    SurgeOnlyTensor(
+        "previous_lambda", "previous_lambda = 0",
+        lambda c: "buffer" if c.has_aux_branch and c.lambda_placement == "previous" else None,
+        lambda layer, weight: torch.zeros((), dtype=torch.float32, device=weight.device), binarizer=False),
+)
+"""The SURGE-only tensors of `SurgeLinear` and `SurgeConv2d`, in the order the layers register them (the order of
+`parameters()`, which an optimizer's saved state follows)."""
 
 
 class AuxiliaryGradient(torch.autograd.Function):
@@ -147,9 +198,10 @@ class SurgeLayerMixin(nn.Module):
     Subclasses provide `binary_op(x, w)` (the linear operator without bias), `add_bias`, `backward_products()`
     (what the auxiliary branch's backward computes) and `threshold_shape`/`reshape_threshold` for their input layout.
 
-    SURGE-only tensors are created on the device and in the dtype of the latent weight. When `binarize` meets a model
-    on the meta device they cannot be initialised: after `to_empty()`, `load_state_dict` fills the ones the state dict
-    lacks from the loaded weight (as `binarize` would), and a forward pass before that is an error.
+    SURGE-only tensors (`SURGE_ONLY_TENSORS`; None where the recipe has none) are created on the device and in the
+    dtype of the latent weight. When `binarize` meets a model on the meta device they cannot be initialised: after
+    `to_empty()`, `load_state_dict` fills the ones the state dict lacks from the loaded weight (as `binarize` would),
+    and a forward pass before that is an error.
     """
 
     weight: nn.Parameter
@@ -159,67 +211,41 @@ class SurgeLayerMixin(nn.Module):
     # run steps down from two planes (`TrainingConfig.plane_anneal_steps`). Not saved: a model is 1-bit at g = 0.
     second_plane_weight: float = 0.0
 
-    def _init_surge(self, config: SurgeConfig, unsigned_input: bool = False) -> None:
-        self.surge_config = config
-        self.activation_spec = activation_spec(config, unsigned_input)
-        num_inputs = self.threshold_shape()
-        like = {"dtype": self.weight.dtype, "device": self.weight.device}
-        if config.binarize_activations and config.activation_binarizer in ("rsign", "elastic"):
-            self.input_threshold = nn.Parameter(torch.zeros(num_inputs, **like))
-        else:
-            self.register_parameter("input_threshold", None)
-        if config.binarize_activations and config.activation_binarizer == "elastic":
-            self.input_scale = nn.Parameter(torch.ones(1, **like))
-        else:
-            self.register_parameter("input_scale", None)
-        if config.binarize_weights and config.learnable_weight_scale:
-            alpha = weight_scale(self.weight, config.weight_scale).reshape(-1).clone()
-            self.weight_scale = nn.Parameter(alpha)
-        else:
-            self.register_parameter("weight_scale", None)
-        if config.has_aux_branch and config.aux_weight == "separate":
-            self.aux_weight = nn.Parameter(self.weight.detach().clone())
-        elif config.has_aux_branch and config.aux_weight == "frozen":
-            self.register_buffer("aux_weight", self.weight.detach().clone())
-        else:
-            self.register_parameter("aux_weight", None)
-        if config.has_aux_branch and config.lambda_placement == "previous":
-            self.register_buffer("previous_lambda", torch.zeros((), dtype=torch.float32, device=self.weight.device))
-        self.scaler = AdaptiveGradientScaler.from_config(config)
+    def _init_surge(self, surge_config: SurgeConfig, unsigned_input: bool = False) -> None:
+        self.surge_config = surge_config
+        self.activation_spec = activation_spec(surge_config, unsigned_input)
+        for tensor in SURGE_ONLY_TENSORS:
+            kind = tensor.kind(surge_config)
+            value = None if kind is None else tensor.initial_value(self, self.weight).clone()
+            if kind == "buffer":
+                self.register_buffer(tensor.name, value)
+            else:
+                self.register_parameter(tensor.name, None if value is None else nn.Parameter(value))
+        self.scaler = AdaptiveGradientScaler.from_config(surge_config)
         self._sign_snapshot: Tensor | None = None
         self._surge_state_pending = False  # set by `binarize` for a model on the meta device
 
     @torch.no_grad()
     def reset_surge_parameters(self) -> None:
-        """Initialise the SURGE-only state: W_a = W, tau = 0, s = 1, learned alpha = mean |W|, previous lam = 0."""
-        if self.aux_weight is not None:
-            self.aux_weight.copy_(self.weight)
-        if self.input_threshold is not None:
-            self.input_threshold.zero_()
-        if self.input_scale is not None:
-            self.input_scale.fill_(1.0)
-        if self.weight_scale is not None:
-            self.weight_scale.copy_(weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1))
-        if hasattr(self, "previous_lambda"):
-            self.previous_lambda.zero_()
+        """Initialise the SURGE-only tensors (`SURGE_ONLY_TENSORS`): W_a = W, tau = 0, s = 1, learned alpha =
+        mean |W|, previous lam = 0."""
+        for tensor in self.surge_only_tensors():
+            getattr(self, tensor.name).copy_(tensor.initial_value(self, self.weight))
         self._surge_state_pending = False
+
+    def surge_only_tensors(self) -> list[SurgeOnlyTensor]:
+        """The entries of `SURGE_ONLY_TENSORS` that this layer holds (its recipe's)."""
+        return [tensor for tensor in SURGE_ONLY_TENSORS if getattr(self, tensor.name) is not None]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """Loading after `to_empty()` of a layer built on the meta device: SURGE-only tensors missing from
-        `state_dict` get their `reset_surge_parameters` values, computed from the loaded weight."""
+        `state_dict` get their initial values (`SURGE_ONLY_TENSORS`), computed from the loaded weight."""
         if self._surge_state_pending and prefix + "weight" in state_dict:
             weight = state_dict[prefix + "weight"]
-            defaults = {
-                "aux_weight": lambda: weight,
-                "weight_scale": lambda: weight_scale(weight, self.surge_config.weight_scale).reshape(-1),
-                "input_threshold": lambda: torch.zeros_like(self.input_threshold),
-                "input_scale": lambda: torch.ones_like(self.input_scale),
-                "previous_lambda": lambda: torch.zeros_like(self.previous_lambda),
-            }
-            for name, default in defaults.items():
-                if getattr(self, name, None) is not None and prefix + name not in state_dict:
-                    state_dict[prefix + name] = default()
+            for tensor in self.surge_only_tensors():
+                if prefix + tensor.name not in state_dict:
+                    state_dict[prefix + tensor.name] = tensor.initial_value(self, weight)
             self._surge_state_pending = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -250,7 +276,7 @@ class SurgeLayerMixin(nn.Module):
             return None
         if self.weight_scale is not None:
             return self.weight_scale
-        return weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1)
+        return binary_weight_scale(self.weight, self.surge_config.weight_scale).reshape(-1)
 
     def binary_branch(self, x: Tensor) -> Tensor:
         """f_b = op(q_x, sign(W)) * (s * alpha) + b."""
@@ -272,8 +298,8 @@ class SurgeLayerMixin(nn.Module):
         if not self.compensated():
             output = binary_output = self.binary_branch(x)
         else:
-            previous_lambda = getattr(self, "previous_lambda", None)
-            x_binary, x_aux, aux_weight = DualPathFork.apply(x, self.raw_aux_weight(), self.scaler, previous_lambda)
+            x_binary, x_aux, aux_weight = DualPathFork.apply(x, self.raw_aux_weight(), self.scaler,
+                                                             self.previous_lambda)
             binary_output = self.binary_branch(x_binary)
             output = AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
         if self.computes_auxiliary_loss():
@@ -348,18 +374,20 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
     (s, shape `(1,)`) as the recipe asks.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: SurgeConfig,
+    @renamed_surge_config_keyword("config")
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, surge_config: SurgeConfig,
                  unsigned_input: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self._init_surge(config, unsigned_input)
+        self._init_surge(surge_config, unsigned_input)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
+    @renamed_surge_config_keyword("config")
+    def from_float(cls, linear: nn.Linear, surge_config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config,
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, surge_config=surge_config,
                     device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer._init_surge(config, unsigned_input)
+        layer._init_surge(surge_config, unsigned_input)
         return layer
 
     from_linear = _renamed_constructor("from_linear")
@@ -389,23 +417,26 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
     The activation threshold tau has one value per input channel. Only `padding_mode="zeros"` is supported.
     """
 
-    def __init__(self, *args, config: SurgeConfig, unsigned_input: bool = False, **kwargs):
+    @renamed_surge_config_keyword("config")
+    def __init__(self, *args, surge_config: SurgeConfig, unsigned_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}.")
-        self._init_surge(config, unsigned_input)
+        self._init_surge(surge_config, unsigned_input)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: SurgeConfig, unsigned_input: bool = False) -> SurgeConv2d:
+    @renamed_surge_config_keyword("config")
+    def from_float(cls, conv: nn.Conv2d, surge_config: SurgeConfig, unsigned_input: bool = False) -> SurgeConv2d:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, config=config, device="meta",
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, surge_config=surge_config,
+            device="meta",
         )
         layer.weight, layer.bias = conv.weight, conv.bias
-        layer._init_surge(config, unsigned_input)
+        layer._init_surge(surge_config, unsigned_input)
         return layer
 
     from_conv = _renamed_constructor("from_conv")
@@ -449,21 +480,21 @@ class BinaryLayerMixin(nn.Module):
             return self.dequantized_weight()
         return super().__getattr__(name)
 
-    def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int, recipe: SurgeConfig,
-                     unsigned_input: bool):
-        self.surge_config = recipe
-        self.activation_spec = activation_spec(recipe, unsigned_input)
+    def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int,
+                     surge_config: SurgeConfig, unsigned_input: bool):
+        self.surge_config = surge_config
+        self.activation_spec = activation_spec(surge_config, unsigned_input)
         self.weight_shape = tuple(weight_shape)
-        if recipe.binarize_weights:
+        if surge_config.binarize_weights:
             num_columns = math.prod(weight_shape[1:])
             packed = torch.zeros(weight_shape[0], packed_row_bytes(num_columns), dtype=torch.uint8)
             self.register_buffer("weight_packed", packed)
-            scale_size = weight_shape[0] if recipe.weight_scale == "channel" else 1
+            scale_size = weight_shape[0] if surge_config.weight_scale == "channel" else 1
             self.register_buffer("weight_scale", torch.ones(scale_size))
         else:
             self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
-        binarizer = recipe.activation_binarizer if recipe.binarize_activations else None
+        binarizer = surge_config.activation_binarizer if surge_config.binarize_activations else None
         self.input_threshold = nn.Parameter(torch.zeros(threshold_size)) if binarizer in ("rsign", "elastic") else None
         self.input_scale = nn.Parameter(torch.ones(1)) if binarizer == "elastic" else None
 
@@ -590,11 +621,12 @@ class BinaryLinear(BinaryLayerMixin):
     activated output) the kernel path returns `PackedSigns` instead of floats; the layer that reads them takes
     `PackedSigns` as its input."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, recipe: SurgeConfig, *,
+    @renamed_surge_config_keyword("recipe")
+    def __init__(self, in_features: int, out_features: int, bias: bool, surge_config: SurgeConfig, *,
                  unsigned_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_binary((out_features, in_features), bias, in_features, recipe, unsigned_input)
+        self._init_binary((out_features, in_features), bias, in_features, surge_config, unsigned_input)
         self.sign_output: SignOutputSource | None = None
 
     @staticmethod
@@ -648,14 +680,15 @@ class BinaryConv2d(BinaryLayerMixin):
     With `groups=1` it runs on the XNOR-popcount kernel (`kernels.binary_conv2d`, `kernels.quantized_conv2d`: im2col
     over the packed input signs, the zero padding counted exactly); grouped convolutions take the reference path."""
 
+    @renamed_surge_config_keyword("recipe")
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding, dilation,
-                 groups: int, bias: bool, recipe: SurgeConfig, *, unsigned_input: bool = False):
+                 groups: int, bias: bool, surge_config: SurgeConfig, *, unsigned_input: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.geometry = ConvGeometry.of(self.kernel_size, stride, padding, dilation)  # what the kernel reads
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_binary(shape, bias, in_channels, recipe, unsigned_input)
+        self._init_binary(shape, bias, in_channels, surge_config, unsigned_input)
 
     @staticmethod
     def layout_of(layer: SurgeConv2d) -> tuple:

@@ -57,27 +57,25 @@ from .embeddings import (
     quantize_embeddings,
     quantized_embedding_placeholders,
 )
-from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES
-from .quantizers import weight_scale
+from .layers import BINARY_LAYER_TYPES, SURGE_LAYER_TYPES, SURGE_ONLY_TENSORS
 from .saving import replaced_atomically, tensor_bytes
 from .shortcuts import ShortcutLinear, add_shortcuts, init_shortcut_parameters
 
 logger = logging.getLogger(__name__)
 
 PACKED_TENSOR_NAMES = ("weight_packed", "weight_scale", "weight_int8", "weight_int4")
-SURGE_ONLY_NAMES = ("aux_weight", "input_threshold", "input_scale", "weight_scale", "previous_lambda")
-"""Tensors of a trainable SURGE layer that a plain checkpoint lacks (`init_surge_parameters` sets them)."""
 
 
-def initial_values(recipe: SurgeConfig) -> dict[str, str]:
-    """In words, the value that `_init_weights` gives each tensor the recipe adds (`init_surge_parameters`,
-    `init_shortcut_parameters`, `init_binary_attention_parameters`), by its name in its module."""
+def initial_values(surge_config: SurgeConfig) -> dict[str, str]:
+    """In words, the value that `_init_weights` gives each tensor the recipe adds (`init_surge_parameters`, from
+    `layers.SURGE_ONLY_TENSORS`; `init_shortcut_parameters`, `init_binary_attention_parameters`), by its name in its
+    module."""
     return {
-        "aux_weight": "aux_weight = weight", "input_threshold": "input_threshold = 0", "input_scale": "input_scale = 1",
-        "weight_scale": "weight_scale = mean |weight|", "previous_lambda": "previous_lambda = 0",
-        "norm.weight": "norm.weight = 1", "norm.bias": "norm.bias = 0", "gate": f"gate = {recipe.shortcut_gate_init:g}",
-        "prelu_slope": "prelu_slope = 1", "shift_in": "shift_in = 0", "shift_out": "shift_out = 0",
-        "alpha": f"alpha = {recipe.attention_alpha_init:g}",
+        **{tensor.name: tensor.initial for tensor in SURGE_ONLY_TENSORS},
+        "norm.weight": "norm.weight = 1", "norm.bias": "norm.bias = 0",
+        "gate": f"gate = {surge_config.shortcut_gate_init:g}", "prelu_slope": "prelu_slope = 1",
+        "shift_in": "shift_in = 0", "shift_out": "shift_out = 0",
+        "alpha": f"alpha = {surge_config.attention_alpha_init:g}",
     }
 
 
@@ -85,7 +83,7 @@ def added_tensors(module: nn.Module) -> list[str]:
     """The names, in `module`, of the tensors that the recipe adds to the wrapped architecture: a trainable SURGE
     layer's SURGE-only tensors, a shortcut's own tensors (not its wrapped layer's), binary-attention scales."""
     if isinstance(module, SURGE_LAYER_TYPES):
-        return [name for name in module.state_dict() if name in SURGE_ONLY_NAMES]
+        return [tensor.name for tensor in module.surge_only_tensors()]
     if isinstance(module, ShortcutLinear):
         return [name for name in module.state_dict() if not name.startswith("layer.")]
     if isinstance(module, BinaryAttentionProbabilities):
@@ -94,21 +92,13 @@ def added_tensors(module: nn.Module) -> list[str]:
 
 
 def init_surge_parameters(module: nn.Module) -> None:
-    """Initialise the SURGE-only tensors of a SURGE layer that were not loaded from a checkpoint:
-    W_a = W (the latent weight, loaded or freshly initialised), tau = 0, s = 1, learned alpha = mean |W|,
-    previous lam = 0.
+    """Initialise the SURGE-only tensors of a SURGE layer that were not loaded from a checkpoint to their initial
+    values (`layers.SURGE_ONLY_TENSORS`): W_a = W (the latent weight, loaded or freshly initialised), tau = 0, s = 1,
+    learned alpha = mean |W|, previous lam = 0.
 
     Uses `transformers.initialization`, which leaves tensors that `from_pretrained` loaded untouched."""
-    if module.aux_weight is not None:
-        init.copy_(module.aux_weight, module.weight)
-    if module.input_threshold is not None:
-        init.zeros_(module.input_threshold)
-    if module.input_scale is not None:
-        init.ones_(module.input_scale)
-    if module.weight_scale is not None:
-        init.copy_(module.weight_scale, weight_scale(module.weight, module.surge_config.weight_scale).reshape(-1))
-    if hasattr(module, "previous_lambda"):
-        init.zeros_(module.previous_lambda)
+    for tensor in module.surge_only_tensors():
+        init.copy_(getattr(module, tensor.name), tensor.initial_value(module, module.weight))
 
 
 @functools.cache

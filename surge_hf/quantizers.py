@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .configuration_surge import renamed_module_attributes
+
 
 def sign(u: Tensor) -> Tensor:
     """`+1` where `u >= 0`, `-1` where `u < 0`, NaN where `u` is NaN, in `u`'s dtype (never 0, unlike `torch.sign`)."""
@@ -54,7 +56,7 @@ def _swish_sign(u: Tensor, beta: float) -> Tensor:
     return beta * (2 - bu * torch.tanh(bu / 2)) / (1 + torch.cosh(bu))
 
 
-SURROGATES: dict[str, Callable[[Tensor, float], Tensor]] = {
+SURROGATE_FUNCTIONS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "identity": _identity,
     "clipped_ste": _clipped_ste,
     "approx_sign": _approx_sign,
@@ -64,13 +66,14 @@ SURROGATES: dict[str, Callable[[Tensor, float], Tensor]] = {
 
 def surrogate_derivative(name: str, u: Tensor, beta: float = 5.0) -> Tensor:
     """The surrogate derivative `d(u)` of `sign`, by registry name (see the module docstring)."""
-    if name not in SURROGATES:
-        raise ValueError(f"Unknown surrogate {name!r}; allowed values: {', '.join(SURROGATES)}.")
-    return SURROGATES[name](u, beta)
+    if name not in SURROGATE_FUNCTIONS:
+        raise ValueError(f"Unknown surrogate {name!r}; allowed values: {', '.join(SURROGATE_FUNCTIONS)}.")
+    return SURROGATE_FUNCTIONS[name](u, beta)
 
 
-def weight_scale(weight: Tensor, mode: str) -> Tensor:
-    """The scale alpha of binary weights, shaped to broadcast against `weight`.
+def binary_weight_scale(weight: Tensor, mode: str) -> Tensor:
+    """The scale alpha of binary weights, shaped to broadcast against `weight`: what a layer with
+    `SurgeConfig.weight_scale == mode` multiplies sign(W) by (held as its `weight_scale` when learned or packed).
 
     `"channel"`: alpha_o = mean_i |W_oi| per output channel (all dims but the first are averaged);
     `"tensor"`: one alpha = mean |W|; `"none"`: alpha = 1.
@@ -170,17 +173,17 @@ def clipped_straight_through(grad_output: Tensor, weight: Tensor) -> Tensor:
 def residual_weight_codes(weight: Tensor, mode: str, second_plane_weight: float = 1.0) -> Tensor:
     """Two binary weight planes, relative to the first plane's scale: `s_1 + g * (alpha_2 / alpha_1) * s_2`.
 
-    `s_1 = sign(W)`, `alpha_1 = weight_scale(W, mode)`, `R = W - alpha_1 s_1`, `s_2 = sign(R)`,
-    `alpha_2 = weight_scale(R, mode)`, so with `g = second_plane_weight = 1`, `alpha_1 * codes = alpha_1 s_1 +
+    `s_1 = sign(W)`, `alpha_1 = binary_weight_scale(W, mode)`, `R = W - alpha_1 s_1`, `s_2 = sign(R)`,
+    `alpha_2 = binary_weight_scale(R, mode)`, so with `g = second_plane_weight = 1`, `alpha_1 * codes = alpha_1 s_1 +
     alpha_2 s_2` is the residual two-plane approximation of W (ABC-Net, ReBNN); `0 < g < 1` weights the second plane
     down (a step from two planes to one, `SurgeLayerMixin.second_plane_weight`). A row whose alpha_1 is 0 (an
     all-zero row) gets ratio 0.
     """
     weight = weight.detach()
-    alpha = weight_scale(weight, mode)
+    alpha = binary_weight_scale(weight, mode)
     signs = sign(weight)
     residual = weight - alpha * signs
-    ratio = torch.where(alpha > 0, weight_scale(residual, mode) / alpha, torch.zeros_like(alpha))
+    ratio = torch.where(alpha > 0, binary_weight_scale(residual, mode) / alpha, torch.zeros_like(alpha))
     return signs + (second_plane_weight * ratio) * sign(residual)
 
 
@@ -241,3 +244,10 @@ class ActivationQuantizer(torch.autograd.Function):
         if threshold is not None and ctx.needs_input_grad[1]:
             grad_threshold = (-grad_u).sum_to_size(threshold.shape).to(threshold.dtype)
         return grad_x, grad_threshold, grad_scale, None
+
+
+# The previous release's names (until the next release): the function `weight_scale` shared its name with the recipe
+# field `SurgeConfig.weight_scale` (its `mode`) and the layers' parameter `weight_scale` (the alpha it computes), and
+# `SURROGATES` with the tuple of surrogate names in `configuration_surge`.
+__getattr__ = renamed_module_attributes(__name__, {"weight_scale": "binary_weight_scale",
+                                                   "SURROGATES": "SURROGATE_FUNCTIONS"})

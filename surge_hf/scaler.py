@@ -66,8 +66,9 @@ class AdaptiveGradientScaler:
     stats: ScalerStats = field(default_factory=ScalerStats)
 
     @classmethod
-    def from_config(cls, config: SurgeConfig) -> AdaptiveGradientScaler:
-        return cls(config.compensator, config.lambda_placement, config.eta, config.eps, config.scale_aux_grad)
+    def from_config(cls, surge_config: SurgeConfig) -> AdaptiveGradientScaler:
+        return cls(surge_config.compensator, surge_config.lambda_placement, surge_config.eta, surge_config.eps,
+                   surge_config.scale_aux_grad)
 
     def choose_lambda(self, norm_binary: Tensor, norm_aux: Tensor, previous_lambda: Tensor | None) -> Tensor:
         """lam for this backward pass; stores this step's AGS lam in `previous_lambda` when the recipe defers it."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from .configuration_surge import SurgeConfig
+from .configuration_surge import SurgeConfig, renamed_surge_config_keyword
 from .layers import BinaryLinear, SurgeLinear
 
 
@@ -101,7 +101,8 @@ def init_shortcut_parameters(module: ShortcutLinear) -> None:
     init.zeros_(module.shift_out)
 
 
-def add_shortcuts(model: nn.Module, config: SurgeConfig) -> nn.Module:
+@renamed_surge_config_keyword("config")
+def add_shortcuts(model: nn.Module, surge_config: SurgeConfig) -> nn.Module:
     """Wrap every binary linear of `model` (trainable or packed) in a `ShortcutLinear`, in place.
 
     Convolutions are left as they are (residual CNNs have their own shortcuts). Raises `ValueError` when the model
@@ -114,5 +115,5 @@ def add_shortcuts(model: nn.Module, config: SurgeConfig) -> nn.Module:
         raise ValueError("SurgeConfig.shortcuts=True needs binarized Linear layers, but the recipe binarizes none; "
                          "target Linear modules or set shortcuts=False.")
     for name in names:
-        model.set_submodule(name, ShortcutLinear(model.get_submodule(name), config.shortcut_gate_init))
+        model.set_submodule(name, ShortcutLinear(model.get_submodule(name), surge_config.shortcut_gate_init))
     return model

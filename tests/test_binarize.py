@@ -25,7 +25,7 @@ from surge_hf import (
     surge_layers,
     unfinalize,
 )
-from surge_hf.quantizers import sign, weight_scale
+from surge_hf.quantizers import binary_weight_scale, sign
 
 BERT_TARGETS = [
     f"bert.encoder.layer.{i}.{suffix}"
@@ -308,7 +308,7 @@ def test_vit_binarized_patch_embedding_survives_finalize() -> None:
 
 
 def test_packed_layer_with_float_weights_keeps_its_weight_parameter() -> None:
-    layer = SurgeLinear(6, 4, config=SurgeConfig(binarize_weights=False, target_modules=["x"]))
+    layer = SurgeLinear(6, 4, surge_config=SurgeConfig(binarize_weights=False, target_modules=["x"]))
     packed = BinaryLinear.from_surge(layer)
     assert packed.weight is dict(packed.named_parameters())["weight"]
     assert torch.equal(packed.weight, layer.weight)
@@ -423,9 +423,9 @@ def test_two_plane_layers_compute_their_residual_weight_and_refuse_to_pack() -> 
     layer = model.bert.encoder.layer[0].output.dense
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
     weight = layer.weight.detach()
-    alpha = weight_scale(weight, "channel")
+    alpha = binary_weight_scale(weight, "channel")
     residual = weight - alpha * sign(weight)
-    two_planes = alpha * sign(weight) + weight_scale(residual, "channel") * sign(residual)
+    two_planes = alpha * sign(weight) + binary_weight_scale(residual, "channel") * sign(residual)
     torch.testing.assert_close(layer(x), x @ two_planes.T + layer.bias, rtol=1e-5, atol=1e-6)
     assert "W2A32" in repr(layer)
     message = ("bert.encoder.layer.0.attention.self.query has weight_planes=2: a two-plane (2-bit) training stage "
@@ -449,9 +449,9 @@ def test_a_second_plane_weight_steps_a_one_plane_layer_down_from_two_planes() ->
     assert torch.equal(layer(x), two_plane_layer(x))
     layer.second_plane_weight = 0.5
     weight = layer.weight.detach()
-    alpha = weight_scale(weight, "channel")
+    alpha = binary_weight_scale(weight, "channel")
     residual = weight - alpha * sign(weight)
-    halfway = alpha * sign(weight) + 0.5 * weight_scale(residual, "channel") * sign(residual)
+    halfway = alpha * sign(weight) + 0.5 * binary_weight_scale(residual, "channel") * sign(residual)
     torch.testing.assert_close(layer(x), x @ halfway.T + layer.bias, rtol=1e-5, atol=1e-6)
     message = ("bert.encoder.layer.0.output.dense still weights its second weight plane by 0.5 (a run stepping "
                "down from two planes, TrainingConfig.plane_anneal_steps, that did not reach its end)")

@@ -46,7 +46,7 @@ from surge_hf import (
     summary,
 )
 from surge_hf.packing import pack_signs
-from surge_hf.quantizers import weight_scale
+from surge_hf.quantizers import binary_weight_scale
 from surge_hf.saving import DiskFullError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -215,7 +215,7 @@ def test_packed_form_holds_bits_and_scales_only(saved):
         assert handle.get_tensor("classifier.weight").dtype == torch.float32
     assert bits.dtype == torch.uint8 and bits.shape == (37, 4)  # 8 signs per byte: ceil(32 / 8)
     assert torch.equal(bits, pack_signs(latent))
-    assert torch.equal(scale, weight_scale(latent, "channel").reshape(-1))  # alpha = mean |W| per output row
+    assert torch.equal(scale, binary_weight_scale(latent, "channel").reshape(-1))  # alpha = mean |W| per output row
 
 
 def test_save_packed_leaves_the_model_trainable(saved):

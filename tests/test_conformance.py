@@ -370,7 +370,7 @@ def test_a_plain_checkpoint_loads_with_one_line_instead_of_a_missing_report(tmp_
     assert config_warnings.out == ""  # a `bert` checkpoint is what a SURGE BERT is built from: no type warning
     assert [record.getMessage() for record in caplog.records if record.name.startswith("surge_hf")] == [
         f"SurgeBertForSequenceClassification: {tmp_path} holds none of the 36 tensors that the SURGE recipe adds; "
-        "they were initialised as binarize() does: aux_weight = weight, input_threshold = 0, input_scale = 1."]
+        "they were initialised as binarize() does: input_threshold = 0, input_scale = 1, aux_weight = weight."]
     assert "LOAD REPORT" not in report.out and "MISSING" not in report.out
     assert len(info["missing_keys"]) == 36 and all(
         key.endswith(("aux_weight", "input_threshold", "input_scale")) for key in info["missing_keys"])
@@ -383,7 +383,7 @@ def test_weights_that_the_recipe_does_not_add_stay_in_the_missing_report(tmp_pat
         _, info = SurgeBertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert [record.getMessage() for record in caplog.records if record.name.startswith("surge_hf")] == [
         f"SurgeBertForSequenceClassification: {tmp_path} holds none of the 36 tensors that the SURGE recipe adds; "
-        "they were initialised as binarize() does: aux_weight = weight, input_threshold = 0, input_scale = 1."]
+        "they were initialised as binarize() does: input_threshold = 0, input_scale = 1, aux_weight = weight."]
     missing_rows = sorted(line.split("|")[0].strip() for line in report.out.splitlines() if "| MISSING" in line)
     assert missing_rows == ["classifier.bias", "classifier.weight"]
     assert {"classifier.bias", "classifier.weight"} < set(info["missing_keys"])

@@ -94,7 +94,8 @@ def _pair(in_features: int, hidden: int, thresholds: torch.Tensor, input_scale: 
     layer's thresholds `thresholds`."""
     torch.manual_seed(0)
     config = SurgeConfig(activation_binarizer="elastic", **recipe)
-    producer, consumer = SurgeLinear(in_features, hidden, config=config), SurgeLinear(hidden, 7, config=config)
+    producer = SurgeLinear(in_features, hidden, surge_config=config)
+    consumer = SurgeLinear(hidden, 7, surge_config=config)
     with torch.no_grad():
         producer.input_threshold.normal_(0, 0.3)
         producer.input_scale.fill_(input_scale)

@@ -223,7 +223,7 @@ def _packed(layer: SurgeLinear | SurgeConv2d) -> BinaryLinear | BinaryConv2d:
 def _packed_linear(in_features: int, out_features: int, bias: bool, **recipe) -> BinaryLinear:
     torch.manual_seed(0)
     unsigned = recipe.get("unsigned_activation_modules") is not None
-    return _packed(SurgeLinear(in_features, out_features, bias=bias, config=SurgeConfig(**recipe),
+    return _packed(SurgeLinear(in_features, out_features, bias=bias, surge_config=SurgeConfig(**recipe),
                                unsigned_input=unsigned))
 
 
@@ -574,7 +574,7 @@ def _packed_conv(in_channels: int, out_channels: int, kernel: int, bias: bool, g
                  **recipe) -> BinaryConv2d:
     torch.manual_seed(0)
     unsigned = recipe.get("unsigned_activation_modules") is not None
-    return _packed(SurgeConv2d(in_channels, out_channels, kernel, bias=bias, config=SurgeConfig(**recipe),
+    return _packed(SurgeConv2d(in_channels, out_channels, kernel, bias=bias, surge_config=SurgeConfig(**recipe),
                                unsigned_input=unsigned, **geometry))
 
 

@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, binarize, collect_auxiliary_loss, finalize
-from surge_hf.layers import BinaryConv2d, BinaryLinear
+from surge_hf.layers import SURGE_ONLY_TENSORS, BinaryConv2d, BinaryLinear
+from surge_hf.modeling_utils import added_tensors, init_surge_parameters, initial_values
 from surge_hf.scaler import gradient_norm, scaled
 
 ETA = 0.3
@@ -171,10 +172,10 @@ CONV_TAU = torch.tensor([0.0, 0.5, -0.25, 1.0])
 def _make_layer(kind: str, cfg: SurgeConfig, seed: int = 0, unsigned: bool = False) -> SurgeLinear | SurgeConv2d:
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
-        layer = SurgeLinear(6, 5, config=cfg, unsigned_input=unsigned)
+        layer = SurgeLinear(6, 5, surge_config=cfg, unsigned_input=unsigned)
         tau = LINEAR_TAU
     else:
-        layer = SurgeConv2d(4, 6, 3, config=cfg, unsigned_input=unsigned, **CONV_KWARGS)
+        layer = SurgeConv2d(4, 6, 3, surge_config=cfg, unsigned_input=unsigned, **CONV_KWARGS)
         tau = CONV_TAU
     with torch.no_grad():
         w = torch.randn(layer.weight.shape, generator=g) * 0.9
@@ -376,7 +377,7 @@ def test_ste_has_no_auxiliary_state() -> None:
     for kind in ("linear", "conv"):
         layer = _make_layer(kind, SurgeConfig(compensator="ste", lambda_placement="previous"))
         assert layer.aux_weight is None
-        assert not hasattr(layer, "previous_lambda")
+        assert layer.previous_lambda is None
         assert set(dict(layer.named_parameters())) == {"weight", "bias", "input_threshold", "input_scale"}
         assert set(layer.state_dict()) == {"weight", "bias", "input_threshold", "input_scale"}
 
@@ -420,7 +421,7 @@ def test_reset_surge_parameters() -> None:
 def test_conv_padding_mode_rejected() -> None:
     message = "SurgeConv2d supports padding_mode='zeros' only, got 'reflect'."
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        SurgeConv2d(2, 2, 3, padding=1, padding_mode="reflect", config=SurgeConfig())
+        SurgeConv2d(2, 2, 3, padding=1, padding_mode="reflect", surge_config=SurgeConfig())
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         SurgeConv2d.from_float(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), SurgeConfig())
 
@@ -730,8 +731,8 @@ DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_surge_tensors_follow_the_device_and_dtype_of_the_weight(device: str) -> None:
     cfg = SurgeConfig(activation_binarizer="elastic", lambda_placement="previous")
-    for layer in (SurgeLinear(4, 3, config=cfg, device=device, dtype=torch.float64),
-                  SurgeConv2d(2, 3, 3, config=cfg, device=device, dtype=torch.float64)):
+    for layer in (SurgeLinear(4, 3, surge_config=cfg, device=device, dtype=torch.float64),
+                  SurgeConv2d(2, 3, 3, surge_config=cfg, device=device, dtype=torch.float64)):
         for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
             assert tensor.device.type == device, name
             assert tensor.dtype == (torch.float32 if name == "previous_lambda" else torch.float64), name
@@ -766,3 +767,50 @@ def test_negative_learned_weight_scale_is_folded_into_the_signs(kind: str, mode:
     assert torch.equal(packed(x), y_eval)
     assert torch.equal(packed.dequantized_weight(),
                        layer.weight_scale.detach().reshape(-1, *[1] * (layer.weight.ndim - 1)) * _sgn(layer.weight))
+
+
+ALL_SURGE_ONLY = SurgeConfig(activation_binarizer="elastic", learnable_weight_scale=True, lambda_placement="previous")
+
+
+def _scrambled(layer: SurgeLinear | SurgeConv2d) -> None:
+    with torch.no_grad():
+        for tensor in layer.surge_only_tensors():
+            getattr(layer, tensor.name).fill_(7.0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_surge_only_tensors_come_from_one_table(kind: str) -> None:
+    """`SURGE_ONLY_TENSORS` is the one list of the tensors a SURGE layer adds and their initial values: the layer
+    creates them from it, `reset_surge_parameters`, transformers' `_init_weights` and loading after `to_empty()` set
+    them from it, and the loading report lists and describes them from it."""
+    layer = _make_layer(kind, ALL_SURGE_ONLY)
+    assert [tensor.name for tensor in layer.surge_only_tensors()] == [t.name for t in SURGE_ONLY_TENSORS]
+    # in the order of the previous release (an optimizer's saved state follows the order of `parameters()`)
+    assert list(layer.state_dict()) == ["weight", "bias", "input_threshold", "input_scale", "weight_scale",
+                                        "aux_weight", "previous_lambda"]
+    assert added_tensors(layer) == [tensor.name for tensor in SURGE_ONLY_TENSORS]
+    assert {name: initial_values(ALL_SURGE_ONLY)[name] for name in added_tensors(layer)} == {
+        tensor.name: tensor.initial for tensor in SURGE_ONLY_TENSORS}
+
+    def assert_initial(layer: SurgeLinear | SurgeConv2d) -> None:
+        for tensor in SURGE_ONLY_TENSORS:
+            assert torch.equal(getattr(layer, tensor.name), tensor.initial_value(layer, layer.weight)), tensor.name
+
+    _scrambled(layer)
+    layer.reset_surge_parameters()
+    assert_initial(layer)
+    _scrambled(layer)
+    init_surge_parameters(layer)
+    assert_initial(layer)
+    with torch.device("meta"):
+        empty = _make_layer(kind, ALL_SURGE_ONLY)
+    empty._surge_state_pending = True
+    empty.to_empty(device="cpu").load_state_dict({"weight": layer.weight, "bias": layer.bias}, strict=False)
+    assert_initial(empty)
+
+
+def test_an_absent_surge_only_tensor_is_none() -> None:
+    layer = _make_layer("linear", SurgeConfig(compensator="ste", activation_binarizer="sign"))
+    assert layer.surge_only_tensors() == []
+    assert all(getattr(layer, tensor.name) is None for tensor in SURGE_ONLY_TENSORS)
+    assert added_tensors(layer) == []

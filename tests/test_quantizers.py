@@ -15,11 +15,11 @@ from surge_hf.quantizers import (
     ResidualWeightCodes,
     WeightSign,
     activation_codes,
+    binary_weight_scale,
     output_scale,
     residual_weight_codes,
     sign,
     surrogate_derivative,
-    weight_scale,
 )
 
 # Points that hit every branch of the surrogates: u = 0, the |u| = 1 boundaries, inside and outside.
@@ -128,7 +128,7 @@ def test_weight_sign_forward_backward(mode: str, alpha: torch.Tensor) -> None:
     weight = W.clone().requires_grad_(True)
     out = WeightSign.apply(weight)
     assert torch.equal(out, W_SIGNS)
-    assert torch.equal(weight_scale(W, mode), alpha)
+    assert torch.equal(binary_weight_scale(W, mode), alpha)
     grad = torch.arange(1.0, 9.0).reshape(2, 4)
     out.backward(grad)
     # clipped straight-through
@@ -137,18 +137,18 @@ def test_weight_sign_forward_backward(mode: str, alpha: torch.Tensor) -> None:
 
 def test_weight_scale_conv_channel() -> None:
     weight = torch.arange(-12.0, 12.0).reshape(2, 3, 2, 2)
-    alpha = weight_scale(weight, "channel")
+    alpha = binary_weight_scale(weight, "channel")
     assert alpha.shape == (2, 1, 1, 1)
     # row 0: |-12..-1| mean = 6.5 ; row 1: |0..11| mean = 5.5
     assert alpha.flatten().tolist() == [6.5, 5.5]
-    assert weight_scale(weight, "tensor").shape == (1, 1, 1, 1)
-    assert weight_scale(weight, "tensor").item() == 6.0
+    assert binary_weight_scale(weight, "tensor").shape == (1, 1, 1, 1)
+    assert binary_weight_scale(weight, "tensor").item() == 6.0
 
 
 def test_unknown_weight_scale() -> None:
     message = "Unknown weight_scale 'row'; allowed values: channel, tensor, none."
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
-        weight_scale(W, "row")
+        binary_weight_scale(W, "row")
 
 
 # -- activation binarizer --------------------------------------------------------------------------------------------
@@ -275,10 +275,10 @@ def test_output_scale_order() -> None:
 def test_weight_scale_of_rebuilt_weight_is_exact(mode: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """A latent weight rebuilt as alpha * sign(W) (what `unfinalize` does) has exactly the scale alpha again."""
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    alpha = weight_scale(weight, mode)
+    alpha = binary_weight_scale(weight, mode)
     assert alpha.dtype == dtype
     rebuilt = alpha * _ref_sign(weight)
-    assert torch.equal(weight_scale(rebuilt, mode), alpha)
+    assert torch.equal(binary_weight_scale(rebuilt, mode), alpha)
 
 
 def test_residual_weight_codes_forward_backward() -> None:
@@ -289,7 +289,7 @@ def test_residual_weight_codes_forward_backward() -> None:
     expected = torch.tensor([[1.5, -0.5, 0.5, -1.5], [1.0, 1.0, 1.0, 1.0], [1.5, -0.5, 0.5, -1.5]])
     assert torch.equal(residual_weight_codes(weight, "channel"), expected)
     # two planes represent these rows exactly: alpha_1 * codes == W
-    assert torch.equal(weight_scale(weight, "channel") * expected, weight)
+    assert torch.equal(binary_weight_scale(weight, "channel") * expected, weight)
     latent = weight.clone().requires_grad_(True)
     codes = ResidualWeightCodes.apply(latent, "channel")
     grad = torch.arange(1.0, 13.0).reshape(3, 4)
@@ -299,7 +299,7 @@ def test_residual_weight_codes_forward_backward() -> None:
 
 def test_two_planes_approximate_a_gaussian_weight_better_than_one() -> None:
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    alpha = weight_scale(weight, "channel")
+    alpha = binary_weight_scale(weight, "channel")
     one_plane = (weight - alpha * sign(weight)).norm() / weight.norm()
     two_planes = (weight - alpha * residual_weight_codes(weight, "channel")).norm() / weight.norm()
     # Gaussian rows: 1 - 2/pi of the energy is left by one plane (0.60 relative error), about a third of it by two

@@ -48,19 +48,19 @@ def test_shortcut_repeats_for_expansion_and_averages_for_contraction():
     assert torch.equal(shortcut(x, "average", 2), torch.tensor([[1.5, 4.0]]))
     layers = {(4, 12): ("repeat", 3), (12, 4): ("average", 3), (4, 4): ("identity", 1)}
     for (n, m), kind in layers.items():
-        wrapped = ShortcutLinear(SurgeLinear(n, m, config=SurgeConfig()))
+        wrapped = ShortcutLinear(SurgeLinear(n, m, surge_config=SurgeConfig()))
         assert (wrapped.shortcut_kind, wrapped.shortcut_factor) == kind
 
 
 def test_width_without_integer_ratio_is_an_error():
     with pytest.raises(ValueError, match=r"A shortcut from 4 to 6 features needs one width to be a multiple"):
-        ShortcutLinear(SurgeLinear(4, 6, config=SurgeConfig()))
+        ShortcutLinear(SurgeLinear(4, 6, surge_config=SurgeConfig()))
 
 
 @pytest.mark.parametrize(("n", "m"), [(6, 6), (6, 12), (12, 6)])
 def test_forward_matches_the_formula(n, m):
     torch.manual_seed(0)
-    layer = ShortcutLinear(SurgeLinear(n, m, config=SurgeConfig(compensator="ste")))
+    layer = ShortcutLinear(SurgeLinear(n, m, surge_config=SurgeConfig(compensator="ste")))
     randomise(layer)
     x = torch.randn(2, 3, n)
     z = layer.layer(x)
@@ -75,7 +75,7 @@ def test_forward_matches_the_formula(n, m):
 def test_backward_matches_finite_differences(n, m):
     """gradcheck in float64 with a full-precision inner layer (sign has no useful finite differences)."""
     torch.manual_seed(0)
-    layer = ShortcutLinear(SurgeLinear(n, m, config=FULL_PRECISION)).double()
+    layer = ShortcutLinear(SurgeLinear(n, m, surge_config=FULL_PRECISION)).double()
     randomise(layer, seed=1)
     x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
     params = [layer.gate, layer.prelu_slope, layer.shift_in, layer.shift_out, layer.norm.weight, layer.layer.weight]
@@ -89,7 +89,7 @@ def test_backward_matches_finite_differences(n, m):
 
 def test_gradient_reaches_the_binary_layer_and_its_auxiliary_weight():
     torch.manual_seed(0)
-    layer = ShortcutLinear(SurgeLinear(8, 16, config=SurgeConfig(compensator="surge")))
+    layer = ShortcutLinear(SurgeLinear(8, 16, surge_config=SurgeConfig(compensator="surge")))
     x = torch.randn(4, 8, requires_grad=True)
     layer(x).square().sum().backward()
     for grad in (layer.layer.weight.grad, layer.layer.aux_weight.grad, layer.gate.grad, x.grad):

@@ -12,10 +12,27 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 import surge_hf
-from surge_hf import SurgeBertConfig, SurgeBertForSequenceClassification, SurgeConfig, SurgeConv2d, SurgeLinear
+from model_card_contexts import text_context
+from surge_hf import (
+    SurgeBertConfig,
+    SurgeBertForSequenceClassification,
+    SurgeConfig,
+    SurgeConv2d,
+    SurgeLinear,
+    binarize_modules,
+    configuration_surge,
+    quantizers,
+    resolve_targets,
+)
+from surge_hf.auto import adopt_surge_classes
+from surge_hf.binary_attention import add_binary_attention
+from surge_hf.hub.model_card import ModelCardContext, render_model_card
+from surge_hf.layers import BinaryConv2d, BinaryLinear
+from surge_hf.shortcuts import add_shortcuts
+from surge_hf.training.export import export_run
 
 # The recipe fields of the previous release (SurgeConfig gained the others since, with defaults that do what that
 # release did); its config.json held them under `surge`, without `surge_int8_embeddings`.
@@ -228,3 +245,100 @@ def test_a_config_with_both_recipe_keys_is_an_error(previous_release, tmp_path):
             "This config has both `surge` (the recipe key of the previous release) and `surge_config`; remove "
             "`surge` from config.json.")):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "both")
+
+
+def renamed_keyword_message(function: str, old: str) -> str:
+    return (f"{function}({old}=...) was renamed {function}(surge_config=...); {old}= works until the next release. "
+            "See CHANGELOG.md.")
+
+
+def tiny_bert() -> nn.Module:
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    return BertForSequenceClassification(config)
+
+
+def test_renamed_recipe_keywords_warn_and_work():
+    """Every public function and class that took the `SurgeConfig` under another keyword takes `surge_config`; the
+    previous keyword works until the next release, with a FutureWarning naming the new one."""
+    recipe = SurgeConfig(target_modules=["intermediate.dense"])
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("binarize", "config"))):
+        model = surge_hf.binarize(tiny_bert(), config=recipe)
+    assert model.config.surge_config == recipe and isinstance(model, SurgeBertForSequenceClassification)
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("binarize_modules", "config"))):
+        assert isinstance(binarize_modules(tiny_bert(), config=recipe).bert.encoder.layer[0].intermediate.dense,
+                          SurgeLinear)
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("resolve_targets", "config"))):
+        assert resolve_targets(tiny_bert(), config=recipe) == ["bert.encoder.layer.0.intermediate.dense"]
+    model.finalize()
+    other = recipe.replace(eta=0.3)
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("unfinalize", "config"))):
+        surge_hf.unfinalize(model, config=other)
+    assert model.bert.encoder.layer[0].intermediate.dense.surge_config == other
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("add_shortcuts", "config"))):
+        add_shortcuts(model, config=other)
+    bert = tiny_bert()
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("add_binary_attention", "config"))):
+        add_binary_attention(bert, config=SurgeConfig(binarize_attention=True))
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("adopt_surge_classes", "recipe"))):
+        adopt_surge_classes(bert, recipe=recipe)
+    assert bert.config.surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("SurgeLinear", "config"))):
+        assert SurgeLinear(3, 2, config=recipe).surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("SurgeConv2d", "config"))):
+        assert SurgeConv2d(3, 2, 1, config=recipe).surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("SurgeLinear.from_float", "config"))):
+        assert SurgeLinear.from_float(nn.Linear(3, 2), config=recipe).surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("SurgeConv2d.from_float", "config"))):
+        assert SurgeConv2d.from_float(nn.Conv2d(3, 2, 1), config=recipe).surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("BinaryLinear", "recipe"))):
+        assert BinaryLinear(3, 2, True, recipe=recipe).surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(renamed_keyword_message("BinaryConv2d", "recipe"))):
+        assert BinaryConv2d(3, 2, (1, 1), 1, 0, 1, 1, True, recipe=recipe).surge_config == recipe
+
+
+@pytest.mark.parametrize(("function", "old"), [
+    (surge_hf.binarize, "config"), (binarize_modules, "config"), (resolve_targets, "config"),
+    (surge_hf.unfinalize, "config"), (add_shortcuts, "config"), (add_binary_attention, "config"),
+    (adopt_surge_classes, "recipe"), (SurgeLinear, "config"), (SurgeConv2d, "config"),
+    (SurgeLinear.from_float, "config"), (SurgeConv2d.from_float, "config"), (BinaryLinear, "recipe"),
+    (BinaryConv2d, "recipe"), (export_run, "recipe"), (ModelCardContext, "surge_recipe"),
+])
+def test_the_old_and_the_new_recipe_keyword_together_are_an_error(function, old):
+    name = function.__qualname__.removesuffix(".__init__") if not isinstance(function, type) else function.__name__
+    with pytest.raises(TypeError, match=exact(f"{name}() got both surge_config= and {old}= (its previous name); "
+                                              "pass surge_config= only.")):
+        function(surge_config=SurgeConfig(), **{old: SurgeConfig()})
+
+
+def test_the_model_card_context_takes_its_recipe_as_surge_config():
+    context = text_context()
+    recipe = context.pop("surge_config")
+    message = renamed_keyword_message("ModelCardContext", "surge_recipe")
+    with pytest.warns(FutureWarning, match=exact(message)):
+        built = ModelCardContext(**context, surge_recipe=recipe)
+    assert built.surge_config == recipe
+    with pytest.warns(FutureWarning, match=exact(message)):
+        assert ModelCardContext.from_dict({**context, "surge_recipe": recipe}) == built
+    with pytest.warns(FutureWarning, match=exact(message)):
+        assert render_model_card("text", {**context, "surge_recipe": recipe}) == render_model_card("text", built)
+    with pytest.warns(FutureWarning, match=exact("ModelCardContext.surge_recipe was renamed "
+                                                 "ModelCardContext.surge_config; surge_recipe works until the next "
+                                                 "release. See CHANGELOG.md.")):
+        assert built.surge_recipe == recipe
+
+
+def test_renamed_quantizer_names_warn_and_work():
+    """The function `weight_scale` is `binary_weight_scale` (the recipe field `SurgeConfig.weight_scale` and the
+    layers' tensor `weight_scale` keep their names: checkpoints hold them); the dict `SURROGATES` is
+    `SURROGATE_FUNCTIONS` (`configuration_surge.SURROGATES`, the tuple of surrogate names, keeps its name)."""
+    for old, new in (("weight_scale", "binary_weight_scale"), ("SURROGATES", "SURROGATE_FUNCTIONS")):
+        with pytest.warns(FutureWarning, match=exact(f"surge_hf.quantizers.{old} was renamed "
+                                                     f"surge_hf.quantizers.{new}; the old name works until the next "
+                                                     "release. See CHANGELOG.md.")):
+            assert getattr(quantizers, old) is getattr(quantizers, new)
+    with pytest.warns(FutureWarning):
+        from surge_hf.quantizers import weight_scale
+    assert weight_scale is quantizers.binary_weight_scale
+    assert set(quantizers.SURROGATE_FUNCTIONS) == set(configuration_surge.SURROGATES)
+    with pytest.raises(AttributeError, match=exact("module 'surge_hf.quantizers' has no attribute 'nothing'")):
+        quantizers.nothing  # noqa: B018

@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import jinja2
 from huggingface_hub import EvalResult, ModelCardData
 
+from ..configuration_surge import renamed_surge_config_keyword
 from .upload import check_repo_id
 
 __all__ = ["ModelCardContext", "render_model_card", "write_model_card"]
@@ -52,7 +54,7 @@ class ModelCardContext:
         dataset_split: split the metrics were measured on ("validation").
         metrics: metric type -> value as measured ({"accuracy": 0.7012}); values are written unrounded to
             the model-index.
-        surge_recipe: the SURGE recipe as a plain JSON-able dict (`SurgeConfig.to_dict()`).
+        surge_config: the SURGE recipe as a plain JSON-able dict (`SurgeConfig.to_dict()`, as in `config.json`).
         learning_rate, num_epochs, seed: the training run's optimiser settings.
         bit_account: the pre-formatted text table from `surge_hf.summary()`.
         packed_bytes: size of the packed `model.safetensors` file.
@@ -83,7 +85,7 @@ class ModelCardContext:
     dataset_type: str
     dataset_split: str
     metrics: Mapping[str, float]
-    surge_recipe: Mapping[str, Any]
+    surge_config: Mapping[str, Any]
     learning_rate: float
     num_epochs: float
     seed: int
@@ -124,16 +126,16 @@ class ModelCardContext:
         for metric, value in self.metrics.items():
             if not _is_real(value) or not math.isfinite(value):
                 raise ValueError(f"ModelCardContext.metrics[{metric!r}] must be a finite number, got {value!r}.")
-        if not isinstance(self.surge_recipe, Mapping) or not self.surge_recipe:
+        if not isinstance(self.surge_config, Mapping) or not self.surge_config:
             raise ValueError(
-                "ModelCardContext.surge_recipe must be the non-empty recipe dict (SurgeConfig.to_dict()), "
-                f"got {self.surge_recipe!r}."
+                "ModelCardContext.surge_config must be the non-empty recipe dict (SurgeConfig.to_dict()), "
+                f"got {self.surge_config!r}."
             )
         try:
-            json.dumps(self.surge_recipe)
+            json.dumps(self.surge_config)
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"ModelCardContext.surge_recipe must be JSON-serialisable (plain dicts, lists, numbers, strings): "
+                f"ModelCardContext.surge_config must be JSON-serialisable (plain dicts, lists, numbers, strings): "
                 f"{error}."
             ) from error
         for name in ("learning_rate", "num_epochs"):
@@ -155,11 +157,20 @@ class ModelCardContext:
             if isinstance(value, str) or not all(isinstance(item, str) and item for item in value):
                 raise ValueError(f"ModelCardContext.{name} must be a list of non-empty strings, got {value!r}.")
 
+    @property
+    def surge_recipe(self) -> Mapping[str, Any]:
+        """The previous name of `surge_config`: its value, with a `FutureWarning` (until the next release)."""
+        warnings.warn("ModelCardContext.surge_recipe was renamed ModelCardContext.surge_config; surge_recipe works "
+                      "until the next release. See CHANGELOG.md.", FutureWarning, stacklevel=2)
+        return self.surge_config
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelCardContext:
-        """Build a context from a plain dict, naming every missing or unknown key."""
-        known = {f.name for f in fields(cls)}
+        """Build a context from a plain dict, naming every missing or unknown key (`surge_recipe`, the previous
+        name of `surge_config`, is taken with a `FutureWarning` until the next release)."""
+        known = {f.name for f in fields(cls)} | {"surge_recipe"}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        required -= {"surge_config"} if "surge_recipe" in values else set()
         unknown = sorted(set(values) - known)
         missing = sorted(required - set(values))
         if unknown or missing:
@@ -171,6 +182,9 @@ class ModelCardContext:
             raise ValueError(f"Model card context: {'; '.join(problems)}.")
         return cls(**values)
 
+
+
+ModelCardContext.__init__ = renamed_surge_config_keyword("surge_recipe")(ModelCardContext.__init__)
 
 def _is_real(value: Any) -> bool:
     """True for real numbers (Python or numpy ints and floats), False for bools and everything else."""
@@ -287,7 +301,7 @@ def render_model_card(kind: Kind, context: ModelCardContext | Mapping[str, Any])
         description=context.description,
         image_mode=context.image_mode,
         hyperparameters=hyperparameters,
-        surge_recipe_json=json.dumps(context.surge_recipe, indent=2, sort_keys=True),
+        surge_recipe_json=json.dumps(context.surge_config, indent=2, sort_keys=True),
         command=context.command,
         metric_rows=[
             {"name": _table_cell(_metric_name(metric)), "value": f"{float(value):.4f}"}

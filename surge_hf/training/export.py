@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..analysis.accounting import summary
-from ..configuration_surge import SurgeConfig
+from ..configuration_surge import SurgeConfig, renamed_surge_config_keyword
 from ..hub.model_card import ModelCardContext, write_model_card
 from ..hub.upload import HubConfig, push_to_hub
 from ..saving import removed_on_failure, tensor_bytes
@@ -109,6 +109,7 @@ def _card_repo_id(output_dir: str, hub: HubConfig) -> str:
     return name.strip("-.") or "surge-model"
 
 
+@renamed_surge_config_keyword("recipe")
 def export_run(
     accelerator: Accelerator,
     model: nn.Module,
@@ -117,7 +118,7 @@ def export_run(
     training: TrainingConfig,
     hub: HubConfig,
     preprocessor: Any,
-    recipe: SurgeConfig | None,
+    surge_config: SurgeConfig | None,
     distillation: DistillationConfig | None,
     card_kind: str,
     dataset: dict[str, Any],
@@ -146,7 +147,7 @@ def export_run(
         "seed": training.seed,
         "learning_rate": training.learning_rate,
         "calibrate_activations": training.calibrate_activations,
-        "recipe": None if recipe is None else recipe.to_dict(),
+        "recipe": None if surge_config is None else surge_config.to_dict(),
         "distillation": None if distillation is None else asdict(distillation),
         "bit_account": account.to_dict(),
     }
@@ -154,11 +155,11 @@ def export_run(
     def write_outputs(staging: Path) -> None:
         """Every output, into the empty folder `staging`."""
         # The deployable form: packed, or the float model, or the train form of a two-plane stage (no 1-bit form).
-        if recipe is not None and recipe.packable:
+        if surge_config is not None and surge_config.packable:
             model.save_pretrained(staging, packed=True)
         else:
             model.save_pretrained(staging)
-        if recipe is not None:
+        if surge_config is not None:
             model.save_pretrained(staging / TRAIN_STATE_DIR)
             preprocessor.save_pretrained(staging / TRAIN_STATE_DIR)
         preprocessor.save_pretrained(staging)
@@ -169,7 +170,7 @@ def export_run(
             repo_id=_card_repo_id(training.output_dir, hub),
             dataset_split=first_split,
             metrics=result.metrics[first_split],
-            surge_recipe=all_results["recipe"] or {"compensator": "none (full precision)"},
+            surge_config=all_results["recipe"] or {"compensator": "none (full precision)"},
             learning_rate=training.learning_rate,
             num_epochs=result.history[-1].get("epoch", training.num_train_epochs) if result.history else 1,
             seed=training.seed,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..binarize import diagnostics, surge_layers
+from ..layers import SURGE_ONLY_TENSORS
 from .calibration import calibrate
 from .checkpointing import (
     check_checkpoint,
@@ -42,10 +43,10 @@ from .teacher_cache import TEACHER_INDEX
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Normalisation layers: their weights (gains) and biases are never decayed.
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
-# Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-NO_DECAY_PARAMETERS = ("bias", "input_threshold", "input_scale", "weight_scale")
+# Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
+NO_DECAY_PARAMETERS = ("bias", *(tensor.name for tensor in SURGE_ONLY_TENSORS if tensor.binarizer))
 # TrainingConfig fields that do not change what a run computes: they may differ when a run is resumed.
 _BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
                        "checkpointing_steps", "checkpoints_total_limit", "report_to", "cpu",

@@ -140,7 +140,7 @@ def test_card_shows_the_recipe_preset_and_the_training_command():
         ("text", text_context(epochs=3), r"unknown keys \['epochs'\] \(valid keys: "),
         ("text", text_context(metrics={}), r"metrics must be a non-empty mapping of metric type to value"),
         ("text", text_context(metrics={"f1": float("nan")}), r"metrics\['f1'\] must be a finite number, got nan"),
-        ("text", text_context(surge_recipe={"eta": {1, 2}}), r"surge_recipe must be JSON-serialisable"),
+        ("text", text_context(surge_config={"eta": {1, 2}}), r"surge_config must be JSON-serialisable"),
         ("text", text_context(learning_rate=0), r"learning_rate must be a positive number, got 0"),
         ("text", text_context(seed=1.5), r"seed must be an int, got 1.5"),
         ("text", text_context(packed_bytes=0), r"packed_bytes must be a positive int \(bytes\), got 0"),

@@ -90,7 +90,7 @@ def test_multi_bit_unsigned_and_weight_scale_calibration():
 
 
 def test_weight_scale_kept_where_the_fit_is_not_positive():
-    layer = surge_hf.SurgeLinear(2, 2, config=surge_hf.SurgeConfig(learnable_weight_scale=True,
+    layer = surge_hf.SurgeLinear(2, 2, surge_config=surge_hf.SurgeConfig(learnable_weight_scale=True,
                                                                     activation_binarizer="sign"))
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 1.0], [0.5, -0.5]]))
