@@ -35,8 +35,8 @@ from .layers import (
     LAYER_KINDS,
     SURGE_LAYER_TYPES,
     SURGE_ONLY_TENSORS,
-    BinaryLayerMixin,
-    SurgeLayerMixin,
+    BinaryLayer,
+    SurgeLayer,
     layer_kind,
 )
 from .shortcuts import add_shortcuts
@@ -75,7 +75,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 @renamed_surge_config_keyword("config")
 def resolve_targets(model: nn.Module, surge_config: SurgeConfig) -> list[str]:
     """Names of the `nn.Linear`/`nn.Conv2d` modules that `binarize` would replace (validated, in model order)."""
-    float_types = tuple(kind.float_type for kind in LAYER_KINDS)
+    float_types = tuple(kind.ops_type.float_type for kind in LAYER_KINDS)
     candidates = [name for name, module in model.named_modules() if type(module) in float_types]
     target = surge_config.target_modules
     if target is None:
@@ -112,7 +112,7 @@ def binarize_modules(model: nn.Module, surge_config: SurgeConfig | None = None) 
     or if it matches nothing.
 
     A model on the meta device gets SURGE layers whose SURGE-only tensors are filled in by `load_state_dict` after
-    `model.to_empty(...)` (see `SurgeLayerMixin`).
+    `model.to_empty(...)` (see `SurgeLayer`).
     """
     surge_config = surge_config or SurgeConfig()
     surge_config.validate()
@@ -137,14 +137,14 @@ def binarize_modules(model: nn.Module, surge_config: SurgeConfig | None = None) 
     return model
 
 
-def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLayerMixin]]:
+def surge_layers(model: nn.Module) -> Iterator[tuple[str, SurgeLayer]]:
     """The (name, layer) pairs of the trainable SURGE layers of `model`."""
     for name, module in model.named_modules():
         if isinstance(module, SURGE_LAYER_TYPES):
             yield name, module
 
 
-def packed_layer(layer: SurgeLayerMixin, name: str = "") -> BinaryLayerMixin:
+def packed_layer(layer: SurgeLayer, name: str = "") -> BinaryLayer:
     """The packed inference layer of a SURGE layer (outputs equal the SURGE layer's eval-mode outputs).
 
     Raises `ValueError`, naming the layer as `name`, for weights that cannot be packed to 1 bit (two weight planes, or

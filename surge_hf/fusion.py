@@ -11,8 +11,8 @@ intermediate layer:
 
 `d_j` takes the K + 1 values -K, -K + 2, ..., K (K: the intermediate layer's inputs), so `q_j` is a function of `d_j`
 alone: a table per channel. `sign_output_bounds` evaluates the table with the reference path's own operations (the
-layer's `apply_output_scale` and `add_bias`, the model's activation module, the output layer's `input_codes`) at
-every candidate, so the bits are the float path's, rounding included, and encodes each channel as
+layer's `ops.scaled_output`, the model's activation module, the output layer's `input_codes`) at every candidate, so
+the bits are the float path's, rounding included, and encodes each channel as
 
     q_j = +1  <=>  (low_j <= d_j <= low_j + width_j) xor flip_j
 
@@ -52,7 +52,6 @@ from transformers.models.vit.modeling_vit import ViTMLP
 
 from .kernels import PackedSigns
 from .layers import BinaryLinear, tensor_state
-from .quantizers import output_scale
 
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # a constant of the torch build (a constant to tracing too)
 
@@ -102,8 +101,7 @@ def sign_output_bounds(producer: BinaryLinear, activation: nn.Module, consumer: 
     `d` (see the module docstring); None where some channel's table is not of that form."""
     k, n = producer.in_features, producer.out_features
     dots = torch.arange(-k, k + 1, 2, dtype=torch.float32).unsqueeze(1).expand(k + 1, n).contiguous()
-    outputs = producer.add_bias(producer.apply_output_scale(
-        dots, output_scale(producer.input_scale, producer.weight_alpha())))
+    outputs = producer.ops.scaled_output(dots, producer.input_scale, producer.weight_alpha(), producer.bias)
     codes = consumer.input_codes(activation(outputs))
     if codes.isnan().any():
         return None

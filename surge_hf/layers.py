@@ -17,21 +17,26 @@ so `f_a` is never computed: the auxiliary branch costs only its two backward pro
 
 In eval mode, under `torch.no_grad()`, or with `compensator="ste"` the layer is a pure binary layer. `finalize`
 turns each into a `BinaryLinear`/`BinaryConv2d` holding packed sign bits and scales, whose outputs are identical.
+
+What differs between a Linear and a Conv2d layer (`op`, the per-channel views of tau, s, alpha and b, the two backward
+products, the layout) is written once per kind, in `LinearOps` and `Conv2dOps`: both layers of a kind (bases
+`SurgeLayer`, `BinaryLayer`) hold it as `ops`, and `LAYER_KINDS` lists it with them.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aux_loss import auxiliary_loss_requested, record_auxiliary_loss
-from .configuration_surge import SurgeConfig, renamed_surge_config_keyword
+from .configuration_surge import SurgeConfig, renamed_module_attributes, renamed_surge_config_keyword
 from .kernels import (
     ConvGeometry,
     PackedSigns,
@@ -68,32 +73,154 @@ class SignOutputSource(Protocol):
     def bounds(self, producer: BinaryLinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None: ...
 
 
+class LayerOps(ABC):
+    """The operations of one kind of layer, held by its SURGE training layer, its packed inference layer (as `ops`)
+    and its `LAYER_KINDS` entry (as `ops_type`), so that each is written once: `LinearOps`, `Conv2dOps`.
+
+    A kind is a frozen dataclass whose fields are the layer's layout, named and ordered as the leading arguments
+    (and the attributes) of its float layer, which its SURGE and packed layers take too. The binary branch of both
+    layers is
+
+        f_b = op(q_x, sign(W)) * (s * alpha) + b      `binary_branch`: `product`, then `scaled_output`
+
+    with the scales and the bias broadcast along the output channels (`channel_view`).
+    """
+
+    float_type: ClassVar[type[nn.Module]]
+    """The float module of this kind (`binarize` replaces exactly this type)."""
+    feature_dim: ClassVar[int]
+    """The dim of an input (and of an output) that holds its features or channels: each input feature gets its own
+    activation threshold, each output channel its own scale and bias."""
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerOps:
+        """The layout of a float, SURGE or packed layer of this kind, read from its attributes."""
+        return cls(*(getattr(layer, field.name) for field in fields(cls)))
+
+    def layout(self) -> tuple:
+        """The layout as the leading positional arguments of the kind's float, SURGE and packed layers."""
+        return tuple(getattr(self, field.name) for field in fields(self))
+
+    def float_layer(self, bias: bool) -> nn.Module:
+        """A float layer of this layout (freshly initialised values)."""
+        return self.float_type(*self.layout(), bias=bias)
+
+    @abstractmethod
+    def threshold_shape(self) -> tuple[int]:
+        """The shape of the activation threshold tau: one value per input feature or channel."""
+
+    @abstractmethod
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight W (output channels first)."""
+
+    @abstractmethod
+    def channel_view(self, values: Tensor) -> Tensor:
+        """A vector of one value per feature or channel (or one value) viewed to broadcast along `feature_dim` of an
+        input or output: a threshold, a scale or a bias."""
+
+    @abstractmethod
+    def product(self, x: Tensor, weight: Tensor) -> Tensor:
+        """op(x, W): the layer's linear operator without bias."""
+
+    @abstractmethod
+    def input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        """J_x(op(x, W))^T g: the gradient that `product` sends to its input."""
+
+    @abstractmethod
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """J_W(op(x, W))^T g: the gradient that `product` sends to its weight."""
+
+    def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
+        """`product * scale` per output channel, in the product's dtype (`product` unchanged without a scale)."""
+        return product if scale is None else product * self.channel_view(scale.to(product.dtype))
+
+    def add_bias(self, output: Tensor, bias: Tensor | None) -> Tensor:
+        """`output + b` per output channel, in the output's dtype (`output` unchanged without a bias)."""
+        return output if bias is None else output + self.channel_view(bias.to(output.dtype))
+
+    def scaled_output(self, product: Tensor, input_scale: Tensor | None, weight_alpha: Tensor | None,
+                      bias: Tensor | None) -> Tensor:
+        """`product * (s * alpha) + b`, from the integer product of codes and signs: the scales are applied after
+        the product, so that every path that computes it exactly gives the same output."""
+        return self.add_bias(self.apply_output_scale(product, output_scale(input_scale, weight_alpha)), bias)
+
+    def binary_branch(self, codes: Tensor, signs: Tensor, input_scale: Tensor | None, weight_alpha: Tensor | None,
+                      bias: Tensor | None) -> Tensor:
+        """f_b = op(q_x, sign(W)) * (s * alpha) + b, from the activation codes q_x and the weight signs."""
+        return self.scaled_output(self.product(codes, signs), input_scale, weight_alpha, bias)
+
+
 @dataclass(frozen=True)
-class LinearProducts:
-    """The two backward products of `y = x W^T`: `J_x^T g = g W` and `J_W^T g = g^T x` (batch dims flattened)."""
+class LinearOps(LayerOps):
+    """`nn.Linear`'s kind: `y = x W^T`, features along the last dim, batch dims flattened by the backward products."""
+
+    in_features: int
+    out_features: int
+
+    float_type = nn.Linear
+    feature_dim = -1
+
+    def threshold_shape(self) -> tuple[int]:
+        return (self.in_features,)
+
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def channel_view(self, values: Tensor) -> Tensor:
+        """`values` as they are (they broadcast along the last dim)."""
+        return values
+
+    def product(self, x: Tensor, weight: Tensor) -> Tensor:
+        """`x W^T`."""
+        return F.linear(x, weight)
 
     def input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        """`g W`."""
         return grad_output @ weight
 
     def weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """`g^T x`, summed over the batch dims."""
         return grad_output.reshape(-1, weight_shape[0]).t() @ x.reshape(-1, weight_shape[1])
 
 
 @dataclass(frozen=True)
-class Conv2dProducts:
-    """The two backward products of `y = conv2d(x, W)` with this geometry (transposed convolutions)."""
+class Conv2dOps(LayerOps):
+    """`nn.Conv2d`'s kind (zero padding): `y = conv2d(x, W)` with this geometry, channels along dim 1 of
+    `(B, C, H, W)` inputs and outputs."""
 
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int] | str
     dilation: tuple[int, int]
     groups: int
 
+    float_type = nn.Conv2d
+    feature_dim = 1
+
+    def threshold_shape(self) -> tuple[int]:
+        return (self.in_channels,)
+
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def channel_view(self, values: Tensor) -> Tensor:
+        """`values` as `(1, C, 1, 1)`."""
+        return values.reshape(1, -1, 1, 1)
+
+    def product(self, x: Tensor, weight: Tensor) -> Tensor:
+        """`conv2d(x, W)`, no bias."""
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
     def input_grad(self, grad_output: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        """The transposed convolution of `g` with `W`."""
         return torch.nn.grad.conv2d_input(
             input_shape, weight, grad_output, self.stride, self.padding, self.dilation, self.groups
         )
 
     def weight_grad(self, grad_output: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """The correlation of `x` with `g`, summed over the batch."""
         return torch.nn.grad.conv2d_weight(
             x, weight_shape, grad_output, self.stride, self.padding, self.dilation, self.groups
         )
@@ -131,7 +258,7 @@ class SurgeOnlyTensor:
     name: str
     initial: str
     kind: Callable[[SurgeConfig], Literal["parameter", "buffer"] | None]
-    initial_value: Callable[[SurgeLayerMixin, Tensor], Tensor]
+    initial_value: Callable[[SurgeLayer, Tensor], Tensor]
     binarizer: bool
 
 
@@ -139,7 +266,7 @@ SURGE_ONLY_TENSORS = (
     SurgeOnlyTensor(
         "input_threshold", "input_threshold = 0",
         lambda c: "parameter" if c.binarize_activations and c.activation_binarizer in ("rsign", "elastic") else None,
-        lambda layer, weight: weight.new_zeros(layer.threshold_shape()), binarizer=True),
+        lambda layer, weight: weight.new_zeros(layer.ops.threshold_shape()), binarizer=True),
     SurgeOnlyTensor(
         "input_scale", "input_scale = 1",
         lambda c: "parameter" if c.binarize_activations and c.activation_binarizer == "elastic" else None,
@@ -167,16 +294,17 @@ class AuxiliaryGradient(torch.autograd.Function):
 
     Forward: returns `f_b` (a view, the auxiliary term cancels in value).
     Backward: `g_y` goes to `f_b` unchanged; `g_a = J_x(op(x, W_a))^T g_y` goes to the auxiliary input and
-    `G_Wa = J_W(op(x, W_a))^T g_y` to `W_a`, both computed by `products` in the dtype of `g_y` (the autocast dtype).
+    `G_Wa = J_W(op(x, W_a))^T g_y` to `W_a`, both computed by the layer kind's `ops` in the dtype of `g_y` (the
+    autocast dtype).
     A `W_a` without gradient (`aux_weight="frozen"`) skips `G_Wa`, and `x` is then not kept for the backward pass.
     """
 
     @staticmethod
     def forward(ctx, binary_output: Tensor, x_aux: Tensor, aux_weight: Tensor,
-                products: LinearProducts | Conv2dProducts) -> Tensor:
+                ops: LayerOps) -> Tensor:
         ctx.save_for_backward(x_aux if ctx.needs_input_grad[2] else None, aux_weight)
         ctx.input_shape, ctx.input_dtype = x_aux.shape, x_aux.dtype
-        ctx.products = products
+        ctx.ops = ops
         return binary_output.view_as(binary_output)
 
     @staticmethod
@@ -185,18 +313,20 @@ class AuxiliaryGradient(torch.autograd.Function):
         dtype = grad_output.dtype
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_x = ctx.products.input_grad(grad_output, aux_weight.to(dtype), ctx.input_shape).to(ctx.input_dtype)
+            grad_x = ctx.ops.input_grad(grad_output, aux_weight.to(dtype), ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = ctx.products.weight_grad(grad_output, x_aux.to(dtype), aux_weight.shape)
+            grad_weight = ctx.ops.weight_grad(grad_output, x_aux.to(dtype), aux_weight.shape)
             grad_weight = grad_weight.to(aux_weight.dtype)
         return grad_output, grad_x, grad_weight, None
 
 
-class SurgeLayerMixin(nn.Module):
-    """What `SurgeLinear` and `SurgeConv2d` share: binarizers, the DPGC branch and diagnostics.
+class SurgeLayer(nn.Module):
+    """The base class of the SURGE training layers `SurgeLinear` and `SurgeConv2d`: binarizers, the DPGC branch and
+    diagnostics.
 
-    Subclasses provide `binary_op(x, w)` (the linear operator without bias), `add_bias`, `backward_products()`
-    (what the auxiliary branch's backward computes) and `threshold_shape`/`reshape_threshold` for their input layout.
+    Subclasses name their kind's operations (`ops_type`, a `LayerOps`); the layer holds them for its layout as
+    `ops`: the linear operator, the scales and bias per output channel, the threshold's shape and the auxiliary
+    branch's backward products.
 
     SURGE-only tensors (`SURGE_ONLY_TENSORS`; None where the recipe has none) are created on the device and in the
     dtype of the latent weight. When `binarize` meets a model on the meta device they cannot be initialised: after
@@ -204,6 +334,8 @@ class SurgeLayerMixin(nn.Module):
     and a forward pass before that is an error.
     """
 
+    ops_type: ClassVar[type[LayerOps]]
+    ops: LayerOps
     weight: nn.Parameter
     bias: nn.Parameter | None
     # With one weight plane: the weight g of the latent weight's residual second plane in training, codes
@@ -212,6 +344,7 @@ class SurgeLayerMixin(nn.Module):
     second_plane_weight: float = 0.0
 
     def _init_surge(self, surge_config: SurgeConfig, unsigned_input: bool = False) -> None:
+        self.ops = self.ops_type.of(self)
         self.surge_config = surge_config
         self.activation_spec = activation_spec(surge_config, unsigned_input)
         for tensor in SURGE_ONLY_TENSORS:
@@ -255,7 +388,7 @@ class SurgeLayerMixin(nn.Module):
         """The activation codes q_x, differentiable through the configured surrogate (x itself at full precision)."""
         if not self.surge_config.binarize_activations:
             return x
-        threshold = None if self.input_threshold is None else self.reshape_threshold(self.input_threshold)
+        threshold = None if self.input_threshold is None else self.ops.channel_view(self.input_threshold)
         return ActivationQuantizer.apply(x, threshold, self.input_scale, self.activation_spec)
 
     def weight_signs(self) -> Tensor:
@@ -280,8 +413,8 @@ class SurgeLayerMixin(nn.Module):
 
     def binary_branch(self, x: Tensor) -> Tensor:
         """f_b = op(q_x, sign(W)) * (s * alpha) + b."""
-        product = self.binary_op(self.input_codes(x), self.weight_signs())
-        return self.add_bias(self.apply_output_scale(product, output_scale(self.input_scale, self.weight_alpha())))
+        return self.ops.binary_branch(self.input_codes(x), self.weight_signs(), self.input_scale, self.weight_alpha(),
+                                      self.bias)
 
     def compensated(self) -> bool:
         """Whether this call adds the auxiliary branch (training with gradients and a DPGC recipe)."""
@@ -301,7 +434,7 @@ class SurgeLayerMixin(nn.Module):
             x_binary, x_aux, aux_weight = DualPathFork.apply(x, self.raw_aux_weight(), self.scaler,
                                                              self.previous_lambda)
             binary_output = self.binary_branch(x_binary)
-            output = AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.backward_products())
+            output = AuxiliaryGradient.apply(binary_output, x_aux, aux_weight, self.ops)
         if self.computes_auxiliary_loss():
             record_auxiliary_loss(self.auxiliary_loss(x, binary_output))
         return output
@@ -325,7 +458,7 @@ class SurgeLayerMixin(nn.Module):
         the layer under `torch.no_grad()` inside a loss computation that needs the term (see `surge_hf.aux_loss`).
         Not through the fork: lam scales the task gradient of W_a (`scale_aux_grad`), never this loss's."""
         with torch.enable_grad():
-            aux_output = self.binary_op(x.detach(), self.raw_aux_weight())
+            aux_output = self.ops.product(x.detach(), self.raw_aux_weight())
             dtype = accumulation_dtype(aux_output.dtype)  # float32, or float64 for a float64 layer
             mismatch = F.mse_loss(aux_output.to(dtype), binary_output.detach().to(dtype))
             return self.surge_config.aux_loss_weight * mismatch
@@ -366,13 +499,15 @@ def _renamed_constructor(old: str) -> classmethod:
     return classmethod(renamed)
 
 
-class SurgeLinear(SurgeLayerMixin, nn.Linear):
+class SurgeLinear(SurgeLayer, nn.Linear):
     """A binary `nn.Linear` trained with SURGE (see the module docstring for the maths).
 
     Keeps `weight` (the latent weight) and `bias` under their `nn.Linear` names, so plain checkpoints load. Adds
     `aux_weight` (W_a, separate-weight recipes), `input_threshold` (tau, shape `(in_features,)`) and `input_scale`
     (s, shape `(1,)`) as the recipe asks.
     """
+
+    ops_type = LinearOps
 
     @renamed_surge_config_keyword("config")
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, surge_config: SurgeConfig,
@@ -384,7 +519,7 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
     @renamed_surge_config_keyword("config")
     def from_float(cls, linear: nn.Linear, surge_config: SurgeConfig, unsigned_input: bool = False) -> SurgeLinear:
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, surge_config=surge_config,
+        layer = cls(*cls.ops_type.of(linear).layout(), bias=linear.bias is not None, surge_config=surge_config,
                     device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
         layer._init_surge(surge_config, unsigned_input)
@@ -392,30 +527,14 @@ class SurgeLinear(SurgeLayerMixin, nn.Linear):
 
     from_linear = _renamed_constructor("from_linear")
 
-    def threshold_shape(self) -> tuple[int, ...]:
-        return (self.in_features,)
 
-    def reshape_threshold(self, threshold: Tensor) -> Tensor:
-        return threshold
-
-    def binary_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight)
-
-    def add_bias(self, output: Tensor) -> Tensor:
-        return output if self.bias is None else output + self.bias.to(output.dtype)
-
-    def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
-        return product if scale is None else product * scale.to(product.dtype)
-
-    def backward_products(self) -> LinearProducts:
-        return LinearProducts()
-
-
-class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
+class SurgeConv2d(SurgeLayer, nn.Conv2d):
     """A binary `nn.Conv2d` trained with SURGE (see the module docstring for the maths).
 
     The activation threshold tau has one value per input channel. Only `padding_mode="zeros"` is supported.
     """
+
+    ops_type = Conv2dOps
 
     @renamed_surge_config_keyword("config")
     def __init__(self, *args, surge_config: SurgeConfig, unsigned_input: bool = False, **kwargs):
@@ -430,41 +549,23 @@ class SurgeConv2d(SurgeLayerMixin, nn.Conv2d):
         """Wrap an existing layer, reusing its weight and bias parameters (no copy)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"SurgeConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, surge_config=surge_config,
-            device="meta",
-        )
+        layer = cls(*cls.ops_type.of(conv).layout(), bias=conv.bias is not None, surge_config=surge_config,
+                    device="meta")
         layer.weight, layer.bias = conv.weight, conv.bias
         layer._init_surge(surge_config, unsigned_input)
         return layer
 
     from_conv = _renamed_constructor("from_conv")
 
-    def threshold_shape(self) -> tuple[int, ...]:
-        return (self.in_channels,)
 
-    def reshape_threshold(self, threshold: Tensor) -> Tensor:
-        return threshold.reshape(1, -1, 1, 1)
+class BinaryLayer(nn.Module):
+    """The base class of the packed inference layers `BinaryLinear` and `BinaryConv2d`: packed sign bits
+    (`weight_packed`, uint8) and per-channel scales (`weight_scale`) instead of a latent weight; no auxiliary branch.
+    Outputs equal the SURGE layer's eval outputs exactly, because both compute `op(q_x, sign(W)) * (s * alpha) + b`
+    with the same operations (their kind's `ops`, a `LayerOps`) in the same order."""
 
-    def binary_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def add_bias(self, output: Tensor) -> Tensor:
-        return output if self.bias is None else output + self.bias.to(output.dtype).reshape(1, -1, 1, 1)
-
-    def apply_output_scale(self, product: Tensor, scale: Tensor | None) -> Tensor:
-        return product if scale is None else product * scale.to(product.dtype).reshape(1, -1, 1, 1)
-
-    def backward_products(self) -> Conv2dProducts:
-        return Conv2dProducts(self.stride, self.padding, self.dilation, self.groups)
-
-
-class BinaryLayerMixin(nn.Module):
-    """Inference-only binary layer: packed sign bits (`weight_packed`, uint8) and per-channel scales
-    (`weight_scale`) instead of a latent weight; no auxiliary branch. Outputs equal the SURGE layer's eval outputs
-    exactly, because both compute `op(q_x, sign(W)) * (s * alpha) + b` with the same operations in the same order."""
-
+    ops_type: ClassVar[type[LayerOps]]
+    ops: LayerOps
     weight_shape: tuple[int, ...]
 
     def __getattr__(self, name: str):
@@ -480,11 +581,12 @@ class BinaryLayerMixin(nn.Module):
             return self.dequantized_weight()
         return super().__getattr__(name)
 
-    def _init_binary(self, weight_shape: tuple[int, ...], bias: bool, threshold_size: int,
-                     surge_config: SurgeConfig, unsigned_input: bool):
+    def _init_binary(self, bias: bool, surge_config: SurgeConfig, unsigned_input: bool) -> None:
+        """The tensors of a layer whose layout attributes are set (those of `ops_type`'s fields)."""
+        self.ops = self.ops_type.of(self)
         self.surge_config = surge_config
         self.activation_spec = activation_spec(surge_config, unsigned_input)
-        self.weight_shape = tuple(weight_shape)
+        self.weight_shape = weight_shape = self.ops.weight_shape()
         if surge_config.binarize_weights:
             num_columns = math.prod(weight_shape[1:])
             packed = torch.zeros(weight_shape[0], packed_row_bytes(num_columns), dtype=torch.uint8)
@@ -495,20 +597,21 @@ class BinaryLayerMixin(nn.Module):
             self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
         binarizer = surge_config.activation_binarizer if surge_config.binarize_activations else None
-        self.input_threshold = nn.Parameter(torch.zeros(threshold_size)) if binarizer in ("rsign", "elastic") else None
+        thresholded = binarizer in ("rsign", "elastic")
+        self.input_threshold = nn.Parameter(torch.zeros(self.ops.threshold_shape())) if thresholded else None
         self.input_scale = nn.Parameter(torch.ones(1)) if binarizer == "elastic" else None
 
     @classmethod
-    def from_surge(cls, layer: SurgeLayerMixin) -> BinaryLayerMixin:
+    def from_surge(cls, layer: SurgeLayer) -> BinaryLayer:
         """The packed counterpart of a trained SURGE layer, on the layer's device."""
-        binary = cls(*cls.layout_of(layer), layer.bias is not None, layer.surge_config,
+        binary = cls(*layer.ops.layout(), layer.bias is not None, layer.surge_config,
                      unsigned_input=not layer.activation_spec.signed)
         binary.to(layer.weight.device)
         binary.load_from_surge(layer)
         return binary
 
     @torch.no_grad()
-    def load_from_surge(self, layer: SurgeLayerMixin) -> None:
+    def load_from_surge(self, layer: SurgeLayer) -> None:
         """Pack the trained layer's signs and scales; copy bias, threshold and scale.
 
         A learned alpha that went negative is folded into the signs of its output channel (stored: -sign(W), |alpha|),
@@ -542,7 +645,7 @@ class BinaryLayerMixin(nn.Module):
     def input_codes(self, x: Tensor) -> Tensor:
         if not self.surge_config.binarize_activations:
             return x
-        threshold = None if self.input_threshold is None else self.reshape_threshold(self.input_threshold)
+        threshold = None if self.input_threshold is None else self.ops.channel_view(self.input_threshold)
         return activation_codes(x, threshold, self.input_scale, self.activation_spec)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -560,8 +663,15 @@ class BinaryLayerMixin(nn.Module):
         """The stored alpha (None when weights are not binarized)."""
         return self.weight_scale if self.surge_config.binarize_weights else None
 
-    # The very operations of the SURGE layer's binary branch, in the same order: packed outputs equal eval outputs.
-    binary_branch = SurgeLayerMixin.binary_branch
+    def binary_branch(self, x: Tensor) -> Tensor:
+        """f_b = op(q_x, sign(W)) * (s * alpha) + b: the very operations of the SURGE layer's binary branch (its
+        kind's `ops.binary_branch`), so packed outputs equal eval outputs."""
+        return self.ops.binary_branch(self.input_codes(x), self.weight_signs(), self.input_scale, self.weight_alpha(),
+                                      self.bias)
+
+    def float_layer(self) -> nn.Module:
+        """A float layer of this layout (freshly initialised values)."""
+        return self.ops.float_layer(bias=self.bias is not None)
 
     def uses_kernel(self, x: Tensor) -> bool:
         """Whether this call runs on the XNOR-popcount CPU kernel (`surge_hf.kernels`) instead of the reference path:
@@ -614,33 +724,22 @@ def tensor_state(*tensors: Tensor | None) -> tuple:
     return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
 
 
-class BinaryLinear(BinaryLayerMixin):
+class BinaryLinear(BinaryLayer):
     """Packed inference counterpart of `SurgeLinear`.
 
     With a `sign_output` (`surge_hf.fusion`, set by `finalize` where the next layer only binarizes this layer's
     activated output) the kernel path returns `PackedSigns` instead of floats; the layer that reads them takes
     `PackedSigns` as its input."""
 
+    ops_type = LinearOps
+
     @renamed_surge_config_keyword("recipe")
     def __init__(self, in_features: int, out_features: int, bias: bool, surge_config: SurgeConfig, *,
                  unsigned_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_binary((out_features, in_features), bias, in_features, surge_config, unsigned_input)
+        self._init_binary(bias, surge_config, unsigned_input)
         self.sign_output: SignOutputSource | None = None
-
-    @staticmethod
-    def layout_of(layer: SurgeLinear) -> tuple:
-        return layer.in_features, layer.out_features
-
-    def float_layer(self) -> nn.Linear:
-        """A float `nn.Linear` of this layout (freshly initialised values)."""
-        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-
-    reshape_threshold = SurgeLinear.reshape_threshold
-    binary_op = SurgeLinear.binary_op
-    add_bias = SurgeLinear.add_bias
-    apply_output_scale = SurgeLinear.apply_output_scale
 
     def kernel_takes(self, x: Tensor) -> bool:
         """Any input (see `uses_kernel`)."""
@@ -674,11 +773,13 @@ class BinaryLinear(BinaryLayerMixin):
                 f"{bit_widths(self)}")
 
 
-class BinaryConv2d(BinaryLayerMixin):
+class BinaryConv2d(BinaryLayer):
     """Packed inference counterpart of `SurgeConv2d`.
 
     With `groups=1` it runs on the XNOR-popcount kernel (`kernels.binary_conv2d`, `kernels.quantized_conv2d`: im2col
     over the packed input signs, the zero padding counted exactly); grouped convolutions take the reference path."""
+
+    ops_type = Conv2dOps
 
     @renamed_surge_config_keyword("recipe")
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding, dilation,
@@ -687,24 +788,7 @@ class BinaryConv2d(BinaryLayerMixin):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.geometry = ConvGeometry.of(self.kernel_size, stride, padding, dilation)  # what the kernel reads
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_binary(shape, bias, in_channels, surge_config, unsigned_input)
-
-    @staticmethod
-    def layout_of(layer: SurgeConv2d) -> tuple:
-        return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                layer.dilation, layer.groups)
-
-    def float_layer(self) -> nn.Conv2d:
-        """A float `nn.Conv2d` of this layout (freshly initialised values)."""
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.groups,
-                         bias=self.bias is not None)
-
-    reshape_threshold = SurgeConv2d.reshape_threshold
-    binary_op = SurgeConv2d.binary_op
-    add_bias = SurgeConv2d.add_bias
-    apply_output_scale = SurgeConv2d.apply_output_scale
+        self._init_binary(bias, surge_config, unsigned_input)
 
     def kernel_takes(self, x: Tensor) -> bool:
         """Batches of images `(B, C, H, W)` with this layer's channels, groups 1; other inputs take the reference
@@ -733,19 +817,18 @@ class BinaryConv2d(BinaryLayerMixin):
 
 @dataclass(frozen=True)
 class LayerKind:
-    """One kind of binarizable layer: the float module `binarize` replaces, its SURGE training layer
-    (`surge_type.from_float`), its packed inference layer (`packed_type.from_surge`, back with `float_layer`), and
-    `feature_dim`, the input dim whose entries get their own activation threshold."""
+    """One kind of binarizable layer: its operations (`ops_type`, with the float module `ops_type.float_type` that
+    `binarize` replaces), its SURGE training layer (`surge_type.from_float`) and its packed inference layer
+    (`packed_type.from_surge`, back with `float_layer`); both layers hold the kind's operations as `ops`."""
 
-    float_type: type[nn.Module]
-    surge_type: type[SurgeLayerMixin]
-    packed_type: type[BinaryLayerMixin]
-    feature_dim: int
+    ops_type: type[LayerOps]
+    surge_type: type[SurgeLayer]
+    packed_type: type[BinaryLayer]
 
 
 LAYER_KINDS = (
-    LayerKind(nn.Linear, SurgeLinear, BinaryLinear, feature_dim=-1),
-    LayerKind(nn.Conv2d, SurgeConv2d, BinaryConv2d, feature_dim=1),
+    LayerKind(LinearOps, SurgeLinear, BinaryLinear),
+    LayerKind(Conv2dOps, SurgeConv2d, BinaryConv2d),
 )
 SURGE_LAYER_TYPES = tuple(kind.surge_type for kind in LAYER_KINDS)
 BINARY_LAYER_TYPES = tuple(kind.packed_type for kind in LAYER_KINDS)
@@ -754,6 +837,11 @@ BINARY_LAYER_TYPES = tuple(kind.packed_type for kind in LAYER_KINDS)
 def layer_kind(module: nn.Module) -> LayerKind | None:
     """The kind of a float layer (exactly `nn.Linear`/`nn.Conv2d`, not subclasses), a SURGE or a packed layer."""
     for kind in LAYER_KINDS:
-        if type(module) is kind.float_type or isinstance(module, (kind.surge_type, kind.packed_type)):
+        if type(module) is kind.ops_type.float_type or isinstance(module, (kind.surge_type, kind.packed_type)):
             return kind
     return None
+
+
+# The previous release's names (until the next release): the base classes were called mixins, but they are the
+# `nn.Module`s that the layers derive from.
+__getattr__ = renamed_module_attributes(__name__, {"SurgeLayerMixin": "SurgeLayer", "BinaryLayerMixin": "BinaryLayer"})

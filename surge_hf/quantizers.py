@@ -176,7 +176,7 @@ def residual_weight_codes(weight: Tensor, mode: str, second_plane_weight: float 
     `s_1 = sign(W)`, `alpha_1 = binary_weight_scale(W, mode)`, `R = W - alpha_1 s_1`, `s_2 = sign(R)`,
     `alpha_2 = binary_weight_scale(R, mode)`, so with `g = second_plane_weight = 1`, `alpha_1 * codes = alpha_1 s_1 +
     alpha_2 s_2` is the residual two-plane approximation of W (ABC-Net, ReBNN); `0 < g < 1` weights the second plane
-    down (a step from two planes to one, `SurgeLayerMixin.second_plane_weight`). A row whose alpha_1 is 0 (an
+    down (a step from two planes to one, `SurgeLayer.second_plane_weight`). A row whose alpha_1 is 0 (an
     all-zero row) gets ratio 0.
     """
     weight = weight.detach()

@@ -23,7 +23,7 @@ from surge_hf import (
     SurgeLinear,
     kernels,
 )
-from surge_hf.layers import BinaryConv2d, BinaryLayerMixin, BinaryLinear
+from surge_hf.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from surge_hf.packing import pack_signs
 from surge_hf.quantizers import ActivationSpec, activation_codes
 
@@ -231,8 +231,8 @@ def _forbid_unpacking(monkeypatch) -> None:
     def unpack(self):
         raise AssertionError("the kernel path unpacked the weight")
 
-    monkeypatch.setattr(BinaryLayerMixin, "weight_signs", unpack)
-    monkeypatch.setattr(BinaryLayerMixin, "dequantized_weight", unpack)
+    monkeypatch.setattr(BinaryLayer, "weight_signs", unpack)
+    monkeypatch.setattr(BinaryLayer, "dequantized_weight", unpack)
 
 
 def _assert_kernel_equals_reference(monkeypatch, isas, **recipe) -> None:

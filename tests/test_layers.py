@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from surge_hf import SurgeConfig, SurgeConv2d, SurgeLinear, binarize, collect_auxiliary_loss, finalize
-from surge_hf.layers import SURGE_ONLY_TENSORS, BinaryConv2d, BinaryLinear
+from surge_hf.layers import LAYER_KINDS, SURGE_ONLY_TENSORS, BinaryConv2d, BinaryLinear, layer_kind
 from surge_hf.modeling_utils import added_tensors, init_surge_parameters, initial_values
 from surge_hf.scaler import gradient_norm, scaled
 
@@ -470,6 +470,26 @@ def test_forward_bit_exact(kind: str, mode: dict, binarizer: str) -> None:
     expected = {"bias", "input_threshold", "input_scale"} & set(dict(layer.named_parameters()))
     expected |= {"weight_packed", "weight_scale"} if cfg.binarize_weights else {"weight"}
     assert set(packed.state_dict()) == expected
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_layer_kind_has_one_operations_object(kind: str) -> None:
+    """The training layer, the packed layer and `LAYER_KINDS` hold their kind's operations (`LinearOps`,
+    `Conv2dOps`): equal objects, for the layout of the float layer, which `float_layer` rebuilds."""
+    for entry in LAYER_KINDS:
+        assert entry.surge_type.ops_type is entry.packed_type.ops_type is entry.ops_type
+    layer = _make_layer(kind, SurgeConfig())
+    packed = _finalized(layer)
+    ops_type = layer_kind(layer).ops_type
+    assert layer_kind(packed) is layer_kind(layer)
+    assert type(layer.ops) is type(packed.ops) is ops_type
+    assert packed.ops == layer.ops
+    assert layer.ops.weight_shape() == tuple(layer.weight.shape) == packed.weight_shape
+    assert layer.ops.threshold_shape() == tuple(layer.input_threshold.shape)
+    float_layer = packed.float_layer()
+    assert type(float_layer) is ops_type.float_type
+    assert ops_type.of(float_layer) == layer.ops
+    assert layer_kind(float_layer) is layer_kind(layer)
 
 
 def test_auxiliary_weight_value_never_reaches_the_output() -> None:

@@ -24,6 +24,7 @@ from surge_hf import (
     SurgeLinear,
     binarize_modules,
     configuration_surge,
+    layers,
     quantizers,
     resolve_targets,
 )
@@ -342,3 +343,21 @@ def test_renamed_quantizer_names_warn_and_work():
     assert set(quantizers.SURROGATE_FUNCTIONS) == set(configuration_surge.SURROGATES)
     with pytest.raises(AttributeError, match=exact("module 'surge_hf.quantizers' has no attribute 'nothing'")):
         quantizers.nothing  # noqa: B018
+
+
+def test_renamed_layer_base_classes_warn_and_are_the_new_classes():
+    """`layers.SurgeLayerMixin` and `layers.BinaryLayerMixin`, the `nn.Module` base classes of the SURGE and the
+    packed layers, are `SurgeLayer` and `BinaryLayer`: the same classes, so `isinstance` checks keep working."""
+    layer = SurgeLinear(4, 3, surge_config=SurgeConfig())
+    packed = BinaryLinear.from_surge(layer)
+    for old, new, instance in (("SurgeLayerMixin", "SurgeLayer", layer), ("BinaryLayerMixin", "BinaryLayer", packed)):
+        with pytest.warns(FutureWarning, match=exact(f"surge_hf.layers.{old} was renamed surge_hf.layers.{new}; the "
+                                                     "old name works until the next release. See CHANGELOG.md.")):
+            renamed = getattr(layers, old)
+        assert renamed is getattr(layers, new)
+        assert isinstance(instance, renamed)
+    with pytest.warns(FutureWarning):
+        from surge_hf.layers import BinaryLayerMixin
+    assert BinaryLayerMixin is layers.BinaryLayer
+    with pytest.raises(AttributeError, match=exact("module 'surge_hf.layers' has no attribute 'LayerMixin'")):
+        layers.LayerMixin  # noqa: B018

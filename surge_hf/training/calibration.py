@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from ..binarize import surge_layers
-from ..layers import BINARY_LAYER_TYPES, layer_kind
+from ..layers import BINARY_LAYER_TYPES
 
 
 def _feature_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input as (samples, features): the layer kind's feature dim moved last, every other dim pooled."""
-    features = x.movedim(layer_kind(layer).feature_dim, -1)
+    features = x.movedim(layer.ops.feature_dim, -1)
     return features.reshape(-1, features.shape[-1])
 
 
@@ -53,9 +53,10 @@ def _calibrate_layer(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None
 
 def _fit_weight_scale(layer: nn.Module, x: torch.Tensor) -> None:
     """alpha_o = <y_o, p_o> / <p_o, p_o> (see the module docstring)."""
-    product = layer.apply_output_scale(layer.binary_op(layer.input_codes(x), layer.weight_signs()), layer.input_scale)
+    ops = layer.ops
+    product = ops.apply_output_scale(ops.product(layer.input_codes(x), layer.weight_signs()), layer.input_scale)
     # The output channels, as (samples, channels) like the inputs; one column for a per-tensor scale.
-    target = _feature_rows(layer, layer.binary_op(x, layer.weight)).double()
+    target = _feature_rows(layer, ops.product(x, layer.weight)).double()
     product = _feature_rows(layer, product).double()
     if layer.weight_scale.numel() == 1:
         target, product = target.reshape(-1, 1), product.reshape(-1, 1)
