@@ -239,14 +239,14 @@ class TextRun:
         return dataclasses.replace(self, setup=setup)
 
 
-def text_run(args: argparse.Namespace, *, model: str, teacher: str | None, recipe: surge_hf.SurgeConfig | None,
+def text_run(args: argparse.Namespace, *, model: str, teacher: str | None, surge_config: surge_hf.SurgeConfig | None,
              training: TrainingConfig, augmentation: TextAugmentationConfig | None, teacher_cache_dir: Path | None,
              earlier_stages: str | None, push: bool) -> TextRun:
     """A run of this command: `cli.build_run` with the data settings of its inputs (`data_settings`), the digest of
     the record of the stage before it (`earlier_stages`), the models the user gave as its inputs (an earlier
     stage's folder is the command's own) and a push to the Hub only if `push`."""
     hub = cli.hub_config_from_args(args)
-    setup = cli.build_run(args, "glue", model=model, teacher=teacher, recipe=recipe, training=training,
+    setup = cli.build_run(args, "glue", model=model, teacher=teacher, surge_config=surge_config, training=training,
                           hub=hub if push else dataclasses.replace(hub, push_to_hub=False),
                           **data_settings(args, augmentation, teacher_cache_dir), earlier_stages=earlier_stages)
     user_teacher = None if args.teacher_model_name_or_path == AUTO_TEACHER else args.teacher_model_name_or_path
@@ -261,7 +261,7 @@ def teacher_stage_run(args: argparse.Namespace) -> TextRun:
         args, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
         num_train_epochs=args.teacher_num_train_epochs, max_train_steps=args.teacher_max_train_steps,
         calibrate_activations=False, resume_from_checkpoint=None, plane_anneal_steps=None)
-    return text_run(args, model=args.model_name_or_path, teacher=None, recipe=None, training=training,
+    return text_run(args, model=args.model_name_or_path, teacher=None, surge_config=None, training=training,
                     augmentation=None, teacher_cache_dir=None, earlier_stages=None, push=False)
 
 
@@ -356,14 +356,15 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     for folder, title, recipe_fields in student_stages(args):
         training = cli.training_config_from_args(args, output_dir=str(Path(args.output_dir) / folder),
                                                  resume_from_checkpoint=None, plane_anneal_steps=None)
-        run = text_run(args, model=init, teacher=teacher, recipe=cli.recipe_from_args(args, **recipe_fields),
+        run = text_run(args, model=init, teacher=teacher, surge_config=cli.recipe_from_args(args, **recipe_fields),
                        training=training, augmentation=augmentation, teacher_cache_dir=args.teacher_cache_dir,
                        earlier_stages=None, push=False)
         stages.append((planned_stage(run, stages[-1][0] if stages else None, title, title), run))
         init = str(Path(training.output_dir) / TRAIN_STATE_DIR)
         if args.stage_teacher == "previous":
             teacher = init
-    final = text_run(args, model=init, teacher=teacher, recipe=cli.recipe_from_args(args, **final_recipe_fields(args)),
+    final = text_run(args, model=init, teacher=teacher,
+                     surge_config=cli.recipe_from_args(args, **final_recipe_fields(args)),
                      training=cli.training_config_from_args(args), augmentation=augmentation,
                      teacher_cache_dir=args.teacher_cache_dir,
                      earlier_stages=record_digest(stages[-1][0].stage.record) if stages else None, push=True)
@@ -420,7 +421,7 @@ def train_earlier_stage(args: argparse.Namespace, run: TextRun, action: StageAct
     fit(args, run, final=False)
 
 
-def load_student(args: argparse.Namespace, model_name_or_path: str, recipe: surge_hf.SurgeConfig | None, info,
+def load_student(args: argparse.Namespace, model_name_or_path: str, surge_config: surge_hf.SurgeConfig | None, info,
                  attn_implementation: str | None):
     """The model to train, from `model_name_or_path`: a SURGE BERT built from the checkpoint's weights, or the plain
     model without a recipe."""
@@ -430,11 +431,11 @@ def load_student(args: argparse.Namespace, model_name_or_path: str, recipe: surg
     if not info.is_regression:
         kwargs.update(id2label=info.id2label, label2id=info.label2id)
     # Binary attention records its attention maps itself (and refuses a float attention implementation).
-    if attn_implementation and not (recipe is not None and recipe.binarize_attention):
+    if attn_implementation and not (surge_config is not None and surge_config.binarize_attention):
         kwargs["attn_implementation"] = attn_implementation
-    model_class = AutoModelForSequenceClassification if recipe is None else SurgeBertForSequenceClassification
-    if recipe is not None:
-        kwargs["surge"] = recipe
+    model_class = AutoModelForSequenceClassification if surge_config is None else SurgeBertForSequenceClassification
+    if surge_config is not None:
+        kwargs["surge"] = surge_config
         if args.student_hidden_act:
             kwargs["hidden_act"] = args.student_hidden_act
     try:
@@ -486,7 +487,7 @@ def fit(args: argparse.Namespace, run: TextRun, final: bool = True, stage_lines:
     stages), already checked, with the run-wide flags `args` (data, tokenizer, lengths). An earlier stage
     (`final=False`) leaves the process group up for the next one."""
     setup, augmentation = run.setup, run.augmentation
-    recipe, distillation, config = setup.recipe, setup.distillation, setup.training
+    recipe, distillation, config = setup.surge_config, setup.distillation, setup.training
     check_models(args, setup)
     raw, info = load_text_data(args.task_name, args.train_file, args.validation_file)
     if args.label_names:

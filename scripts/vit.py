@@ -344,34 +344,35 @@ def load_data(args: argparse.Namespace, pretrained: ViTConfig | None) -> ImageCl
     return data
 
 
-def recipe_with_patch_embedding(recipe: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
+def recipe_with_patch_embedding(surge_config: surge_hf.SurgeConfig) -> surge_hf.SurgeConfig:
     """The recipe with the patch embedding convolution added to its targets."""
-    targets = recipe.target_modules
+    targets = surge_config.target_modules
     if targets is None:
         targets = DEFAULT_TARGET_MODULES["vit"]
     if isinstance(targets, str):
         targets = rf"(?:{targets})|(?:.*\.)?{re.escape(PATCH_EMBEDDING)}"
     else:
         targets = [*targets, PATCH_EMBEDDING]
-    return surge_hf.SurgeConfig.from_dict({**recipe.to_dict(), "target_modules": targets})
+    return surge_hf.SurgeConfig.from_dict({**surge_config.to_dict(), "target_modules": targets})
 
 
-def load_student(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, info: ImageDataInfo,
+def load_student(args: argparse.Namespace, surge_config: surge_hf.SurgeConfig | None, info: ImageDataInfo,
                  pretrained: ViTConfig | None):
     """A SURGE ViT (or the plain ViT for `--binarize none`), from scratch or from the checkpoint's weights."""
     if pretrained is None:
         config = ViTConfig(**args.vit_fields, **info.model_config_kwargs())
-        if recipe is None:
+        if surge_config is None:
             return ViTForImageClassification(config)
-        return SurgeViTForImageClassification(surge_hf.SurgeViTConfig.from_vit_config(config, surge_config=recipe))
+        vit_config = surge_hf.SurgeViTConfig.from_vit_config(config, surge_config=surge_config)
+        return SurgeViTForImageClassification(vit_config)
     # Only the classification head can differ in size (the image geometry was checked against the data).
     kwargs = dict(id2label=info.id2label, label2id=info.label2id, dtype=torch.float32,  # id2label sets num_labels
                   problem_type="single_label_classification",
                   ignore_mismatched_sizes=pretrained.num_labels != info.num_labels,
                   **(NO_DROPOUT if args.recipe == "binary-vit" else {}))
-    if recipe is None:
+    if surge_config is None:
         return ViTForImageClassification.from_pretrained(args.model_name_or_path, **kwargs)
-    return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=recipe, **kwargs)
+    return SurgeViTForImageClassification.from_pretrained(args.model_name_or_path, surge=surge_config, **kwargs)
 
 
 def normalization(args: argparse.Namespace, data: ImageClassificationData) -> tuple[tuple[float, ...], ...]:
@@ -417,14 +418,14 @@ def main(argv: list[str] | None = None) -> dict:
     # A teacher trained by this command (below, before the student) has a known folder.
     teacher = (str(Path(args.output_dir) / TEACHER_DIR) if args.train_teacher != "none"
                else args.teacher_model_name_or_path)
-    run = cli.build_run(args, "vit", model=args.model_name_or_path, teacher=teacher, recipe=recipe,
+    run = cli.build_run(args, "vit", model=args.model_name_or_path, teacher=teacher, surge_config=recipe,
                         config=args.vit_fields, **data_settings(args))
     cli.start_run(run, own_folders=(TEACHER_DIR,))
     with locked_output_dir(args.output_dir):
         return train_and_export(args, recipe, run)
 
 
-def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | None, run: cli.RunSetup) -> dict:
+def train_and_export(args: argparse.Namespace, surge_config: surge_hf.SurgeConfig | None, run: cli.RunSetup) -> dict:
     """Train the teacher (if any), then the student, and write the outputs, from checked flags (`main`)."""
     distillation, config = run.distillation, run.training
     teacher_plan = teacher_stage(args, config) if args.train_teacher != "none" else None  # before any work
@@ -437,7 +438,7 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
     mean, std = normalization(args, data)
 
     accelerator = build_accelerator(config)
-    model = load_student(args, recipe, info, pretrained)
+    model = load_student(args, surge_config, info, pretrained)
     train_collator = ImageCollator(info, mean, std, augment_config(args), seed=args.seed + accelerator.process_index)
     eval_collator = ImageCollator(info, mean, std)
 
@@ -465,7 +466,7 @@ def train_and_export(args: argparse.Namespace, recipe: surge_hf.SurgeConfig | No
                    run_settings=run.settings)
 
     results = export_run(accelerator, model, result, training=config, hub=run.hub,
-                         preprocessor=build_image_processor(info, mean, std), surge_config=recipe,
+                         preprocessor=build_image_processor(info, mean, std), surge_config=surge_config,
                          distillation=distillation,
                          card_kind="image",
                          dataset={**dataset_card_fields(args), "image_mode": "L" if info.num_channels == 1 else "RGB"},

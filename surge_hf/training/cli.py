@@ -185,7 +185,7 @@ class RunSetup:
 
     model_name_or_path: str | None
     teacher: str | None
-    recipe: SurgeConfig | None
+    surge_config: SurgeConfig | None
     distillation: DistillationConfig | None
     training: TrainingConfig
     hub: HubConfig
@@ -198,16 +198,16 @@ class RunSetup:
 
 
 def build_run(args: argparse.Namespace, script: str, *, model: str | None, teacher: str | None,
-              recipe: SurgeConfig | None, training: TrainingConfig | None = None, hub: HubConfig | None = None,
+              surge_config: SurgeConfig | None, training: TrainingConfig | None = None, hub: HubConfig | None = None,
               **data: Any) -> RunSetup:
     """The `RunSetup` of a run that starts from `model`, is distilled from `teacher` (no distillation without one),
-    binarized by `recipe` and trained by `training` (default: the flags'), with the script's `data` settings; every
-    config validates its fields here. `hub` defaults to the flags' Hub settings; the inputs are the models the flags
-    name."""
+    binarized by `surge_config` (the recipe) and trained by `training` (default: the flags'), with the script's `data`
+    settings; every config validates its fields here. `hub` defaults to the flags' Hub settings; the inputs are the
+    models the flags name."""
     distillation = distillation_from_args(args, teacher)
-    settings = {"script": script, "recipe": None if recipe is None else recipe.to_dict(),
+    settings = {"script": script, "recipe": None if surge_config is None else surge_config.to_dict(),
                 "distillation": None if distillation is None else asdict(distillation), **data}
-    return RunSetup(model, teacher, recipe, distillation, training or training_config_from_args(args),
+    return RunSetup(model, teacher, surge_config, distillation, training or training_config_from_args(args),
                     hub or hub_config_from_args(args), settings, input_models(args))
 
 

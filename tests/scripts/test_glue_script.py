@@ -916,15 +916,15 @@ def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, d
     final = plan.final
     assert plan.own_folders == ("teacher", "stage_w2")
     assert [planned.action for planned, _ in plan.stages] == [StageAction.START, StageAction.START]
-    assert (teacher.setup.model_name_or_path, teacher.setup.teacher, teacher.setup.recipe) == (str(tiny_bert), None,
-                                                                                                None)
+    assert teacher.setup.model_name_or_path == str(tiny_bert)
+    assert teacher.setup.teacher is None and teacher.setup.surge_config is None
     assert teacher.setup.training.learning_rate == 5e-5 and teacher.setup.training.max_train_steps == 2
     assert not teacher.setup.training.calibrate_activations and teacher.augmentation is None
     assert planes.setup.model_name_or_path == planes.setup.teacher == str(out / "teacher")
-    assert planes.setup.recipe.weight_planes == 2 and planes.augmentation.copies == 1
+    assert planes.setup.surge_config.weight_planes == 2 and planes.augmentation.copies == 1
     two_plane = str(out / "stage_w2" / "train_state")
     assert final.setup.model_name_or_path == final.setup.teacher == two_plane
-    assert final.setup.recipe.weight_planes == 1 and final.setup.training.learning_rate == 1e-3
+    assert final.setup.surge_config.weight_planes == 1 and final.setup.training.learning_rate == 1e-3
     # the step down from two planes belongs to the final run
     assert [run.setup.training.plane_anneal_steps for run in (teacher, planes, final)] == [None, None, 2]
     # only the final run pushes; it does not resume, since the command stopped (here: never ran) before it
