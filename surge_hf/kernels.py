@@ -230,7 +230,7 @@ def pack_activation_codes(x: Tensor, threshold: Tensor | None, step: float, q_mi
                           ) -> tuple[Tensor, Tensor]:
     """The bit planes of `c = q - q_min`, `q = clamp(round((x - tau) / step), q_min, q_max)` (`x` float32 `(M, K)`):
     int64 `(M * k, ceil(K / 64))` with plane `b` of row `m` at row `m * k + b`, and each plane's popcount (int32)."""
-    return _ops().pack_activation_codes(x.contiguous(), _contiguous(threshold), step, q_min, q_max)
+    return _ops().pack_activation_codes(x.contiguous(), _operand(threshold), step, q_min, q_max)
 
 
 def xnor_gemm(activation_bits: Tensor, weight_panels: Tensor, out_features: int, in_features: int) -> Tensor:
@@ -300,10 +300,10 @@ class _ScaledSignProduct(torch.autograd.Function):
 
 def _binary_linear(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_features: int, alpha: Tensor,
                    input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
-    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    rows = _rows(x)
     out = _ops().binary_linear(
-        rows, _contiguous(threshold), weight_panels, out_features, _contiguous(alpha), _contiguous(input_scale),
-        _contiguous(bias),
+        rows, _operand(threshold), weight_panels, out_features, _operand(alpha), _operand(input_scale),
+        _operand(bias),
     )
     return out.reshape(*x.shape[:-1], out_features)
 
@@ -323,8 +323,8 @@ def binary_linear_signs(x: Tensor, threshold: Tensor | None, weight_panels: Tens
                         width: Tensor, flip: Tensor) -> PackedSigns:
     """The bits `(low_j <= d_j <= low_j + width_j) xor flip_j` of the dot products `d = sign(x - tau) . sign(W_j)`
     of float32 `x` of shape `(..., K)` (int32 `low`, `width`, uint8 `flip`, one per output channel)."""
-    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    bits, nan_rows = _ops().binary_linear_signs(rows, _contiguous(threshold), weight_panels, out_features, low, width,
+    rows = _rows(x)
+    bits, nan_rows = _ops().binary_linear_signs(rows, _operand(threshold), weight_panels, out_features, low, width,
                                                 flip)
     return PackedSigns(bits, nan_rows, torch.Size((*x.shape[:-1], out_features)))
 
@@ -333,7 +333,7 @@ def binary_linear_from_signs(signs: PackedSigns, weight_panels: Tensor, out_feat
                              input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """`binary_linear` of the input that `signs` stands for, from its bits (inference only: no gradient)."""
     out = _ops().binary_linear_from_signs(signs.bits, signs.nan_rows, weight_panels, out_features, signs.shape[-1],
-                                          _contiguous(alpha), _contiguous(input_scale), _contiguous(bias))
+                                          _operand(alpha), _operand(input_scale), _operand(bias))
     return out.reshape(*signs.shape[:-1], out_features)
 
 
@@ -342,9 +342,9 @@ def quantized_linear(x: Tensor, threshold: Tensor | None, step: Tensor, levels: 
     """`float(q . sign(W_j)) * (alpha_j * s) + b_j` with the codes `q = clamp(round((x - tau) / s), q_min, q_max)`
     (`levels = (q_min, q_max)`, 2, 4, 16 or 256 levels) of float32 `x` of shape `(..., K)`, bit-serial. Returns
     float32 of shape `(..., N)`. Inference only (no gradient)."""
-    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    out = _ops().quantized_linear(rows, _contiguous(threshold), _contiguous(step), levels[0], levels[1],
-                                  weight_panels, weight_counts, out_features, _contiguous(alpha), _contiguous(bias))
+    rows = _rows(x)
+    out = _ops().quantized_linear(rows, _operand(threshold), _operand(step), levels[0], levels[1],
+                                  weight_panels, weight_counts, out_features, _operand(alpha), _operand(bias))
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -431,8 +431,8 @@ def binary_conv2d(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, ou
 
 def _binary_conv2d(x: Tensor, threshold: Tensor | None, weight_panels: Tensor, out_channels: int,
                    geometry: ConvGeometry, alpha: Tensor, input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
-    return _ops().binary_conv2d(_images(x), _contiguous(threshold), weight_panels, out_channels, *geometry,
-                                _contiguous(alpha), _contiguous(input_scale), _contiguous(bias))
+    return _ops().binary_conv2d(_images(x), _operand(threshold), weight_panels, out_channels, *geometry,
+                                _operand(alpha), _operand(input_scale), _operand(bias))
 
 
 def quantized_conv2d(x: Tensor, threshold: Tensor | None, step: Tensor, levels: tuple[int, int], weight_panels: Tensor,
@@ -441,9 +441,9 @@ def quantized_conv2d(x: Tensor, threshold: Tensor | None, step: Tensor, levels: 
     """`binary_conv2d` of the codes `q = clamp(round((x - tau) / s), q_min, q_max)` (`levels = (q_min, q_max)`, 2,
     4, 16 or 256 levels): `float(d_j) * (alpha_j * s) + b_j` with `d = conv2d(q, sign(W))[:, j]`, padded taps 0,
     bit-serial (`weight_counts`: `weight_row_counts` of the packed weight). Inference only (no gradient)."""
-    return _ops().quantized_conv2d(_images(x), _contiguous(threshold), _contiguous(step), levels[0], levels[1],
-                                   weight_panels, weight_counts, out_channels, *geometry, _contiguous(alpha),
-                                   _contiguous(bias))
+    return _ops().quantized_conv2d(_images(x), _operand(threshold), _operand(step), levels[0], levels[1],
+                                   weight_panels, weight_counts, out_channels, *geometry, _operand(alpha),
+                                   _operand(bias))
 
 
 def _images(x: Tensor) -> Tensor:
@@ -451,11 +451,23 @@ def _images(x: Tensor) -> Tensor:
     if x.dim() != 4:
         raise ValueError(f"A binary convolution takes a batch of images (batch, channels, height, width), got shape "
                          f"{tuple(x.shape)}; add the batch dim of a single image with x.unsqueeze(0).")
-    return x.detach()
+    return x.detach() if x.requires_grad else x
 
 
-def _contiguous(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach().contiguous()
+def _operand(tensor: Tensor | None) -> Tensor | None:
+    """`tensor` as the operators take it, detached and contiguous: the tensor itself when it already is both (the
+    packed layers' scales, thresholds and biases at inference), so that a forward pass dispatches no copy or alias
+    per layer for them."""
+    if tensor is None:
+        return None
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def _rows(x: Tensor) -> Tensor:
+    """`x` of shape `(..., K)` as contiguous rows `(M, K)`, detached (`_operand`)."""
+    return _operand((x.detach() if x.requires_grad else x).reshape(-1, x.shape[-1]))
 
 
 # -- fake kernels: the operators' output shapes and dtypes, for tracing (torch.compile, torch.export) ----------------
