@@ -35,6 +35,7 @@ from surge_hf.data.demo import demo_model_path, write_demo_dataset
 from surge_hf.data.metrics import GLUE_TASKS, compute_metrics, get_glue_task
 from surge_hf.data.text import LABEL_COLUMN, check_label_names, load_text_data, preprocess
 from surge_hf.data.text_augmentation import TextAugmentationConfig, augment_dataset
+from surge_hf.hub.upload import HubConfig
 from surge_hf.modeling_surge_bert import SurgeBertForSequenceClassification
 from surge_hf.training import cli
 from surge_hf.training.checkpointing import latest_checkpoint
@@ -241,20 +242,19 @@ class TextRun:
 
 def text_run(args: argparse.Namespace, *, model: str, teacher: str | None, surge_config: surge_hf.SurgeConfig | None,
              training: TrainingConfig, augmentation: TextAugmentationConfig | None, teacher_cache_dir: Path | None,
-             earlier_stages: str | None, push: bool) -> TextRun:
+             earlier_stages: str | None, hub: HubConfig) -> TextRun:
     """A run of this command: `cli.build_run` with the data settings of its inputs (`data_settings`), the digest of
     the record of the stage before it (`earlier_stages`), the models the user gave as its inputs (an earlier
-    stage's folder is the command's own) and a push to the Hub only if `push`."""
-    hub = cli.hub_config_from_args(args)
+    stage's folder is the command's own) and its Hub settings (only the final run pushes)."""
     setup = cli.build_run(args, "glue", model=model, teacher=teacher, surge_config=surge_config, training=training,
-                          hub=hub if push else dataclasses.replace(hub, push_to_hub=False),
-                          **data_settings(args, augmentation, teacher_cache_dir), earlier_stages=earlier_stages)
+                          hub=hub, **data_settings(args, augmentation, teacher_cache_dir),
+                          earlier_stages=earlier_stages)
     user_teacher = None if args.teacher_model_name_or_path == AUTO_TEACHER else args.teacher_model_name_or_path
     inputs = {"--model_name_or_path": args.model_name_or_path, "--teacher_model_name_or_path": user_teacher}
     return TextRun(dataclasses.replace(setup, inputs=inputs), augmentation, teacher_cache_dir)
 
 
-def teacher_stage_run(args: argparse.Namespace) -> TextRun:
+def teacher_stage_run(args: argparse.Namespace, hub: HubConfig) -> TextRun:
     """The full-precision stage: the same data and model, no recipe, the teacher's learning rate, epochs and steps,
     written to `output_dir/teacher`, without a teacher of its own, augmentation, cache, calibration or push."""
     training = cli.training_config_from_args(
@@ -262,7 +262,7 @@ def teacher_stage_run(args: argparse.Namespace) -> TextRun:
         num_train_epochs=args.teacher_num_train_epochs, max_train_steps=args.teacher_max_train_steps,
         calibrate_activations=False, resume_from_checkpoint=None, plane_anneal_steps=None)
     return text_run(args, model=args.model_name_or_path, teacher=None, surge_config=None, training=training,
-                    augmentation=None, teacher_cache_dir=None, earlier_stages=None, push=False)
+                    augmentation=None, teacher_cache_dir=None, earlier_stages=None, hub=hub)
 
 
 def precision_stage_dir(bits: int) -> str:
@@ -347,9 +347,11 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     and so validated, here."""
     init, teacher = args.model_name_or_path, args.teacher_model_name_or_path
     augmentation = augmentation_config(args)
+    hub = cli.hub_config_from_args(args)  # checked once; the earlier stages never push
+    earlier_hub = dataclasses.replace(hub, push_to_hub=False)
     stages: list[tuple[PlannedStage, TextRun]] = []
     if teacher == AUTO_TEACHER:
-        run = teacher_stage_run(args)
+        run = teacher_stage_run(args, earlier_hub)
         stages.append((planned_stage(run, None, "full-precision teacher",
                                      "full-precision teacher, fine-tuned on the task", TEACHER_NOTE), run))
         init = teacher = run.setup.training.output_dir
@@ -358,7 +360,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
                                                  resume_from_checkpoint=None, plane_anneal_steps=None)
         run = text_run(args, model=init, teacher=teacher, surge_config=cli.recipe_from_args(args, **recipe_fields),
                        training=training, augmentation=augmentation, teacher_cache_dir=args.teacher_cache_dir,
-                       earlier_stages=None, push=False)
+                       earlier_stages=None, hub=earlier_hub)
         stages.append((planned_stage(run, stages[-1][0] if stages else None, title, title), run))
         init = str(Path(training.output_dir) / TRAIN_STATE_DIR)
         if args.stage_teacher == "previous":
@@ -367,7 +369,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
                      surge_config=cli.recipe_from_args(args, **final_recipe_fields(args)),
                      training=cli.training_config_from_args(args), augmentation=augmentation,
                      teacher_cache_dir=args.teacher_cache_dir,
-                     earlier_stages=record_digest(stages[-1][0].stage.record) if stages else None, push=True)
+                     earlier_stages=record_digest(stages[-1][0].stage.record) if stages else None, hub=hub)
     return RunPlan(stages, final)
 
 

@@ -72,13 +72,17 @@ def test_fake_kernels_agree_with_the_kernels(isas):
         torch.library.opcheck(getattr(torch.ops.surge_hf, name).default, args)
 
 
-def _bert_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The tiny packed BERT of the sign-output tests (sign outputs in both feed-forward blocks), padded inputs."""
-    model = _tiny_bert().finalize()
+def _bert_inputs() -> dict[str, torch.Tensor]:
+    """A batch of 3 x 11 token ids, the second row padded after 6 tokens."""
     inputs = {"input_ids": torch.randint(0, 99, (3, 11), generator=torch.Generator().manual_seed(0)),
               "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     inputs["attention_mask"][1, 6:] = 0
-    return model, inputs
+    return inputs
+
+
+def _bert_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The tiny packed BERT of the sign-output tests (sign outputs in both feed-forward blocks), padded inputs."""
+    return _tiny_bert().finalize(), _bert_inputs()
 
 
 def _resnet_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -109,9 +113,11 @@ class _GraphRecorder:
 FOLDED_CALLS = Counter({"binary_linear": 8, "binary_linear_signs": 2, "binary_linear_from_signs": 2})
 
 
-@pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")  # transformers'
-def test_compiled_packed_bert_is_one_graph_on_the_kernel_and_equals_eager(isas):
-    model, inputs = _bert_and_inputs()
+def _assert_compiles_to_one_kernel_graph(model: nn.Module, inputs: dict[str, torch.Tensor],
+                                         calls: Counter) -> torch.Tensor:
+    """Eager logits (equal with the kernel off), then `torch.compile(fullgraph=True)`: one graph holding exactly
+    `calls` kernel operators, equal to eager, recorded and through the fake kernels (`aot_eager`). Returns the
+    eager logits."""
     with torch.no_grad():
         expected = model(**inputs).logits  # the eager call builds the panels and the sign-output bounds
         with kernels.disabled():
@@ -119,10 +125,16 @@ def test_compiled_packed_bert_is_one_graph_on_the_kernel_and_equals_eager(isas):
         torch._dynamo.reset()
         recorder = _GraphRecorder()
         assert torch.equal(torch.compile(model, fullgraph=True, backend=recorder)(**inputs).logits, expected)
-        assert len(recorder.graphs) == 1 and _operator_calls(recorder.graphs[0].graph) == FOLDED_CALLS
+        assert len(recorder.graphs) == 1 and _operator_calls(recorder.graphs[0].graph) == calls
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # through the fake kernels
         assert torch.equal(compiled(**inputs).logits, expected)
+    return expected
+
+
+@pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")  # transformers'
+def test_compiled_packed_bert_is_one_graph_on_the_kernel_and_equals_eager(isas):
+    _assert_compiles_to_one_kernel_graph(*_bert_and_inputs(), FOLDED_CALLS)
 
 
 def test_exported_packed_bert_holds_the_kernel_operators_and_equals_eager(isas):
@@ -222,27 +234,13 @@ def test_compiled_and_exported_packed_resnet_hold_the_conv_kernel_and_equal_eage
 
 
 # -- binary attention --------------------------------------------------------------------------------------------------
-def _binary_attention_bert_and_inputs() -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A tiny packed BERT with binary attention (`SurgeConfig(binarize_attention=True)`), padded inputs."""
-    model = _tiny_bert(binarize_attention=True).finalize()
-    return model, _bert_and_inputs()[1]
-
-
 @pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects:UserWarning")
 def test_compiled_and_exported_binary_attention_hold_the_score_kernel_and_equal_eager(isas):
-    model, inputs = _binary_attention_bert_and_inputs()
+    """A tiny packed BERT with binary attention (`SurgeConfig(binarize_attention=True)`), padded inputs."""
+    model, inputs = _tiny_bert(binarize_attention=True).finalize(), _bert_inputs()
     calls = FOLDED_CALLS + Counter({"sign_scores": 2})  # one per encoder layer
+    expected = _assert_compiles_to_one_kernel_graph(model, inputs, calls)
     with torch.no_grad():
-        expected = model(**inputs).logits
-        with kernels.disabled():
-            assert torch.equal(model(**inputs).logits, expected)
-        torch._dynamo.reset()
-        recorder = _GraphRecorder()
-        assert torch.equal(torch.compile(model, fullgraph=True, backend=recorder)(**inputs).logits, expected)
-        assert len(recorder.graphs) == 1 and _operator_calls(recorder.graphs[0].graph) == calls
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # through the fake kernels
-        assert torch.equal(compiled(**inputs).logits, expected)
         exported = torch.export.export(model, (), inputs)
     assert _operator_calls(exported.graph) == calls
     assert torch.equal(exported.module()(**inputs).logits, expected)
