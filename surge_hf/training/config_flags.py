@@ -55,6 +55,12 @@ def _flag_type(annotation: Any) -> type:
     raise TypeError(f"No flag type for the annotation {annotation!r}.")
 
 
+def _selected_fields(config_class: type, only: Collection[str] | None,
+                     skip: Collection[str]) -> list[dataclasses.Field]:
+    """The fields of `config_class` in `only` (all without it) and not in `skip`, in declaration order."""
+    return [f for f in dataclasses.fields(config_class) if f.name not in skip and (only is None or f.name in only)]
+
+
 def flag_name(field_name: str, prefix: str = "", rename: Mapping[str, str] | None = None) -> str:
     """The flag's name (its `argparse` dest) for a config field."""
     return (rename or {}).get(field_name, prefix + field_name)
@@ -72,10 +78,8 @@ def add_config_flags(group: argparse._ActionsContainer, config_class: type, *, p
     hints = typing.get_type_hints(config_class)
     docs = field_docs(config_class)
     defaults = defaults or {}
-    for config_field in dataclasses.fields(config_class):
+    for config_field in _selected_fields(config_class, only, skip):
         name = config_field.name
-        if name in skip or (only is not None and name not in only):
-            continue
         kind = config_field.metadata.get("flag_type") or _flag_type(hints[name])
         if unset:
             default = None
@@ -100,12 +104,10 @@ def flag_values(args: argparse.Namespace, config_class: type, *, prefix: str = "
                 skip: Collection[str] = ()) -> dict[str, Any]:
     """`field -> parsed value` for the fields whose flags `args` holds (the selection of `add_config_flags`)."""
     values = {}
-    for config_field in dataclasses.fields(config_class):
-        name = config_field.name
-        dest = flag_name(name, prefix, rename)
-        if name in skip or (only is not None and name not in only) or not hasattr(args, dest):
-            continue
-        values[name] = getattr(args, dest)
+    for config_field in _selected_fields(config_class, only, skip):
+        dest = flag_name(config_field.name, prefix, rename)
+        if hasattr(args, dest):
+            values[config_field.name] = getattr(args, dest)
     return values
 
 
