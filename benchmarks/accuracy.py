@@ -163,6 +163,10 @@ TEXT = Task(
         "surge_frozen_aug4_w2_to_w1_2500_anneal": (
             *_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4", "--weight_planes_schedule",
             "2,1", "--plane_anneal_steps", "625", *STEPS_1250),
+        # the same with the scale-free hidden-state term (BiBERT's normalized distance) in both stages
+        "surge_frozen_aug4_w2_to_w1_2500_anneal_normalized_hidden": (
+            *_surge("0.1", "--aux_weight", "frozen"), *DEFAULT_RECIPE, "--augment", "4", "--weight_planes_schedule",
+            "2,1", "--plane_anneal_steps", "625", "--distill_hidden_states_loss", "normalized", *STEPS_1250),
         # optimiser hygiene and distillation forms at 1,250 steps: no weight decay on the latent weights; the
         # hidden-state term scale-free; the token-token relations of the hidden states added to it
         "surge_no_latent_decay_1250": (*_surge("0.1"), *DEFAULT_RECIPE, *STEPS_1250, "--binary_weight_decay", "0"),
@@ -193,6 +197,7 @@ TEXT = Task(
                                  "surge_aug4_a8_1250", "surge_w2_to_w1_1250", "surge_frozen_aux_1250",
                                  "surge_frozen_aug4_w2_to_w1_2500", "surge_frozen_aug4_w2_to_w1_2500_stage_teacher",
                                  "surge_frozen_aug4_w2_to_w1_2500_anneal",
+                                 "surge_frozen_aug4_w2_to_w1_2500_anneal_normalized_hidden",
                                  "surge_no_latent_decay_1250",
                                  "surge_normalized_hidden_1250", "surge_hidden_relations_1250"),
         "surge_knobs": _ladder_suite("surge_bit_alpha", "surge_bit_alpha_eta0.3", "surge_bit_alpha_eta0.03",
