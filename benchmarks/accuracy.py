@@ -208,6 +208,18 @@ TEXT = Task(
     },
 )
 VIT_SIZES = "hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384"
+
+
+def _vision_ladder_suite(recipes: tuple[str, ...], train_samples: int) -> Suite:
+    """The binary-ViT ladder's protocol on `train_samples` Fashion-MNIST images: 5 epochs, batch 128, lr 1e-3,
+    cosine decay, no weight decay, rsign activations without calibration, seeds 0-2."""
+    return Suite(recipes, (0, 1, 2), {"full_precision": (1e-3,), "binary": (1e-3,)},
+                 ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5", "--per_device_train_batch_size",
+                  "128", "--num_warmup_steps", "20", "--crop_padding", "2", "--horizontal_flip",
+                  "--max_train_samples", str(train_samples), "--lr_scheduler_type", "cosine", "--weight_decay", "0",
+                  "--activation_binarizer", "rsign", "--no-calibrate_activations"), (0,))
+
+
 VISION = Task(
     script="vit.py",
     recipes={
@@ -238,15 +250,13 @@ VISION = Task(
                       "--horizontal_flip", "--max_train_samples", "5000")),
         # The ladder on the CPU: the budget of "cpu", with cosine decay and no weight decay for every rung, and the
         # rsign activations (no calibration) that the committed runs used.
-        "cpu_ladder": Suite(("full_precision", "surge", "surge_shortcuts", "surge_shortcuts_resnet_teacher",
-                             "ste_shortcuts_resnet_teacher", "surge_binary_attention",
-                             "full_precision_resnet_teacher"), (0, 1, 2),
-                            {"full_precision": (1e-3,), "binary": (1e-3,)},
-                            ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5",
-                             "--per_device_train_batch_size", "128", "--num_warmup_steps", "20", "--crop_padding",
-                             "2", "--horizontal_flip", "--max_train_samples", "5000", "--lr_scheduler_type",
-                             "cosine", "--weight_decay", "0", "--activation_binarizer", "rsign",
-                             "--no-calibrate_activations"), (0,)),
+        "cpu_ladder": _vision_ladder_suite(("full_precision", "surge", "surge_shortcuts",
+                                            "surge_shortcuts_resnet_teacher", "ste_shortcuts_resnet_teacher",
+                                            "surge_binary_attention", "full_precision_resnet_teacher"), 5000),
+        # `--recipe binary-vit` (the ladder's distilled rung, which the preset resolves to) at twice the images:
+        # SURGE, STE and the full-precision ViT distilled from the same ResNet, three seeds each
+        "cpu_settle": _vision_ladder_suite(("surge_shortcuts_resnet_teacher", "ste_shortcuts_resnet_teacher",
+                                            "full_precision_resnet_teacher"), 10000),
         "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
                        ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
                         "patch_size=7", "--max_train_steps", "4", "--max_train_samples", "256",
