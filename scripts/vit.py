@@ -54,7 +54,7 @@ from surge_hf.training import cli
 from surge_hf.training.compatibility import check_image_teacher, check_trainable_checkpoint
 from surge_hf.training.export import export_run, push_run
 from surge_hf.training.image_teachers import load_image_teacher, small_resnet_config
-from surge_hf.training.loop import TrainingConfig, build_accelerator, train
+from surge_hf.training.loop import NO_PLANE_ANNEAL, TrainingConfig, build_accelerator, train
 from surge_hf.training.output_dir import locked_output_dir
 from surge_hf.training.stages import (
     PlannedStage,
@@ -119,11 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The checked flags of one command, under the defaults of its `--recipe` preset (flags given still win)."""
-    parser = build_parser()
-    preset = _preset_parser().parse_known_args(argv)[0].recipe
-    if preset is not None:
-        parser.set_defaults(**RECIPE_PRESETS[preset])
-    args = parser.parse_args(argv)
+    args = cli.parse_with_recipe_preset(build_parser(), argv, RECIPE_PRESETS)
     if not args.push_only:
         validate_args(args)
     args.command = shlex.join(["accelerate", "launch", "scripts/vit.py", *(sys.argv[1:] if argv is None else argv)])
@@ -145,12 +141,6 @@ TEACHER_DIR = "teacher"
 TEACHER_NOTE = (" Bound it with --teacher_num_train_epochs N, or skip it with --train_teacher none (no teacher) or "
                 "--teacher_model_name_or_path PATH.")
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-
-def _preset_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--recipe", choices=list(RECIPE_PRESETS))
-    return parser
 
 
 def add_binary_vit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,7 +177,7 @@ def teacher_training_config(args: argparse.Namespace, config: TrainingConfig) ->
         config, output_dir=str(Path(args.output_dir) / TEACHER_DIR), learning_rate=args.teacher_learning_rate,
         max_train_steps=None, num_train_epochs=args.teacher_num_train_epochs or config.num_train_epochs,
         checkpointing_steps=None, resume_from_checkpoint=None, calibrate_activations=False,
-        plane_anneal_steps=None)
+        **NO_PLANE_ANNEAL)
 
 
 def teacher_stage(args: argparse.Namespace, config: TrainingConfig) -> PlannedStage:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,18 @@ def recipe_from_args(args: argparse.Namespace, **stage_fields: Any) -> SurgeConf
     given = flag_values(args, SurgeConfig, skip=_RECIPE_SKIP)
     recipe.update({name: value for name, value in given.items() if value is not None})
     return SurgeConfig.from_dict({**recipe, **stage_fields, "compensator": args.binarize})
+
+
+def parse_with_recipe_preset(parser: argparse.ArgumentParser, argv: list[str] | None,
+                             presets: Mapping[str, Mapping[str, Any]]) -> argparse.Namespace:
+    """`argv` parsed under the defaults of its `--recipe` preset (one of `presets`, each a dict of flag
+    destinations to values); flags given explicitly still win."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--recipe", choices=list(presets))
+    preset = probe.parse_known_args(argv)[0].recipe
+    if preset is not None:
+        parser.set_defaults(**presets[preset])
+    return parser.parse_args(argv)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int,

@@ -48,6 +48,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # Biases and the binarizers' thresholds and scales (activation threshold/step, learned weight scale): never decayed.
 NO_DECAY_PARAMETERS = ("bias", *(tensor.name for tensor in SURGE_ONLY_TENSORS if tensor.binarizer))
 # TrainingConfig fields that do not change what a run computes: they may differ when a run is resumed.
+# The settings of a run that steps its final model down from two weight planes: an earlier stage's run has none.
+NO_PLANE_ANNEAL = {"plane_anneal_steps": None, "plane_anneal_ratio": None}
 _BOOKKEEPING_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
                        "checkpointing_steps", "checkpoints_total_limit", "report_to", "cpu",
                        "per_device_eval_batch_size")
@@ -90,6 +92,8 @@ class TrainingConfig:
             trains with its latent weight's residual second plane weighted by g = 1 - step / N (codes s_1 + g
             (alpha_2 / alpha_1) s_2), so a model started from a two-plane stage starts with that stage's function
             and is 1-bit from step N on (at most the run's steps).
+        plane_anneal_ratio: plane_anneal_steps as a fraction of the run's steps, in (0, 1]: N = ceil(ratio x
+            steps), so the anneal follows the run's length (as warmup_ratio does warmup_steps); pass one of the two.
     """
 
     output_dir: str = field(metadata={"flag_type": Path})
@@ -117,6 +121,7 @@ class TrainingConfig:
     quantizer_learning_rate: float | None = None
     binary_weight_decay: float | None = None
     plane_anneal_steps: int | None = None
+    plane_anneal_ratio: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "num_train_epochs", "gradient_accumulation_steps", "logging_steps",
@@ -133,10 +138,24 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.plane_anneal_steps={self.plane_anneal_steps} is more than "
                              f"max_train_steps={self.max_train_steps}: the model would end with its second weight "
                              f"plane still weighted in, not 1-bit. Pass at most {self.max_train_steps}.")
+        if self.plane_anneal_ratio is not None:
+            if self.plane_anneal_steps is not None:
+                raise ValueError("TrainingConfig.plane_anneal_steps and plane_anneal_ratio both set the anneal's "
+                                 "length: pass one of them.")
+            if not 0 < self.plane_anneal_ratio <= 1:
+                raise ValueError(f"TrainingConfig.plane_anneal_ratio must be in (0, 1] (a fraction of the run's "
+                                 f"steps), got {self.plane_anneal_ratio!r}.")
         for name in ("num_warmup_steps", "weight_decay", "binary_weight_decay"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"TrainingConfig.{name} must be >= 0, got {value!r}.")
+
+    def plane_anneal_length(self, max_steps: int) -> int | None:
+        """The steps over which the second weight plane steps down in a run of `max_steps` steps:
+        plane_anneal_steps, or ceil(plane_anneal_ratio x max_steps), or None (no anneal)."""
+        if self.plane_anneal_ratio is not None:
+            return math.ceil(self.plane_anneal_ratio * max_steps)
+        return self.plane_anneal_steps
 
     def run_settings(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The fields that decide what the run computes, with the caller's `extra` settings (recipe, maximum
@@ -182,7 +201,8 @@ def plane_annealed_layers(model: nn.Module, anneal_steps: int | None, max_steps:
               if layer.surge_config.binarize_weights and layer.surge_config.weight_planes == 1]
     if not layers:
         raise ValueError("TrainingConfig.plane_anneal_steps steps 1-bit weights down from two planes, but this model "
-                         "has no SURGE layer with binary weights and weight_planes=1; drop plane_anneal_steps.")
+                         "has no SURGE layer with binary weights and weight_planes=1; drop plane_anneal_steps (or "
+                         "plane_anneal_ratio).")
     return layers
 
 
@@ -375,7 +395,8 @@ def train(
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     accelerator.print(f"Training into {config.output_dir}: {max_steps} optimizer steps ({num_epochs} epoch(s) of "
                       f"{steps_per_epoch} steps) at learning rate {config.learning_rate:g}.")
-    annealed = plane_annealed_layers(model, config.plane_anneal_steps, max_steps)
+    anneal_steps = config.plane_anneal_length(max_steps)
+    annealed = plane_annealed_layers(model, anneal_steps, max_steps)
     groups = parameter_groups(model, config.weight_decay, config.latent_weight_learning_rate,
                               config.quantizer_learning_rate, config.binary_weight_decay)
     optimizer = adamw(groups, config.learning_rate)
@@ -412,7 +433,7 @@ def train(
         # mean over processes is what the uninterrupted run logs.
         running_loss.fill_(state.get("running_loss", 0.0) if accelerator.is_main_process else 0.0)
         running_batches = state.get("running_batches", 0)
-    set_second_plane_weight(annealed, config.plane_anneal_steps, completed_steps)
+    set_second_plane_weight(annealed, anneal_steps, completed_steps)
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
@@ -437,7 +458,7 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
-            set_second_plane_weight(annealed, config.plane_anneal_steps, completed_steps)
+            set_second_plane_weight(annealed, anneal_steps, completed_steps)
             progress.update(1)
             if completed_steps % config.logging_steps == 0 or completed_steps == max_steps:
                 mean_loss = accelerator.gather(running_loss).mean().item() / running_batches

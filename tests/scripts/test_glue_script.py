@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import errno
 import json
 import os
@@ -934,6 +935,47 @@ def test_the_plan_types_every_stage_once_and_leaves_the_flags_alone(tiny_bert, d
     assert planes_stage.stage.record["previous"] == teacher_stage.stage.record
     # every stage is checked against the models the user gave
     assert {run.setup.inputs["--model_name_or_path"] for run in (teacher, planes, final)} == {str(tiny_bert)}
+
+
+def test_weight_axis_recipe_resolves_to_exactly_the_measured_recipe(tiny_bert, data_files, tmp_path):
+    """`--recipe weight-axis` is what benchmarks/accuracy.py measured (text suite augment, arm
+    surge_frozen_aug4_w2_to_w1_2500_anneal: 1,250 steps per stage, 625 annealed = ratio 0.5; the recipe below is
+    that run's all_results.json): a change of a library default must not move it."""
+    args = glue_script.parse_args(["--model_name_or_path", str(tiny_bert), "--train_file", str(data_files[0]),
+                                   "--validation_file", str(data_files[1]), "--output_dir", str(tmp_path / "o"),
+                                   "--recipe", "weight-axis"])
+    plan = glue_script.plan_run(args)
+    (_, teacher), (_, planes) = plan.stages
+    final = plan.final.setup
+    measured = {
+        "target_modules": None, "exclude_modules": None, "binarize_weights": True, "binarize_activations": True,
+        "weight_scale": "channel", "activation_binarizer": "elastic", "activation_bits": 1, "weight_planes": 1,
+        "unsigned_activation_modules": None, "learnable_weight_scale": True, "surrogate": "clipped_ste",
+        "swish_beta": 5.0, "compensator": "surge", "eta": 0.1, "aux_weight": "frozen", "lambda_placement": "fork",
+        "scale_aux_grad": False, "aux_loss_weight": 0.0, "eps": 1e-08, "shortcuts": False, "shortcut_gate_init": 1.0,
+        "binarize_attention": False, "attention_alpha_init": 0.05, "version": 1}
+    assert final.surge_config.to_dict() == measured
+    assert planes.setup.surge_config.to_dict() == {**measured, "weight_planes": 2}
+    assert dataclasses.asdict(final.distillation) == {
+        "temperature": 1.0, "label_weight": 0.0, "logits_weight": 1.0, "hidden_states_weight": 1.0,
+        "hidden_states_loss": "mse", "hidden_relations_weight": 0.0, "attentions_weight": 0.0,
+        "embedding_mixup_alpha": 0.0, "mask_padding": False}
+    assert (final.training.learning_rate, final.training.calibrate_activations, final.training.plane_anneal_ratio,
+            planes.setup.training.plane_anneal_ratio, planes.augmentation.copies) == (5e-4, True, 0.5, None, 4)
+    assert (teacher.setup.training.learning_rate, teacher.setup.training.num_train_epochs) == (5e-5, 3)
+    overridden = glue_script.parse_args(["--model_name_or_path", str(tiny_bert), "--train_file", str(data_files[0]),
+                                         "--validation_file", str(data_files[1]), "--output_dir", str(tmp_path / "o"),
+                                         "--recipe", "weight-axis", "--augment", "0", "--aux_weight", "separate"])
+    assert (overridden.augment, overridden.aux_weight, overridden.weight_planes_schedule) == (0, "separate", [2, 1])
+
+
+def test_plane_anneal_ratio_belongs_to_the_final_run(tiny_bert, data_files, tmp_path):
+    args = glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "ratio", "--weight_planes_schedule",
+                                           "2,1", "--plane_anneal_ratio", "0.5"))
+    plan = glue_script.plan_run(args)
+    runs = [run for _, run in plan.stages] + [plan.final]
+    assert [(run.setup.training.plane_anneal_steps, run.setup.training.plane_anneal_ratio) for run in runs] == [
+        (None, None), (None, None), (None, 0.5)]
 
 
 def test_plane_anneal_steps_the_final_model_down_from_the_two_plane_stage(tiny_bert, data_files, tmp_path):

@@ -275,7 +275,36 @@ def test_plane_anneal_is_refused_past_the_run_and_without_one_plane_layers(tmp_p
                                                    "max_train_steps=6")):
         TrainingConfig(output_dir="o", plane_anneal_steps=7, max_train_steps=6)
     with pytest.raises(ValueError, match=re.escape("this model has no SURGE layer with binary weights and "
-                                                   "weight_planes=1; drop plane_anneal_steps.")):
+                                                   "weight_planes=1; drop plane_anneal_steps (or "
+                                                   "plane_anneal_ratio).")):
         anneal_run(tmp_path / "b", tiny_vit())
     with pytest.raises(ValueError, match=re.escape("TrainingConfig.plane_anneal_steps must be > 0, got 0")):
         TrainingConfig(output_dir="o", plane_anneal_steps=0)
+
+
+def test_plane_anneal_ratio_follows_the_run_length(tmp_path):
+    """ceil(ratio x steps): 0.5 of a 6-step run anneals over 3 steps; 0.6 of a 4-step run of epochs over
+    ceil(2.4) = 3."""
+    seen, _ = anneal_run(tmp_path / "steps", binary_vit(), plane_anneal_steps=None, plane_anneal_ratio=0.5)
+    assert seen == [1.0, 1 - 1 / 3, 1 - 2 / 3, 0.0, 0.0, 0.0]
+    seen, _ = anneal_run(tmp_path / "epochs", binary_vit(), plane_anneal_steps=None, plane_anneal_ratio=0.6,
+                         max_train_steps=None, num_train_epochs=1)
+    assert seen == [1.0, 1 - 1 / 3, 1 - 2 / 3, 0.0]
+    config = TrainingConfig(output_dir="o", plane_anneal_ratio=1.0)
+    assert [config.plane_anneal_length(n) for n in (1, 7, 1250)] == [1, 7, 1250]
+    assert TrainingConfig(output_dir="o", plane_anneal_steps=625).plane_anneal_length(1250) == 625
+    assert TrainingConfig(output_dir="o").plane_anneal_length(1250) is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"plane_anneal_ratio": 0.0}, "TrainingConfig.plane_anneal_ratio must be in (0, 1] (a fraction of the run's "
+                                  "steps), got 0.0."),
+    ({"plane_anneal_ratio": 1.5}, "TrainingConfig.plane_anneal_ratio must be in (0, 1] (a fraction of the run's "
+                                  "steps), got 1.5."),
+    ({"plane_anneal_ratio": 0.5, "plane_anneal_steps": 4}, "TrainingConfig.plane_anneal_steps and "
+                                                           "plane_anneal_ratio both set the anneal's length: pass one "
+                                                           "of them."),
+])
+def test_plane_anneal_ratio_is_checked(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainingConfig(output_dir="o", **changes)
