@@ -14,6 +14,11 @@ random BERT-base-shaped model. Memory: the resident-set growth of a fresh proces
 the file sizes (`model.safetensors`; the int8 dynamic model as a `torch.save` of its state dict). The packed forms:
 binarized layers packed, embeddings float32 (`packed`) or int8 with per-row scales (`packed_int8_embeddings`).
 
+With `--compiled`, the end-to-end part also times the packed model under `torch.compile`, after one eager call:
+graph capture alone (`backend="eager"`, whose float operations round as in eager mode) and inductor (which generates
+its own code for LayerNorm, adds and attention, so its floats may round otherwise and flip an activation's sign), with
+each one's largest logit difference from the eager packed model.
+
 Convolutions (`--parts conv`): a packed W1A1 `BinaryConv2d` (3x3, padding 1, no bias, the default recipe) on the
 kernel against its reference path (kernel off: unpack + `F.conv2d`) and float32 `F.conv2d` (`nn.Conv2d`), on the
 ResNet-18 stage shapes 64->64 at 56x56, 128->128 at 28x28, 256->256 at 14x14 and 512->512 at 7x7, batch 1 and 8,
@@ -34,6 +39,8 @@ ratios are the figures to read, not the absolute times.
     python benchmarks/inference.py --quick     # fewer shapes and rounds, for a smoke run
     python benchmarks/inference.py --profile   # where the packed MiniLM's time goes: results/inference_profile_cpu.json
     python benchmarks/inference.py --parts end_to_end --models minilm-l6 --output results/<name>.json   # one part
+    python benchmarks/inference.py --parts end_to_end --models minilm-l6 --threads 1 --compiled \
+        --output benchmarks/results/inference_compiled_cpu_minilm.json   # + the packed model under torch.compile
     python benchmarks/inference.py --parts conv --output benchmarks/results/inference_conv_cpu.json   # convolutions
     python benchmarks/inference.py --parts attention --rounds 21 \
         --output benchmarks/results/inference_attention_cpu.json   # binary attention
@@ -74,6 +81,7 @@ ROWS = (1, 8, 32, 128, 512)
 THREADS = (1, 2)
 BATCHES = ((1, 32), (32, 64))
 FORMS = ("float32", "int8_dynamic", "binary_kernel", "binary_float_outputs", "binary_reference")
+COMPILED_FORMS = ("binary_compiled", "binary_inductor")
 MODELS = ("minilm-l6", "bert-base-shape")
 CONV_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))  # ResNet-18 stages: channels in = out, input height = width
 CONV_BATCHES = (1, 8)
@@ -248,7 +256,25 @@ def load(form: str, folder: Path) -> nn.Module:
     return SurgeBertForSequenceClassification.from_pretrained(folder).eval()
 
 
-def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
+def compiled_forms(binary: nn.Module) -> dict[str, nn.Module]:
+    """The packed model under `torch.compile` (after an eager call has built its kernel panels and sign-output
+    bounds, see the README): graph capture alone (`backend="eager"`: no generated code, so every float operation
+    rounds as in eager mode) and inductor (generated code for the float parts: LayerNorm, adds, attention)."""
+    return {"binary_compiled": torch.compile(binary, backend="eager", dynamic=False),
+            "binary_inductor": torch.compile(copy.deepcopy(binary), dynamic=False)}
+
+
+def compiled_ratios(seconds: dict[str, float], logits: dict[str, torch.Tensor]) -> dict:
+    """Each compiled form's speed-up over the eager float32 and int8 models, and its largest logit difference from
+    the eager packed model (0 when its outputs are `torch.equal`)."""
+    return {form: {"speedup_over": {base: seconds[base] / seconds[form] for base in ("float32", "int8_dynamic",
+                                                                                   "binary_kernel")},
+                   "max_abs_logit_difference": (logits[form] - logits["binary_kernel"]).abs().max().item()}
+            for form in COMPILED_FORMS if form in seconds}
+
+
+def end_to_end(folders: dict, rounds: int, min_seconds: float, threads_list: tuple[int, ...] = THREADS,
+               compiled: bool = False) -> list[dict]:
     results = []
     for name, paths in folders.items():
         models = {"float32": load("float32", paths["float32"]), "int8_dynamic": load("int8_dynamic", paths["float32"]),
@@ -256,23 +282,31 @@ def end_to_end(folders: dict, rounds: int, min_seconds: float) -> list[dict]:
         models["binary_float_outputs"] = copy.deepcopy(models["binary"])
         unfold_sign_outputs(models["binary_float_outputs"])
         vocab = models["float32"].config.vocab_size
-        for threads in THREADS:
+        for threads in threads_list:
             torch.set_num_threads(threads)
             for batch, length in BATCHES:
                 ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
                 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 with torch.inference_mode():
-                    seconds = median_seconds({
+                    logits = {"binary_kernel": models["binary"](**inputs).logits}
+                    candidates = {
                         "float32": lambda: models["float32"](**inputs),
                         "int8_dynamic": lambda: models["int8_dynamic"](**inputs),
                         "binary_kernel": lambda: models["binary"](**inputs),
                         "binary_float_outputs": lambda: models["binary_float_outputs"](**inputs),
                         "binary_reference": without_kernel(lambda: models["binary"](**inputs)),
-                    }, rounds, min_seconds)
-                row = {"model": name, "batch": batch, "tokens": length, "threads": threads, **with_ratios(seconds)}
+                    }
+                    for form, model in (compiled_forms(models["binary"]) if compiled else {}).items():
+                        logits[form] = model(**inputs).logits
+                        candidates[form] = lambda model=model: model(**inputs)
+                    seconds = median_seconds(candidates, rounds, min_seconds)
+                row = {"model": name, "batch": batch, "tokens": length, "threads": threads,
+                       **with_ratios({form: seconds[form] for form in FORMS}),
+                       **({"compiled": compiled_ratios(seconds, logits),
+                           "compiled_ms": {form: 1e3 * seconds[form] for form in COMPILED_FORMS}} if compiled else {})}
                 results.append(row)
                 print(f"e2e {name} {batch}x{length} threads={threads}: "
-                      + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items()), flush=True)
+                      + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in seconds.items()), flush=True)
     return results
 
 
@@ -351,6 +385,8 @@ def memory_and_files(folders: dict) -> dict:
     return results
 
 
+COMPILED_FORM_NAMES = {"binary_compiled": "torch.compile, backend eager (graph capture only)",
+                       "binary_inductor": "torch.compile, inductor"}
 FORM_NAMES = {"float32": "float32", "int8_dynamic": "int8 dyn.", "binary_kernel": "binary kernel",
               "binary_float_outputs": "binary, float outputs", "binary_reference": "binary reference"}
 
@@ -371,6 +407,25 @@ def timing_table(title: str, rows: list[dict], label_columns: str, label: Callab
         times = " | ".join(f"{ms[form]:.{digits}f}" for form in forms)
         ratios = " | ".join(f"{ratio[form]:.2f}x" for form in others)
         lines.append(f"| {label(row)} | {row['threads']} | {times} | {ratios} |")
+    return lines
+
+
+def compiled_table(rows: list[dict]) -> list[str]:
+    """The markdown section of the compiled packed models (none without them): ms per batch, speed-up over the eager
+    float32, int8 dynamic and packed models, and the largest logit difference from the eager packed model."""
+    rows = [row for row in rows if "compiled" in row]
+    if not rows:
+        return []
+    lines = ["", "## The packed model under torch.compile (ms per batch; speed-up over the eager models)", "",
+             "| model | batch x tokens | threads | form | ms | vs float32 | vs int8 dyn. | vs binary kernel (eager) | "
+             "max abs logit difference from eager |", "| --- " * 9 + "|"]
+    for row in rows:
+        for form, result in row["compiled"].items():
+            ratio = result["speedup_over"]
+            lines.append(f"| {row['model']} | {row['batch']} x {row['tokens']} | {row['threads']} | "
+                         f"{COMPILED_FORM_NAMES[form]} | {row['compiled_ms'][form]:.1f} | {ratio['float32']:.2f}x | "
+                         f"{ratio['int8_dynamic']:.2f}x | {ratio['binary_kernel']:.2f}x | "
+                         f"{result['max_abs_logit_difference']:.2g} |")
     return lines
 
 
@@ -423,7 +478,7 @@ def markdown(report: dict) -> str:
                            lambda r: f"{r['family']} {r['in_features']}x{r['out_features']} | {r['rows']}", 3),
              *timing_table("End to end, sequence classification (ms per batch)", report["end_to_end"],
                            "model | batch x tokens", lambda r: f"{r['model']} | {r['batch']} x {r['tokens']}", 1),
-             *conv_table(report["conv"]), *attention_table(report["attention"])]
+             *compiled_table(report["end_to_end"]), *conv_table(report["conv"]), *attention_table(report["attention"])]
     if report["memory"]:
         lines += ["", "## Memory and files (MB; in parentheses: float32 / this form)", "",
                   "| model | form | file | tensors held | RSS growth after load, 1 forward, reading every weight |",
@@ -480,10 +535,15 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"end-to-end models, a comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--minilm", type=Path, default=MINILM, help="the all-MiniLM-L6-v2 folder")
+    parser.add_argument("--threads", default=",".join(map(str, THREADS)),
+                        help="comma-separated thread counts of the end-to-end part")
+    parser.add_argument("--compiled", action="store_true",
+                        help="end to end: also the packed model under torch.compile (graph capture only, and inductor)")
     parser.add_argument("--note", default="", help="a note on the conditions, kept in the JSON and the markdown")
     parser.add_argument("--memory", nargs=2, metavar=("FORM", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     parts, models = tuple(args.parts.split(",")), tuple(args.models.split(","))
+    thread_counts = tuple(int(count) for count in args.threads.split(","))
     if not set(parts) <= set(PARTS) or not set(models) <= set(MODELS):
         parser.error(f"--parts takes {', '.join(PARTS)}; --models takes {', '.join(MODELS)}")
     if args.memory:
@@ -526,7 +586,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             folders = save_models(Path(workdir), models, args.minilm)
             if "end_to_end" in parts:
-                report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3)
+                report["end_to_end"] = end_to_end(folders, rounds, args.min_ms / 1e3, thread_counts, args.compiled)
             if "memory" in parts:
                 report["memory"] = memory_and_files(folders)
     if "conv" in parts:
