@@ -90,7 +90,10 @@ class Task:
 
 
 def _surge(eta: str, *extra: str) -> tuple[str, ...]:
-    return ("--binarize", "surge", "--eta", eta, *extra)
+    """SURGE at `eta`, with a trained auxiliary weight (`--aux_weight separate`) unless `extra` names another: the
+    scripts' defaults change, a recipe of this file does not."""
+    aux = () if "--aux_weight" in extra else ("--aux_weight", "separate")
+    return ("--binarize", "surge", "--eta", eta, *aux, *extra)
 
 
 def _ladder_suite(*recipes: str, seeds: tuple[int, ...] = (0,)) -> Suite:
@@ -107,7 +110,7 @@ TEXT = Task(
         "full_precision": ("--binarize", "none"),
         "ste": ("--binarize", "ste"),
         "surge": _surge("0.1"),
-        "surge_fixed_lam": ("--binarize", "fixed", "--eta", "0.1"),
+        "surge_fixed_lam": ("--binarize", "fixed", "--eta", "0.1", "--aux_weight", "separate"),
         "surge_shared_aux": _surge("0.1", "--aux_weight", "shared"),
         "surge_previous_lam": _surge("0.1", "--lambda_placement", "previous"),
         "surge_eta0.03": _surge("0.03"),
@@ -210,14 +213,16 @@ TEXT = Task(
 VIT_SIZES = "hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384"
 
 
-def _vision_ladder_suite(recipes: tuple[str, ...], train_samples: int) -> Suite:
+def _vision_ladder_suite(recipes: tuple[str, ...], train_samples: int, *extra: str,
+                         seeds: tuple[int, ...] = (0, 1, 2)) -> Suite:
     """The binary-ViT ladder's protocol on `train_samples` Fashion-MNIST images: 5 epochs, batch 128, lr 1e-3,
-    cosine decay, no weight decay, rsign activations without calibration, seeds 0-2."""
-    return Suite(recipes, (0, 1, 2), {"full_precision": (1e-3,), "binary": (1e-3,)},
+    cosine decay, no weight decay, rsign activations without calibration, seeds 0-2 (and the suite's `extra`
+    flags)."""
+    return Suite(recipes, seeds, {"full_precision": (1e-3,), "binary": (1e-3,)},
                  ("--config", f"{VIT_SIZES},patch_size=7", "--num_train_epochs", "5", "--per_device_train_batch_size",
                   "128", "--num_warmup_steps", "20", "--crop_padding", "2", "--horizontal_flip",
                   "--max_train_samples", str(train_samples), "--lr_scheduler_type", "cosine", "--weight_decay", "0",
-                  "--activation_binarizer", "rsign", "--no-calibrate_activations"), (0,))
+                  "--activation_binarizer", "rsign", "--no-calibrate_activations", *extra), (0,))
 
 
 VISION = Task(
@@ -235,6 +240,10 @@ VISION = Task(
         "surge_shortcuts": (*_surge("0.5"), *VISION_SHORTCUTS),
         "ste_shortcuts_resnet_teacher": ("--binarize", "ste", *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_shortcuts_resnet_teacher": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_shortcuts_resnet_teacher_eta0.2": (*_surge("0.2"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_shortcuts_resnet_teacher_eta1.0": (*_surge("1.0"), *VISION_SHORTCUTS, *VISION_RESNET_KD),
+        "surge_shortcuts_resnet_teacher_previous_lam": (*_surge("0.5", "--lambda_placement", "previous"),
+                                                        *VISION_SHORTCUTS, *VISION_RESNET_KD),
         "surge_binary_attention": (*_surge("0.5"), *VISION_SHORTCUTS, *VISION_RESNET_KD, "--binarize_attention"),
         "full_precision_resnet_teacher": ("--binarize", "none", *VISION_RESNET_KD),
     },
@@ -257,6 +266,14 @@ VISION = Task(
         # SURGE, STE and the full-precision ViT distilled from the same ResNet, three seeds each
         "cpu_settle": _vision_ladder_suite(("surge_shortcuts_resnet_teacher", "ste_shortcuts_resnet_teacher",
                                             "full_precision_resnet_teacher"), 10000),
+        # the same budget as a step count (5 epochs of 10,000 images at batch 128 = 395 steps), so that
+        # `--equal_time_as surge_shortcuts_resnet_teacher` can give STE SURGE's wall time
+        "cpu_settle_time": _vision_ladder_suite(("surge_shortcuts_resnet_teacher", "ste_shortcuts_resnet_teacher"),
+                                                10000, "--max_train_steps", "395"),
+        # SURGE's own knobs under that recipe, seed 0: eta (0.5 in the preset) and where lam applies
+        "cpu_settle_knobs": _vision_ladder_suite(("surge_shortcuts_resnet_teacher_eta0.2",
+                                                  "surge_shortcuts_resnet_teacher_eta1.0",
+                                                  "surge_shortcuts_resnet_teacher_previous_lam"), 10000, seeds=(0,)),
         "smoke": Suite(("full_precision", "ste", "surge"), (0,), {"full_precision": (1e-3,), "binary": (1e-3,)},
                        ("--config", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
                         "patch_size=7", "--max_train_steps", "4", "--max_train_samples", "256",

@@ -163,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "or the stage before it (previous: e.g. the 1-bit model learns from the two-plane "
                              "model, a nearer teacher).")
     # The measured best recipe (benchmarks/README.md, text recipe ladder): a teacher stage, BiT-style distillation
-    # and learned per-channel weight scales, on top of SurgeConfig's elastic activations.
+    # and learned per-channel weight scales, on top of SurgeConfig's elastic activations; SURGE's auxiliary weight
+    # frozen at the fine-tuned weight, which trained as well as a trained one at a cheaper step (benchmarks/README.md,
+    # "A cheaper SURGE step").
     parser.set_defaults(teacher_model_name_or_path=AUTO_TEACHER, distill_hidden_states_weight=1.0,
-                        learnable_weight_scale=True)
+                        learnable_weight_scale=True, aux_weight="frozen")
     return parser
 
 

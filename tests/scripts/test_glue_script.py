@@ -969,6 +969,20 @@ def test_weight_axis_recipe_resolves_to_exactly_the_measured_recipe(tiny_bert, d
     assert (overridden.augment, overridden.aux_weight, overridden.weight_planes_schedule) == (0, "separate", [2, 1])
 
 
+def test_surge_runs_freeze_the_auxiliary_weight_unless_told(tiny_bert, data_files, tmp_path):
+    """The script's default is the cheaper SURGE step (a frozen W_a); what trains W_a asks for a separate one."""
+    base = ["--model_name_or_path", str(tiny_bert), "--train_file", str(data_files[0]), "--validation_file",
+            str(data_files[1]), "--output_dir", str(tmp_path / "o")]
+    assert cli.recipe_from_args(glue_script.parse_args(base)).aux_weight == "frozen"
+    with pytest.raises(ValueError, match=re.escape("SurgeConfig.aux_weight='frozen' never trains W_a, but "
+                                                   "aux_loss_weight > 0 / scale_aux_grad=True act on W_a's training; "
+                                                   "set aux_weight='separate'")):
+        glue_script.parse_args([*base, "--aux_loss_weight", "0.1"])
+    recipe = cli.recipe_from_args(glue_script.parse_args([*base, "--aux_weight", "separate", "--aux_loss_weight",
+                                                          "0.1"]))
+    assert (recipe.aux_weight, recipe.aux_loss_weight) == ("separate", 0.1)
+
+
 def test_plane_anneal_ratio_belongs_to_the_final_run(tiny_bert, data_files, tmp_path):
     args = glue_script.parse_args(run_args(tiny_bert, data_files, tmp_path / "ratio", "--weight_planes_schedule",
                                            "2,1", "--plane_anneal_ratio", "0.5"))
