@@ -19,9 +19,10 @@ the binary student from the task-fine-tuned model. Each run keeps its outputs (p
 `training_history.json`) under `--runs_dir/<recipe>/lr<lr>/seed<seed>/`.
 
 Equal wall time instead of equal steps: `--equal_time_as RECIPE` gives every other recipe the training time of
-RECIPE's steps on this machine. Each recipe's time per step is probed first (two short runs of
-`PROBE_STEPS` steps, same flags and seed; the difference of their wall times over the difference of their steps,
-so loading and evaluation cancel), and a recipe then trains `round(steps_RECIPE * step_s_RECIPE / step_s)` steps;
+RECIPE's steps on this machine. Each recipe's time per step is probed first (two short runs of `--probe_steps`
+steps, 5 and 25 by default, same flags and seed; the difference of their wall times over the difference of their
+steps, so loading, evaluation and a teacher stage cancel), and a recipe then trains
+`round(steps_RECIPE * step_s_RECIPE / step_s)` steps;
 its runs live under `--runs_dir/<recipe>@time_of_<RECIPE>/` and its record carries the probed step times.
 
 The result file holds one record per run and a summary (mean, standard deviation, min, max per recipe and learning
@@ -308,7 +309,7 @@ def command(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed
     return flags
 
 
-PROBE_STEPS = (5, 25)
+PROBE_STEPS = "5,25"
 
 
 def recipe_steps(task: Task, suite: Suite, recipe: str) -> int:
@@ -321,8 +322,9 @@ def recipe_steps(task: Task, suite: Suite, recipe: str) -> int:
 
 def probe_step_seconds(args: argparse.Namespace, suite: Suite, recipe: str, lr: float, seed: int) -> float:
     """Seconds per training step of a recipe on this machine, from two short runs (see the module docstring)."""
+    probe_steps = [int(steps) for steps in args.probe_steps.split(",")]
     walls = []
-    for steps in PROBE_STEPS:
+    for steps in probe_steps:
         out = args.runs_dir / "probes" / recipe / f"steps{steps}"
         flags = command(args, suite, recipe, lr, seed, out) + ["--max_train_steps", str(steps),
                                                                "--max_eval_samples", "64"]
@@ -332,7 +334,7 @@ def probe_step_seconds(args: argparse.Namespace, suite: Suite, recipe: str, lr: 
             subprocess.run(flags, check=True, stdout=log, stderr=subprocess.STDOUT,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         walls.append(time.perf_counter() - start)
-    return (walls[1] - walls[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
+    return (walls[1] - walls[0]) / (probe_steps[1] - probe_steps[0])
 
 
 def uses_teacher(task: Task, recipe: str) -> bool:
@@ -417,6 +419,9 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     parser.add_argument("--reuse", action="store_true", help="Keep runs whose all_results.json exists.")
     parser.add_argument("--equal_time_as", help="Give every recipe the wall time of this recipe's steps (probed).")
+    parser.add_argument("--probe_steps", default=PROBE_STEPS,
+                        help="The step counts of the two probe runs, FEW,MANY: more steps between them average out "
+                             "what each run does besides training (loading, a teacher stage).")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     task = TASKS[args.task]

@@ -41,6 +41,26 @@ def test_equal_time_gives_each_recipe_the_reference_recipes_seconds(tmp_path, mo
                                                                                   "ste_aug4_1250": 1.4}
 
 
+def test_a_probe_measures_seconds_per_step_from_two_runs(tmp_path, monkeypatch):
+    """Each probe run costs 100 s of setup (a teacher stage, loading) plus 0.5 s per step; the probe's estimate is
+    the per-step cost alone, with the step counts of --probe_steps."""
+    clock = [0.0]
+    ran = []
+
+    def fake_run(flags, **_):
+        steps = int(flags[len(flags) - 1 - flags[::-1].index("--max_train_steps") + 1])
+        ran.append(steps)
+        clock[0] += 100.0 + 0.5 * steps
+
+    monkeypatch.setattr(accuracy.subprocess, "run", fake_run)
+    monkeypatch.setattr(accuracy.time, "perf_counter", lambda: clock[0])
+    args = Namespace(task="vision", runs_dir=tmp_path, mixed_precision=None, vision_dataset=tmp_path / "data",
+                     probe_steps="5,105")
+    suite = accuracy.VISION.suites["cpu_settle_time"]
+    assert accuracy.probe_step_seconds(args, suite, "ste_shortcuts_resnet_teacher", 1e-3, 0) == 0.5
+    assert ran == [5, 105]
+
+
 def test_equal_time_needs_a_step_budget():
     with pytest.raises(ValueError, match="--equal_time_as surge_bit: the recipe has no --max_train_steps"):
         accuracy.recipe_steps(accuracy.TEXT, accuracy.TEXT.suites["ladder"], "surge_bit")
